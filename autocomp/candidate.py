@@ -1,0 +1,75 @@
+"""Build one candidate from a sampled spec: a pure function of the base model and the spec.
+
+Structural methods run on a deep copy (the base model is never touched), batch-norm statistics
+are re-estimated after any structural change, then recovery methods train the copy back. Export and
+post-export methods turn it into the final artifact.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from autocomp.method import CandidateContext
+from autocomp.space import CandidateSpec, ConcreteSpace
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["build_model", "build_artifact", "recalibrate_batchnorm"]
+
+logger = logging.getLogger("autocomp")
+
+
+def recalibrate_batchnorm(model: "torch.nn.Module", inputs: "torch.Tensor", batches: int = 8,
+                          batch_size: int = 64) -> bool:
+    """Re-estimate batch-norm running statistics from ``inputs``; False if the model has none."""
+    import torch
+
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return False
+    saved = [(m, m.momentum) for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the batches below
+    was_training = model.training
+    model.train()
+    with torch.no_grad():
+        for i in range(min(batches, max(1, len(inputs) // batch_size))):
+            model(inputs[i * batch_size : (i + 1) * batch_size])
+    for m, momentum in saved:
+        m.momentum = momentum
+    model.train(was_training)
+    return True
+
+
+def build_model(base_model: "torch.nn.Module", spec: CandidateSpec, space: ConcreteSpace,
+                ctx: CandidateContext) -> "torch.nn.Module":
+    """The compressed torch model for ``spec``: structural methods, then recovery. ``base_model``
+    is not modified."""
+    model = copy.deepcopy(base_model).eval()
+    structural = False
+    for method, config, params in space.entries:
+        if method.stage != "structural":
+            continue
+        setting = spec.settings.get(method.name, {})
+        model = method.apply(model, setting, config, ctx)
+        structural = True
+    if structural:
+        ctx.notes["bn_recalibrated"] = recalibrate_batchnorm(model, ctx.workload.train.inputs)
+    for method, config, params in space.entries:
+        if method.stage == "recovery":
+            model = method.apply(model, spec.settings.get(method.name, {}), config, ctx)
+    return model.eval()
+
+
+def build_artifact(fp32_onnx: Path, spec: CandidateSpec, space: ConcreteSpace, ctx: CandidateContext) -> Path:
+    """Run the post-export methods on the exported fp32 model; returns the final ONNX file."""
+    path = fp32_onnx
+    for method, config, params in space.entries:
+        if method.stage == "post_export":
+            path = Path(method.apply(path, spec.settings.get(method.name, {}), config, ctx))
+    return path

@@ -1,0 +1,387 @@
+"""The command line: the only module that prints or exits.
+
+Human output goes to stderr (rich); ``--json`` puts one machine-readable document on stdout.
+Exit codes: 0 a non-empty Pareto set; 1 no candidate met the constraints; 2 usage or configuration
+error; 3 interrupted and resumable; 4 infrastructure error; 5 regression against a baseline run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from autocomp.errors import AutocompError
+
+EXIT_OK, EXIT_INFEASIBLE, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_INFRA, EXIT_REGRESSION = 0, 1, 2, 3, 4, 5
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="autocomp",
+        description="Find compressed versions of a PyTorch model that run fast on a device, within an accuracy budget.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log details to stderr")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    s = sub.add_parser("search", help="search for compressed models; writes a run directory")
+    s.add_argument("--workload", default="digits", help="registered workload name or module:function (default: digits)")
+    s.add_argument("--target", default="cpu", help="device target name or alias (default: cpu); see `autocomp targets`")
+    s.add_argument("--threads", type=int, default=None, help="threads for measured targets (cpu default: 1)")
+    s.add_argument("-T", "--target-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="option for the target, repeatable (cpu: min_s, min_runs)")
+    s.add_argument("--agent", default=None, metavar="URL",
+                   help="measure on a real device running `autocomp agent serve` (with --target remote or a device name)")
+    s.add_argument("--token-file", default=None, metavar="FILE",
+                   help="file holding the agent token (default: $AUTOCOMP_AGENT_TOKEN)")
+    s.add_argument("--space", type=Path, default=None, help="search-space TOML file (default: search_spaces/default.toml)")
+    s.add_argument("--max-drop", type=float, default=0.02, help="largest metric drop allowed, absolute (default 0.02 = 2 points)")
+    s.add_argument("--relative-drop", action="store_true", help="read --max-drop as a fraction of the base metric")
+    s.add_argument("--max-latency", type=float, default=None, metavar="MS", help="largest p50 latency allowed, in ms")
+    s.add_argument("--trials", type=int, default=24, help="number of trials in total, counting resumed ones (default 24)")
+    s.add_argument("--timeout", type=float, default=None, metavar="SECONDS", help="stop starting trials after this long")
+    s.add_argument("--seed", type=int, default=0, help="seed of the sampler and of fine-tuning (default 0)")
+    s.add_argument("--out", type=Path, default=None, help="run directory (default: results/<workload>-<target>-<time>)")
+    s.add_argument("--storage", default=None, help="Optuna storage URL (default: SQLite inside the run directory)")
+    s.add_argument("--resume", action="store_true", help="continue the run in --out")
+    s.add_argument("--keep-all", action="store_true", help="keep every trial's ONNX file, not only the Pareto set's")
+    s.add_argument("--json", action="store_true", help="print one JSON summary on stdout")
+
+    sub.add_parser("plugins", help="list loaded plugins and what they register").add_argument("--json", action="store_true")
+    sub.add_parser("targets", help="list device targets").add_argument("--json", action="store_true")
+
+    lat = sub.add_parser("latency", help="latency statistics of an ONNX file on a target")
+    lat.add_argument("model", type=Path, help="the ONNX file")
+    lat.add_argument("--target", default="cpu")
+    lat.add_argument("--threads", type=int, default=None)
+    lat.add_argument("-T", "--target-option", action="append", default=[], metavar="KEY=VALUE")
+    lat.add_argument("--agent", default=None, metavar="URL")
+    lat.add_argument("--token-file", default=None, metavar="FILE")
+    lat.add_argument("--input-shape", action="append", default=[], metavar="NAME=D1,D2,...",
+                     help="shape of an input; dynamic dimensions default to 1")
+    lat.add_argument("--json", action="store_true")
+
+    ag = sub.add_parser("agent", help="run on a device: measure models for searches elsewhere")
+    agsub = ag.add_subparsers(dest="agent_command", metavar="SUBCOMMAND")
+    serve = agsub.add_parser("serve", help="serve latency measurements over HTTP (token from $AUTOCOMP_AGENT_TOKEN or --token-file)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 only on a trusted network)")
+    serve.add_argument("--port", type=int, default=8765)
+    serve.add_argument("--token-file", default=None, metavar="FILE")
+    serve.add_argument("--max-upload-mb", type=float, default=256.0)
+    serve.add_argument("--time-limit", type=float, default=120.0, metavar="SECONDS", help="per model")
+    serve.add_argument("--cache-size", type=int, default=256)
+    serve.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads (default 1)")
+
+    sp = sub.add_parser("space", help="search-space tools")
+    spsub = sp.add_subparsers(dest="space_command", metavar="SUBCOMMAND")
+    show = spsub.add_parser("show", help="print the concrete parameters a workload gets from a space")
+    show.add_argument("--workload", default="digits")
+    show.add_argument("--target", default="cpu")
+    show.add_argument("--space", type=Path, default=None)
+    show.add_argument("--json", action="store_true")
+    return parser
+
+
+def _print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def _fmt_pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.2f}"
+
+
+def _print_summary(console, summary: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    base = summary["baseline"]
+    metric_name = summary["metric_name"]
+    table = Table(title=f"Pareto set — {summary['workload']} on {summary['target']['name']}", title_justify="left")
+    for col in ("trial", f"{metric_name} %", "drop (pts)", "p50 ms", "speedup", "size KiB", "artifact"):
+        table.add_column(col, justify="right" if col != "artifact" else "left")
+    table.add_row("base", _fmt_pct(base["metric"]), "-",
+                  f"{base.get('final_latency_p50_ms', base['latency_p50_ms']):.3f}", "1.00x",
+                  f"{base['size_bytes'] / 1024:.0f}", base["artifact"])
+    for m in summary["pareto"]:
+        p50 = m.get("final_latency_p50_ms", m["latency_p50_ms"])
+        speedup = m.get("final_speedup", m["speedup"])
+        table.add_row(str(m["trial"]), _fmt_pct(m["metric"]), f"{100 * m['drop']:.2f}", f"{p50:.3f}",
+                      f"{speedup:.2f}x", f"{m['size_bytes'] / 1024:.0f}", m["artifact"])
+    console.print(table)
+    t = summary["trials"]
+    console.print(f"{t['complete']} trials complete, {t['failed']} failed, {t['feasible']} feasible; "
+                  f"run directory: {summary['run_dir']}")
+    for item, count in summary.get("skipped", {}).items():
+        console.print(f"[yellow]skipped[/] in {count} trial(s): {item}")
+    if not summary["pareto"]:
+        console.print("[red]No candidate met the constraints.[/] Loosen --max-drop / --max-latency or run more --trials.")
+
+
+def _cmd_search(args) -> int:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from autocomp.plugins import get_registry
+    from autocomp.search import SearchConfig, run_search
+
+    console = _console()
+    options = _options_from(args)
+    config = SearchConfig(
+        workload=args.workload, target=args.target, target_options=options, space=args.space,
+        max_drop=args.max_drop, relative_drop=args.relative_drop, max_latency_ms=args.max_latency,
+        trials=args.trials, timeout_s=args.timeout, seed=args.seed, out=args.out, storage=args.storage,
+        resume=args.resume, keep_all=args.keep_all,
+    )
+    registry = get_registry()
+    _warn_broken(console, registry)
+    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TimeElapsedColumn(), TextColumn("{task.fields[status]}"), console=console, transient=False)
+    state: dict[str, Any] = {"task": None, "best": None}
+
+    def on_event(kind: str, data: dict[str, Any]) -> None:
+        if kind == "baseline_start":
+            console.print(f"Preparing workload [bold]{data['workload']}[/] and measuring the base model on "
+                          f"[bold]{data['target']}[/] ...")
+        elif kind == "baseline_done":
+            console.print(f"Base model: {100 * data['metric']:.2f} % , p50 {data['latency_p50_ms']:.3f} ms, "
+                          f"{data['size_bytes'] / 1024:.0f} KiB; {data['parameters']} search parameters")
+        elif kind == "search_start":
+            progress.start()
+            state["task"] = progress.add_task("trials", total=data["trials"], completed=data["done"], status="")
+        elif kind in ("trial_complete", "trial_failed"):
+            if kind == "trial_complete" and data["feasible"]:
+                if state["best"] is None or data["latency_p50_ms"] < state["best"]:
+                    state["best"] = data["latency_p50_ms"]
+            status = f"fastest feasible p50 {state['best']:.3f} ms" if state["best"] else "no feasible candidate yet"
+            if kind == "trial_failed":
+                progress.console.print(f"[yellow]trial {data['number']} failed:[/] {data['reason']}")
+            progress.update(state["task"], advance=1, status=status)
+
+    try:
+        result = run_search(config, registry, on_event)
+    finally:
+        if state["task"] is not None:
+            progress.stop()
+    _print_summary(console, result.summary)
+    if args.json:
+        _print_json(result.summary)
+    return EXIT_OK if result.pareto else EXIT_INFEASIBLE
+
+
+def _options_from(args) -> dict[str, Any]:
+    options = _target_options(args.target_option)
+    if args.threads is not None:
+        options["threads"] = args.threads
+    if args.agent:
+        options["agent"] = args.agent
+    if args.token_file:
+        options["token_file"] = args.token_file
+    return options
+
+
+def _cmd_latency(args) -> int:
+    from autocomp.errors import ConfigError
+    from autocomp.plugins import get_registry
+    from autocomp.search import resolve_target
+
+    if not args.model.is_file():
+        raise ConfigError(f"{args.model}: no such file; give the path of an ONNX model")
+    target = resolve_target(get_registry(), args.target, _options_from(args))
+    shapes = _input_shapes(args.model, args.input_shape)
+    stats = target.latency(args.model, shapes)
+    data = {"model": str(args.model), "input_shapes": shapes, **stats.to_dict()}
+    if args.json:
+        _print_json(data)
+    else:
+        kind = "measured" if stats.measured else "predicted"
+        _console().print(f"{args.model} on {target.name} ({kind}): p50 {stats.p50_ms:.3f} ms, "
+                         f"p90 {stats.p90_ms:.3f} ms, mean {stats.mean_ms:.3f} ms over {stats.runs} runs")
+    return EXIT_OK
+
+
+def _input_shapes(model: Path, given: list[str]) -> dict[str, list[int]]:
+    """Input shapes from ``NAME=D1,D2`` arguments, else from the model (dynamic dimensions -> 1)."""
+    from autocomp.errors import ConfigError
+
+    shapes: dict[str, list[int]] = {}
+    for item in given:
+        name, sep, dims = item.partition("=")
+        try:
+            shapes[name] = [int(d) for d in dims.split(",")]
+        except ValueError:
+            sep = ""
+        if not sep or not name or any(d < 1 for d in shapes.get(name, [0])):
+            raise ConfigError(f"--input-shape takes NAME=D1,D2,... with positive integers, got {item!r}")
+    import onnx
+
+    try:
+        graph = onnx.load(str(model), load_external_data=False).graph
+    except Exception as exc:
+        raise ConfigError(f"{model} is not a readable ONNX file: {exc}") from exc
+    initializers = {t.name for t in graph.initializer}
+    for inp in graph.input:
+        if inp.name in initializers or inp.name in shapes:
+            continue
+        dims = inp.type.tensor_type.shape.dim
+        shapes[inp.name] = [d.dim_value if d.dim_value > 0 else 1 for d in dims]
+    return shapes
+
+
+def _cmd_agent_serve(args) -> int:
+    from autocomp.agent.client import load_token
+    from autocomp.agent.server import AgentConfig, serve
+    from autocomp.ort import TimingPolicy
+
+    token = load_token(token_file=args.token_file)
+    policy = TimingPolicy(threads=args.threads) if args.threads else TimingPolicy()
+    config = AgentConfig(token=token, host=args.host, port=args.port,
+                         max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
+                         time_limit_s=args.time_limit, cache_size=args.cache_size, policy=policy)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logging.getLogger("autocomp").addHandler(handler)
+    logging.getLogger("autocomp").setLevel(logging.INFO)
+    serve(config)
+    return EXIT_OK
+
+
+def _target_options(pairs: list[str]) -> dict[str, Any]:
+    from autocomp.errors import ConfigError
+
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--target-option takes KEY=VALUE, got {pair!r}")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return options
+
+
+def _warn_broken(console, registry) -> None:
+    for broken in registry.broken:
+        console.print(f"[yellow]warning:[/] plugin {broken.name!r} from {broken.package} was skipped: {broken.reason}")
+
+
+def _cmd_plugins(args) -> int:
+    from autocomp.plugins import get_registry
+
+    registry = get_registry()
+    rows = [{"kind": kind, "name": name, "package": package} for (kind, name), package in sorted(registry.sources.items())]
+    broken = [{"name": b.name, "package": b.package, "reason": b.reason} for b in registry.broken]
+    if args.json:
+        _print_json({"registered": rows, "broken": broken})
+        return EXIT_OK
+    from rich.table import Table
+
+    console = _console()
+    table = Table(title="autocomp plugins", title_justify="left")
+    for col in ("kind", "name", "package"):
+        table.add_column(col)
+    for row in rows:
+        table.add_row(row["kind"], row["name"], row["package"])
+    console.print(table)
+    _warn_broken(console, registry)
+    return EXIT_OK
+
+
+def _cmd_targets(args) -> int:
+    from autocomp.plugins import get_registry
+
+    registry = get_registry()
+    rows = []
+    for name, target in sorted(registry.targets.items()):
+        rows.append({"name": name, "aliases": list(target.aliases),
+                     "kind": "measured" if target.measured else "predicted",
+                     "precisions": sorted(target.precisions), "description": target.description,
+                     "validation": getattr(target, "validation", None)})
+    if args.json:
+        _print_json(rows)
+        return EXIT_OK
+    from rich.table import Table
+
+    table = Table(title="autocomp targets", title_justify="left")
+    for col in ("name", "aliases", "kind", "precisions", "description"):
+        table.add_column(col)
+    for row in rows:
+        table.add_row(row["name"], ", ".join(row["aliases"]), row["kind"], ", ".join(row["precisions"]), row["description"])
+    _console().print(table)
+    return EXIT_OK
+
+
+def _cmd_space_show(args) -> int:
+    import tempfile
+
+    from autocomp.export import export_onnx
+    from autocomp.method import BaseModelInfo
+    from autocomp.plugins import get_registry
+    from autocomp.space import default_space_path, load_space
+    from autocomp.workload import resolve_workload
+
+    registry = get_registry()
+    target = registry.target(args.target)
+    space = load_space(args.space or default_space_path(), registry.methods)
+    workload = resolve_workload(args.workload, {n: e.factory for n, e in registry.workloads.items()})
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx_path = export_onnx(workload.model, workload.example_input, Path(tmp) / "base.onnx")
+        concrete = space.concrete(BaseModelInfo(workload.model, workload.example_input, onnx_path, target))
+        rows = concrete.rows()
+    if args.json:
+        _print_json({"space_file": space.source, "parameters": rows})
+        return EXIT_OK
+    from rich.table import Table
+
+    table = Table(title=f"{len(rows)} parameters from {space.source} for {workload.name} on {target.name}", title_justify="left")
+    for col in ("method", "stage", "parameter", "kind", "values"):
+        table.add_column(col)
+    for row in rows:
+        table.add_row(row["method"], row["stage"], row["name"], row["kind"], row["values"])
+    _console().print(table)
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.getLogger("autocomp").addHandler(logging.NullHandler())
+    if args.verbose:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        logging.getLogger("autocomp").addHandler(handler)
+        logging.getLogger("autocomp").setLevel(logging.INFO)
+    commands = {"search": _cmd_search, "plugins": _cmd_plugins, "targets": _cmd_targets, "latency": _cmd_latency}
+    if args.command == "agent":
+        if args.agent_command != "serve":
+            parser.parse_args(["agent", "--help"])
+        handler = _cmd_agent_serve
+    elif args.command == "space":
+        if args.space_command != "show":
+            parser.parse_args(["space", "--help"])
+        handler = _cmd_space_show
+    elif args.command in commands:
+        handler = commands[args.command]
+    else:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    try:
+        return handler(args)
+    except AutocompError as exc:
+        _console().print(f"[red]error:[/] {exc}", highlight=False)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        _console().print("[red]interrupted[/]")
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

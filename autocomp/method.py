@@ -1,0 +1,207 @@
+"""What a compression method is, and the typed parameters it adds to the search space.
+
+A method plugin subclasses :class:`Method`, sets ``name``, ``stage`` and ``config_type`` (a frozen
+dataclass whose fields are the keys of its search-space table), and implements
+:meth:`Method.parameters` and :meth:`Method.apply`.
+
+Stages run in this order for every candidate:
+
+1. ``structural``: changes the torch model's structure (remove blocks, prune channels, factorize).
+   ``apply(model, setting, ctx) -> model``; the model is already a private copy.
+2. ``recovery``: trains the structurally changed model back (distillation, fine-tuning).
+   ``apply(model, setting, ctx) -> model``.
+3. ``post_export``: works on the exported ONNX file (quantization).
+   ``apply(onnx_path, setting, ctx) -> new_onnx_path`` (write new files under ``ctx.work_dir``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Mapping, Sequence
+
+from autocomp.errors import SpaceError
+
+if TYPE_CHECKING:
+    import torch
+
+    from autocomp.target import Target
+    from autocomp.workload import Workload
+
+__all__ = [
+    "Stage",
+    "STAGES",
+    "FloatParam",
+    "IntParam",
+    "ChoiceParam",
+    "FixedParam",
+    "Param",
+    "BaseModelInfo",
+    "CandidateContext",
+    "Method",
+    "parse_range",
+]
+
+Stage = Literal["structural", "recovery", "post_export"]
+STAGES: tuple[Stage, ...] = ("structural", "recovery", "post_export")
+
+
+@dataclass(frozen=True)
+class _ParamBase:
+    #: Name within the method; the study sees ``<method>.<name>``.
+    name: str
+    #: Sample this parameter only when another parameter (full name) took the given value.
+    only_if: tuple[str, Any] | None = field(default=None, kw_only=True)
+    #: The module (dotted path in the base model) this parameter concerns. It is not sampled when
+    #: an earlier parameter removed that module or one of its parents.
+    module: str | None = field(default=None, kw_only=True)
+    #: For a parameter that removes a module when it takes the value ``True``: that module's path.
+    removes: str | None = field(default=None, kw_only=True)
+
+
+@dataclass(frozen=True)
+class FloatParam(_ParamBase):
+    low: float
+    high: float
+    step: float | None = None
+
+
+@dataclass(frozen=True)
+class IntParam(_ParamBase):
+    low: int
+    high: int
+    step: int = 1
+
+
+@dataclass(frozen=True)
+class ChoiceParam(_ParamBase):
+    choices: tuple[Any, ...]
+
+
+@dataclass(frozen=True)
+class FixedParam(_ParamBase):
+    value: Any
+
+
+Param = FloatParam | IntParam | ChoiceParam | FixedParam
+
+
+@dataclass(frozen=True)
+class BaseModelInfo:
+    """What a method may inspect to decide its parameters: the base model and its fp32 export."""
+
+    model: "torch.nn.Module"
+    example_input: "torch.Tensor"
+    onnx_path: Path
+    target: "Target"
+
+
+@dataclass
+class CandidateContext:
+    """What a method gets besides the model and its setting while one candidate is built."""
+
+    workload: "Workload"
+    teacher: "torch.nn.Module"  # the base model, never modified
+    target: "Target"
+    work_dir: Path
+    seed: int
+    #: Things a method could not handle and left alone: (method, what, why). Shown in the summary.
+    skipped: list[tuple[str, str, str]] = field(default_factory=list)
+    #: Free-form figures a method wants recorded with the trial (MACs, steps run ...).
+    notes: dict[str, Any] = field(default_factory=dict)
+
+    def skip(self, method: str, what: str, why: str) -> None:
+        self.skipped.append((method, what, why))
+
+
+class Method:
+    """Base class of a compression method plugin. See the module docstring for the stages."""
+
+    name: ClassVar[str]
+    stage: ClassVar[Stage]
+    #: Order within a stage (lower runs first), e.g. block removal before channel pruning.
+    order: ClassVar[int] = 0
+    #: Frozen dataclass of this method's table in a search-space file.
+    config_type: ClassVar[type]
+    description: ClassVar[str] = ""
+
+    def parse_config(self, table: Mapping[str, Any], source: str) -> Any:
+        """Turn this method's table of a search-space file into ``config_type``.
+
+        The default rejects unknown keys, converts ``[low, high]`` lists for fields annotated as
+        ranges (tuples), and calls ``config_type``; ``__post_init__`` of the dataclass validates
+        values by raising ``ValueError`` with the rule and the value it got.
+        """
+        return parse_dataclass(self.config_type, table, source=source, section=self.name)
+
+    def parameters(self, config: Any, base: BaseModelInfo) -> Sequence[Param]:
+        """The concrete parameters this method adds for ``base`` (names unique within the method)."""
+        raise NotImplementedError
+
+    def apply(self, subject: Any, setting: Mapping[str, Any], config: Any, ctx: CandidateContext) -> Any:
+        """Apply the sampled ``setting`` (parameter name -> value) to ``subject`` and return the result.
+
+        ``subject`` is a torch model for structural and recovery methods, and the path of an ONNX
+        file for post-export methods. Raise :class:`autocomp.errors.CandidateError` when this
+        candidate cannot be built; call ``ctx.skip`` for parts the method leaves alone.
+        """
+        raise NotImplementedError
+
+
+def parse_range(value: Any, *, key: str, source: str, section: str, kind: type = float,
+                low: float | None = None, high: float | None = None) -> tuple[Any, Any]:
+    """Read ``value`` as a ``[low, high]`` range (or one number, meaning a fixed value).
+
+    Raises :class:`SpaceError` naming the file, the key and what is allowed.
+    """
+    where = f"{section}.{key}"
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        lo = hi = value
+    elif isinstance(value, (list, tuple)) and len(value) == 2 and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
+    ):
+        lo, hi = value
+    else:
+        raise SpaceError(
+            f"expected a number or [low, high], got {value!r}", source=source, key=where
+        )
+    if kind is int and (int(lo) != lo or int(hi) != hi):
+        raise SpaceError(f"expected whole numbers, got {value!r}", source=source, key=where)
+    lo, hi = kind(lo), kind(hi)
+    if lo > hi:
+        raise SpaceError(f"`low <= high` must hold, but got (low={lo}, high={hi})", source=source, key=where)
+    if low is not None and lo < low or high is not None and hi > high:
+        raise SpaceError(
+            f"values must lie in [{low}, {high}], got {value!r}", source=source, key=where
+        )
+    return lo, hi
+
+
+def parse_dataclass(config_type: type, table: Mapping[str, Any], *, source: str, section: str) -> Any:
+    """Build the frozen dataclass ``config_type`` from a TOML table, rejecting unknown keys."""
+    if not isinstance(table, Mapping):
+        raise SpaceError(f"expected a table, got {table!r}", source=source, key=section)
+    fields = {f.name: f for f in dataclasses.fields(config_type)}
+    unknown = sorted(set(table) - set(fields))
+    if unknown:
+        raise SpaceError(
+            f"unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(fields))}",
+            source=source, key=section,
+        )
+    hints = typing.get_type_hints(config_type)
+    kwargs: dict[str, Any] = {}
+    for key, value in table.items():
+        hint = hints.get(key)
+        if typing.get_origin(hint) is tuple and isinstance(value, list):
+            value = tuple(value)
+        kwargs[key] = value
+    try:
+        return config_type(**kwargs)
+    except SpaceError as exc:
+        if exc.source:
+            raise
+        raise SpaceError(exc.message, source=source, key=exc.key or section) from exc
+    except (TypeError, ValueError) as exc:
+        raise SpaceError(str(exc), source=source, key=section) from exc

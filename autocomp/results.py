@@ -1,0 +1,87 @@
+"""The run directory: manifest, per-trial artifacts, pareto.json; every file written atomically."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+__all__ = ["RunDir", "write_json", "read_json", "sha256_of"]
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write ``data`` as JSON to ``path`` atomically (temporary file in the same folder, rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(data, fh, indent=2, sort_keys=False, default=str)
+            fh.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_json(path: Path) -> Any:
+    with open(path, encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def copy_atomic(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class RunDir:
+    """Paths and writers of one run directory (see DESIGN.md, "The run directory")."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    @property
+    def manifest(self) -> Path:
+        return self.root / "run.json"
+
+    @property
+    def study_db(self) -> Path:
+        return self.root / "study.db"
+
+    @property
+    def pareto(self) -> Path:
+        return self.root / "pareto.json"
+
+    @property
+    def baseline_dir(self) -> Path:
+        return self.root / "baseline"
+
+    def trial_dir(self, number: int) -> Path:
+        return self.root / "trials" / f"{number:04d}"
+
+    def exists(self) -> bool:
+        return self.manifest.exists()
+
+    def write_manifest(self, data: dict[str, Any]) -> None:
+        write_json(self.manifest, data)
+
+    def read_manifest(self) -> dict[str, Any]:
+        return read_json(self.manifest)
+
+    def update_manifest(self, **changes: Any) -> None:
+        data = self.read_manifest()
+        data.update(changes)
+        self.write_manifest(data)

@@ -1,0 +1,487 @@
+"""The study: baseline, objectives, constraints, sampler, storage, and the Pareto set.
+
+``run_search`` is the whole of ``autocomp search``: it validates every input before it creates
+anything, measures the uncompressed model exactly as it measures candidates, runs the Optuna study
+(metric up, latency down; ``drop <= max_drop`` and ``latency <= max_latency`` as constraints), and
+writes the run directory. It never prints; progress goes to the ``on_event`` callback.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import shutil
+import signal
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from autocomp.errors import (
+    AutocompError,
+    CandidateError,
+    ConfigError,
+    ExportError,
+    InfrastructureError,
+    Interrupted,
+)
+from autocomp.method import BaseModelInfo, CandidateContext, ChoiceParam, FloatParam, IntParam
+from autocomp.plugins import Registry
+from autocomp.results import RunDir, copy_atomic, read_json, sha256_of, write_json
+from autocomp.space import ConcreteSpace, SearchSpace, default_space_path, load_space
+from autocomp.workload import Workload, resolve_workload
+
+__all__ = ["SearchConfig", "SearchResult", "run_search", "prepare"]
+
+logger = logging.getLogger("autocomp")
+
+STUDY_NAME = "autocomp"
+Event = Callable[[str, Mapping[str, Any]], None]
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """Everything ``autocomp search`` takes; defaults are the CLI's defaults."""
+
+    workload: str = "digits"
+    target: str = "cpu"
+    target_options: Mapping[str, Any] = field(default_factory=dict)
+    space: Path | None = None
+    max_drop: float = 0.02
+    relative_drop: bool = False
+    max_latency_ms: float | None = None
+    trials: int = 24
+    timeout_s: float | None = None
+    seed: int = 0
+    out: Path | None = None
+    storage: str | None = None
+    resume: bool = False
+    keep_all: bool = False
+    final_rounds: int = 3
+
+    def __post_init__(self) -> None:
+        if not (0 <= self.max_drop <= 1):
+            raise ConfigError(f"--max-drop must lie in [0, 1] (a fraction: 0.02 is 2 points), got {self.max_drop}")
+        if self.max_latency_ms is not None and self.max_latency_ms <= 0:
+            raise ConfigError(f"--max-latency must be > 0 ms, got {self.max_latency_ms}")
+        if self.trials < 1:
+            raise ConfigError(f"--trials must be >= 1, got {self.trials}")
+        if self.timeout_s is not None and self.timeout_s <= 0:
+            raise ConfigError(f"--timeout must be > 0 seconds, got {self.timeout_s}")
+
+
+@dataclass
+class SearchResult:
+    run_dir: Path
+    summary: dict[str, Any]
+
+    @property
+    def pareto(self) -> list[dict[str, Any]]:
+        return self.summary["pareto"]
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if self.pareto else 1
+
+
+@dataclass
+class Prepared:
+    """Validated inputs: nothing on disk has been created yet."""
+
+    config: SearchConfig
+    target: Any
+    space: SearchSpace
+    workload: Workload
+    run: RunDir
+
+
+def _default_run_name(config: SearchConfig) -> str:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    workload = config.workload.replace(":", "-").replace("/", "-").replace(".", "-")
+    return f"{workload}-{config.target}-{stamp}"
+
+
+def resolve_target(registry: Registry, name: str, options: Mapping[str, Any]) -> Any:
+    """The target ``name`` configured with ``options``. ``agent`` (a URL) with a device other than
+    ``remote`` measures that device through its agent, keeping the device's precisions."""
+    from autocomp.latency import MeasuredThroughAgent
+
+    options = dict(options)
+    target = registry.target(name)
+    if target.name != "remote" and "agent" in options:
+        agent_options = {k: options.pop(k) for k in ("agent", "token_file") if k in options}
+        remote = registry.target("remote").configure(agent_options)
+        return MeasuredThroughAgent(target.configure(options), remote)
+    return target.configure(options)
+
+
+def prepare(config: SearchConfig, registry: Registry) -> Prepared:
+    """Validate target, space, run directory and workload, in that order (cheapest first)."""
+    target = resolve_target(registry, config.target, config.target_options)
+    space_path = config.space or default_space_path()
+    space = load_space(space_path, registry.methods)
+    run = RunDir(config.out or Path("results") / _default_run_name(config))
+    if run.root.exists() and any(run.root.iterdir()):
+        if not config.resume:
+            raise ConfigError(
+                f"run directory {run.root} already exists; pass --resume to continue it or --out to start a new one"
+            )
+        if not run.exists():
+            raise ConfigError(f"{run.root} exists but holds no run.json; it is not an autocomp run, choose another --out")
+    elif config.resume:
+        raise ConfigError(f"--resume given but {run.root} holds no run to resume")
+    workload = resolve_workload(config.workload, {n: e.factory for n, e in registry.workloads.items()})
+    return Prepared(config, target, space, workload, run)
+
+
+def _evaluate(onnx_path: Path, workload: Workload) -> float:
+    from autocomp.ort import run_batches
+
+    outputs = run_batches(onnx_path, workload.val.inputs.numpy())
+    value = float(workload.metric(outputs, workload.val.targets.numpy()))
+    if value != value:  # NaN
+        raise CandidateError("the metric is NaN on the validation split")
+    return value
+
+
+def _model_stats(model, example_input) -> dict[str, int]:
+    try:
+        from autocomp_plugins.prune import count_macs  # torch-pruning's counter
+    except ImportError:  # pragma: no cover - built-ins always ship together
+        return {"params": sum(p.numel() for p in model.parameters())}
+    macs, params = count_macs(model, example_input)
+    return {"macs": macs, "params": params}
+
+
+def _measure_baseline(prep: Prepared) -> dict[str, Any]:
+    from autocomp.export import check_parity, export_onnx
+    from autocomp.ort import input_shapes_of
+
+    wl = prep.workload
+    path = export_onnx(wl.model, wl.example_input, prep.run.baseline_dir / "model.onnx")
+    try:
+        parity = check_parity(wl.model, path, wl.val.inputs[:32])
+    except CandidateError as exc:
+        raise ExportError(f"the exported base model does not run in ONNX Runtime: {exc}") from exc
+    metric = _evaluate(path, wl)
+    latency = prep.target.latency(path, input_shapes_of(wl.example_input))
+    return {
+        "metric": metric,
+        "latency": latency.to_dict(),
+        "latency_p50_ms": latency.p50_ms,
+        "size_bytes": path.stat().st_size,
+        "parity_max_abs": parity,
+        "artifact": str(path),
+        **_model_stats(wl.model, wl.example_input),
+    }
+
+
+def _versions() -> dict[str, str]:
+    from importlib import metadata
+
+    versions = {"python": platform.python_version()}
+    for pkg in ("autocomp", "torch", "torch-pruning", "optuna", "onnx", "onnxruntime", "numpy"):
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def _anchor_params(space: ConcreteSpace, quantile: float) -> dict[str, Any]:
+    """A 'uniform' trial: every range at the same quantile, every choice at its most compressed end.
+
+    Enqueued first so the front always contains the simple uniform recipes users would try by hand.
+    """
+    params: dict[str, Any] = {}
+    for method, _, declared in space.entries:
+        for p in declared:
+            key = f"{method.name}.{p.name}"
+            if isinstance(p, FloatParam) and p.low != p.high:
+                value = p.low + quantile * (p.high - p.low)
+                if p.step:
+                    value = p.low + round((value - p.low) / p.step) * p.step
+                params[key] = min(p.high, value)
+            elif isinstance(p, IntParam) and p.low != p.high:
+                params[key] = int(round(p.low + quantile * (p.high - p.low)))
+            elif isinstance(p, ChoiceParam) and len(p.choices) > 1:
+                params[key] = p.choices[-1]
+    return params
+
+
+class _Objective:
+    def __init__(self, prep: Prepared, concrete: ConcreteSpace, baseline: dict[str, Any], on_event: Event):
+        self.prep = prep
+        self.concrete = concrete
+        self.baseline = baseline
+        self.on_event = on_event
+        from autocomp.latency import LatencyCache
+
+        self.cache = LatencyCache(prep.run.root / "latency_cache.sqlite")
+
+    def __call__(self, trial) -> tuple[float, float]:
+        from autocomp.candidate import build_artifact, build_model
+        from autocomp.export import check_parity, export_onnx
+        from autocomp.ort import input_shapes_of
+
+        prep, cfg, wl = self.prep, self.prep.config, self.prep.workload
+        trial_dir = prep.run.trial_dir(trial.number)
+        work = trial_dir / "work"
+        work.mkdir(parents=True, exist_ok=True)
+        started = time.perf_counter()
+        spec = self.concrete.sample(trial)
+        write_json(trial_dir / "spec.json", spec.to_dict())
+        ctx = CandidateContext(workload=wl, teacher=wl.model, target=prep.target, work_dir=work,
+                               seed=cfg.seed * 100_003 + trial.number)
+        try:
+            model = build_model(wl.model, spec, self.concrete, ctx)
+            stats = _model_stats(model, wl.example_input)
+            fp32 = export_onnx(model, wl.example_input, work / "fp32.onnx")
+            parity = check_parity(model, fp32, wl.val.inputs[:32])
+            final = build_artifact(fp32, spec, self.concrete, ctx)
+            artifact = trial_dir / "model.onnx"
+            copy_atomic(final, artifact)
+            metric = _evaluate(artifact, wl)
+            latency, cached = self.cache.latency(prep.target, artifact, input_shapes_of(wl.example_input))
+            ctx.notes["latency_cached"] = cached
+        except BaseException as exc:
+            reason = f"{type(exc).__name__}: {exc}"
+            if not isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                logger.warning("trial %d failed: %s", trial.number, reason)
+            trial.set_user_attr("failure_reason", reason)
+            write_json(trial_dir / "metrics.json", {"status": "failed", "reason": reason,
+                                                    "skipped": ctx.skipped, "notes": ctx.notes})
+            self.on_event("trial_failed", {"number": trial.number, "reason": reason})
+            raise
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        base_metric = self.baseline["metric"]
+        drop = base_metric - metric
+        if cfg.relative_drop:
+            drop = drop / base_metric if base_metric else float("inf")
+        trial.set_constraint("max_drop", drop - cfg.max_drop)
+        if cfg.max_latency_ms is not None:
+            trial.set_constraint("max_latency", latency.p50_ms - cfg.max_latency_ms)
+        metrics = {
+            "status": "complete",
+            "metric": metric,
+            "drop": drop,
+            "latency_p50_ms": latency.p50_ms,
+            "latency_p90_ms": latency.p90_ms,
+            "latency": latency.to_dict(),
+            "speedup": self.baseline["latency_p50_ms"] / latency.p50_ms if latency.p50_ms else None,
+            "size_bytes": artifact.stat().st_size,
+            "parity_max_abs": parity,
+            "feasible": drop <= cfg.max_drop and (cfg.max_latency_ms is None or latency.p50_ms <= cfg.max_latency_ms),
+            "seconds": round(time.perf_counter() - started, 2),
+            "skipped": ctx.skipped,
+            "notes": ctx.notes,
+            **stats,
+        }
+        write_json(trial_dir / "metrics.json", metrics)
+        for key in ("drop", "latency_p90_ms", "size_bytes", "feasible", "speedup"):
+            trial.set_user_attr(key, metrics[key])
+        trial.set_user_attr("skipped", ctx.skipped)
+        self.on_event("trial_complete", {"number": trial.number, **metrics})
+        return metric, latency.p50_ms
+
+
+class _TerminateAsInterrupt:
+    """Turn SIGTERM into KeyboardInterrupt so the running trial is closed (marked failed) and the
+    run stays resumable, instead of being left RUNNING in the storage."""
+
+    def __enter__(self):
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    @staticmethod
+    def _handle(signum, frame):
+        raise KeyboardInterrupt
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+        return False
+
+
+def _storage_url(prep: Prepared) -> str:
+    return prep.config.storage or f"sqlite:///{prep.run.study_db.resolve()}"
+
+
+def _open_study(prep: Prepared):
+    import optuna
+
+    sampler = optuna.samplers.TPESampler(seed=prep.config.seed, multivariate=True, n_startup_trials=8)
+    try:
+        return optuna.create_study(storage=_storage_url(prep), study_name=STUDY_NAME, sampler=sampler,
+                                   directions=["maximize", "minimize"], load_if_exists=True)
+    except Exception as exc:
+        raise InfrastructureError(f"cannot open the study storage {_storage_url(prep)!r}: {exc}") from exc
+
+
+def _final_measurements(prep: Prepared, members: list[dict[str, Any]], baseline: dict[str, Any]) -> None:
+    """Re-measure the baseline and every Pareto member side by side, interleaved, and keep the
+    median of the rounds: speedups in the report compare like with like under the same load."""
+    from statistics import median
+
+    from autocomp.ort import input_shapes_of
+
+    if not prep.target.measured or prep.config.final_rounds < 1:
+        return
+    shapes = input_shapes_of(prep.workload.example_input)
+    paths = [Path(baseline["artifact"])] + [Path(m["artifact"]) for m in members]
+    rounds: list[list[float]] = [[] for _ in paths]
+    for _ in range(prep.config.final_rounds):
+        for i, path in enumerate(paths):
+            rounds[i].append(prep.target.latency(path, shapes).p50_ms)
+    baseline["final_latency_p50_ms"] = median(rounds[0])
+    for member, samples in zip(members, rounds[1:]):
+        member["final_latency_p50_ms"] = median(samples)
+        member["final_speedup"] = baseline["final_latency_p50_ms"] / member["final_latency_p50_ms"]
+
+
+def _summary(prep: Prepared, study, baseline: dict[str, Any], status: str) -> dict[str, Any]:
+    from optuna.trial import TrialState
+
+    trials = study.get_trials(deepcopy=False)
+    members = []
+    for t in sorted(study.best_trials, key=lambda t: t.values[1]):
+        artifact = prep.run.trial_dir(t.number) / "model.onnx"
+        metrics = read_json(prep.run.trial_dir(t.number) / "metrics.json")
+        members.append({
+            "trial": t.number,
+            "metric": t.values[0],
+            "drop": metrics["drop"],
+            "latency_p50_ms": t.values[1],
+            "latency_p90_ms": metrics["latency_p90_ms"],
+            "speedup": baseline["latency_p50_ms"] / t.values[1],
+            "size_bytes": metrics["size_bytes"],
+            "macs": metrics.get("macs"),
+            "params": metrics.get("params"),
+            "artifact": str(artifact),
+            "sha256": sha256_of(artifact),
+            "spec": read_json(prep.run.trial_dir(t.number) / "spec.json"),
+            "skipped": metrics.get("skipped", []),
+        })
+    skipped: dict[str, int] = {}
+    for t in trials:
+        for method, what, why in t.user_attrs.get("skipped", []):
+            skipped[f"{method}: {what} ({why})"] = skipped.get(f"{method}: {what} ({why})", 0) + 1
+    failures = [
+        {"trial": t.number, "reason": t.user_attrs.get("failure_reason", "unknown")}
+        for t in trials if t.state == TrialState.FAIL
+    ]
+    return {
+        "run_dir": str(prep.run.root),
+        "status": status,
+        "workload": prep.workload.name,
+        "metric_name": prep.workload.metric_name,
+        "target": {"name": prep.target.name, "measured": prep.target.measured},
+        "constraints": {"max_drop": prep.config.max_drop, "relative_drop": prep.config.relative_drop,
+                        "max_latency_ms": prep.config.max_latency_ms},
+        "baseline": baseline,
+        "pareto": members,
+        "trials": {
+            "total": len(trials),
+            "complete": sum(t.state == TrialState.COMPLETE for t in trials),
+            "failed": len(failures),
+            "feasible": sum(bool(t.user_attrs.get("feasible")) for t in trials if t.state == TrialState.COMPLETE),
+        },
+        "failures": failures,
+        "skipped": skipped,
+    }
+
+
+def run_search(config: SearchConfig, registry: Registry, on_event: Event | None = None) -> SearchResult:
+    """Run (or resume) a search and return its summary. Raises :class:`ConfigError` (nothing written)
+    for bad input, :class:`Interrupted` when stopped by a signal (the run can be resumed)."""
+    import optuna
+    from optuna.trial import TrialState
+
+    on_event = on_event or (lambda kind, data: None)
+    prep = prepare(config, registry)
+    run = prep.run
+    created = not run.root.exists() or not any(run.root.iterdir())
+    run.root.mkdir(parents=True, exist_ok=True)
+    try:
+        on_event("baseline_start", {"workload": prep.workload.name, "target": prep.target.name})
+        if config.resume:
+            baseline = read_json(run.root / "baseline" / "metrics.json")
+        else:
+            baseline = _measure_baseline(prep)
+            write_json(run.baseline_dir / "metrics.json", baseline)
+        info = BaseModelInfo(prep.workload.model, prep.workload.example_input, Path(baseline["artifact"]), prep.target)
+        concrete = prep.space.concrete(info)
+    except BaseException:
+        if created:  # leave no half-written run behind
+            shutil.rmtree(run.root, ignore_errors=True)
+        raise
+    on_event("baseline_done", {**baseline, "parameters": concrete.size()})
+
+    manifest = {
+        "command": sys.argv,
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()},
+        "space_file": prep.space.source,
+        "space": prep.space.text,
+        "parameters": concrete.rows(),
+        "workload": {"name": prep.workload.name, "info": prep.workload.info},
+        "target": {"name": prep.target.name, "measured": prep.target.measured,
+                   "precisions": sorted(prep.target.precisions), "facts": prep.target.facts()},
+        "versions": _versions(),
+        "seed": config.seed,
+        "storage": "study.db" if config.storage is None else "external",
+        "started": datetime.now(timezone.utc).isoformat(),
+        "status": "running",
+    }
+    if config.resume and run.exists():
+        previous = run.read_manifest()
+        manifest["started"] = previous.get("started", manifest["started"])
+        manifest["resumed"] = previous.get("resumed", 0) + 1
+    run.write_manifest(manifest)
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = _open_study(prep)
+    done = [t for t in study.get_trials(deepcopy=False) if t.state.is_finished()]
+    if not study.get_trials(deepcopy=False):
+        for quantile in (0.5, 0.67, 0.85):
+            anchor = _anchor_params(concrete, quantile)
+            if anchor:
+                study.enqueue_trial(anchor, skip_if_exists=True)
+    # trials left RUNNING by a process that died are closed so the count below is honest
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if config.storage is None:  # with a shared storage, heartbeats do this for live workers
+            study.tell(t.number, state=TrialState.FAIL)
+    remaining = max(0, config.trials - len(done))
+    on_event("search_start", {"trials": config.trials, "done": len(done), "remaining": remaining})
+    objective = _Objective(prep, concrete, baseline, on_event)
+    status = "complete"
+    try:
+        with _TerminateAsInterrupt():
+            if remaining:
+                study.optimize(objective, n_trials=remaining, timeout=config.timeout_s, catch=(Exception,),
+                               gc_after_trial=True)
+    except KeyboardInterrupt:
+        status = "interrupted"
+
+    summary = _summary(prep, study, baseline, status)
+    if status == "complete":
+        _final_measurements(prep, summary["pareto"], summary["baseline"])
+        if not config.keep_all:
+            keep = {m["trial"] for m in summary["pareto"]}
+            for t in study.get_trials(deepcopy=False):
+                if t.number not in keep:
+                    (run.trial_dir(t.number) / "model.onnx").unlink(missing_ok=True)
+    write_json(run.pareto, summary)
+    run.update_manifest(status=status, finished=datetime.now(timezone.utc).isoformat(),
+                        pareto_size=len(summary["pareto"]))
+    if status == "interrupted":
+        raise Interrupted(
+            f"search interrupted after {summary['trials']['total']} trials; results so far are in {run.root}. "
+            f"Resume with: autocomp search --resume --out {run.root} (same options)"
+        )
+    return SearchResult(run.root, summary)

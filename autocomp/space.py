@@ -1,0 +1,158 @@
+"""Search-space files: TOML -> a typed, validated space; sampling it through an Optuna trial.
+
+A space file has one table per method, keyed by the method's name; each method validates its own
+table (:meth:`autocomp.method.Method.parse_config`). The concrete parameters depend on the model
+(one pruning ratio per prunable group, one precision per quantizable layer ...), so a
+:class:`SearchSpace` is turned into :class:`ConcreteSpace` once the base model is known.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping
+
+from autocomp.errors import SpaceError
+from autocomp.method import STAGES, BaseModelInfo, ChoiceParam, FixedParam, FloatParam, IntParam, Method, Param
+
+if TYPE_CHECKING:
+    import optuna
+
+__all__ = ["SearchSpace", "ConcreteSpace", "CandidateSpec", "load_space", "default_space_path"]
+
+
+def default_space_path() -> Path:
+    """The shipped default space (``search_spaces/default.toml`` beside the package)."""
+    return Path(__file__).resolve().parent.parent / "search_spaces" / "default.toml"
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """A validated space file: the methods it enables, in stage order, with their configs."""
+
+    source: str
+    methods: tuple[tuple[Method, Any], ...]  # (method, its parsed config)
+    text: str = ""
+
+    def names(self) -> list[str]:
+        return [m.name for m, _ in self.methods]
+
+    def concrete(self, base: BaseModelInfo) -> "ConcreteSpace":
+        params: list[tuple[Method, Any, tuple[Param, ...]]] = []
+        for method, config in self.methods:
+            declared = tuple(method.parameters(config, base))
+            seen: set[str] = set()
+            for p in declared:
+                if p.name in seen:
+                    raise SpaceError(f"method declared parameter {p.name!r} twice", key=method.name)
+                seen.add(p.name)
+            params.append((method, config, declared))
+        return ConcreteSpace(tuple(params))
+
+
+@dataclass(frozen=True)
+class CandidateSpec:
+    """The sampled setting of every method, as ``{method: {param: value}}``; JSON-friendly."""
+
+    settings: Mapping[str, Mapping[str, Any]]
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return {m: dict(s) for m, s in self.settings.items()}
+
+    def flat(self) -> dict[str, Any]:
+        return {f"{m}.{k}": v for m, s in self.settings.items() for k, v in s.items()}
+
+
+@dataclass(frozen=True)
+class ConcreteSpace:
+    """The parameters of every method for one base model."""
+
+    entries: tuple[tuple[Method, Any, tuple[Param, ...]], ...]
+
+    def size(self) -> int:
+        return sum(len(p) for _, _, p in self.entries)
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One row per parameter, for ``autocomp space show``."""
+        rows = []
+        for method, _, params in self.entries:
+            for p in params:
+                rows.append({"method": method.name, "stage": method.stage, "name": p.name,
+                             "kind": type(p).__name__.removesuffix("Param").lower(),
+                             "values": _describe(p), "only_if": p.only_if, "module": p.module,
+                             "removes": p.removes})
+        return rows
+
+    def sample(self, trial: "optuna.trial.Trial") -> CandidateSpec:
+        """Sample every parameter through ``trial`` (names ``<method>.<param>``)."""
+        taken: dict[str, Any] = {}
+        removed: list[str] = []
+        settings: dict[str, dict[str, Any]] = {}
+        for method, _, params in self.entries:
+            values: dict[str, Any] = {}
+            for p in params:
+                key = f"{method.name}.{p.name}"
+                if p.only_if is not None and taken.get(p.only_if[0]) != p.only_if[1]:
+                    continue
+                if p.module is not None and any(p.module == r or p.module.startswith(r + ".") for r in removed):
+                    continue
+                if isinstance(p, FloatParam):
+                    v = p.low if p.low == p.high else trial.suggest_float(key, p.low, p.high, step=p.step)
+                elif isinstance(p, IntParam):
+                    v = p.low if p.low == p.high else trial.suggest_int(key, p.low, p.high, step=p.step)
+                elif isinstance(p, ChoiceParam):
+                    v = p.choices[0] if len(p.choices) == 1 else trial.suggest_categorical(key, list(p.choices))
+                else:
+                    v = p.value
+                values[p.name] = v
+                taken[key] = v
+                if p.removes is not None and v is True:
+                    removed.append(p.removes)
+            settings[method.name] = values
+        return CandidateSpec(settings)
+
+
+def _describe(p: Param) -> str:
+    if isinstance(p, (FloatParam, IntParam)):
+        return f"[{p.low}, {p.high}]" + (f" step {p.step}" if isinstance(p, FloatParam) and p.step else "")
+    if isinstance(p, ChoiceParam):
+        return " | ".join(map(str, p.choices))
+    assert isinstance(p, FixedParam)
+    return repr(p.value)
+
+
+def load_space(path: Path, methods: Mapping[str, Method]) -> SearchSpace:
+    """Read and validate the space file at ``path`` against the registered ``methods``.
+
+    Raises :class:`SpaceError` naming the file, the key and what is allowed.
+    """
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpaceError("file not found; give an existing TOML file to --space", source=source) from None
+    except OSError as exc:
+        raise SpaceError(f"cannot read the file: {exc}", source=source) from exc
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise SpaceError(f"not valid TOML: {exc}", source=source) from exc
+    return parse_space(data, methods, source=source, text=text)
+
+
+def parse_space(data: Mapping[str, Any], methods: Mapping[str, Method], *, source: str, text: str = "") -> SearchSpace:
+    unknown = sorted(set(data) - set(methods))
+    if unknown:
+        raise SpaceError(
+            f"unknown method(s) {', '.join(unknown)}; installed methods: {', '.join(sorted(methods))}",
+            source=source,
+        )
+    if not data:
+        raise SpaceError("the space enables no method; add at least one table such as [prune]", source=source)
+    parsed = []
+    for name, table in data.items():
+        method = methods[name]
+        parsed.append((method, method.parse_config(table, source)))
+    parsed.sort(key=lambda mc: (STAGES.index(mc[0].stage), mc[0].order, mc[0].name))
+    return SearchSpace(source=source, methods=tuple(parsed), text=text)

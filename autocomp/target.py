@@ -1,0 +1,87 @@
+"""What a hardware target is: a device whose latency for an ONNX model is measured or predicted."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Mapping, Sequence
+
+__all__ = ["LatencyStats", "Target", "PRECISIONS"]
+
+#: Numeric precisions a target may declare. Methods intersect what they offer with these.
+PRECISIONS = ("fp32", "fp16", "int8", "int4")
+
+
+@dataclass(frozen=True)
+class LatencyStats:
+    """Latency of one model on one target, in milliseconds, batch as given by the input shape."""
+
+    p50_ms: float
+    p90_ms: float
+    mean_ms: float
+    runs: int
+    measured: bool  # False when a cost model predicted the figure
+    target: str
+    facts: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in ("p50_ms", "p90_ms", "mean_ms"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite, non-negative number, got {value!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["facts"] = dict(self.facts)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "LatencyStats":
+        return cls(**{k: data[k] for k in ("p50_ms", "p90_ms", "mean_ms", "runs", "measured", "target")},
+                   facts=dict(data.get("facts", {})))
+
+
+class Target:
+    """Base class of a device target. Subclass it in a plugin and register an instance.
+
+    Class attributes a subclass sets:
+
+    - ``name``: what ``--target`` takes; ``aliases``: other accepted names.
+    - ``measured``: True when :meth:`latency` runs the model on a real device, False when it predicts.
+    - ``precisions``: the numeric precisions the device runs (a subset of :data:`PRECISIONS`).
+    - ``description``: one line for ``autocomp targets``.
+    """
+
+    name: ClassVar[str]
+    aliases: ClassVar[tuple[str, ...]] = ()
+    measured: ClassVar[bool] = True
+    precisions: ClassVar[frozenset[str]] = frozenset({"fp32"})
+    description: ClassVar[str] = ""
+
+    def configure(self, options: Mapping[str, Any]) -> "Target":
+        """Return a target set up with user options (``--threads``, ``--agent`` ...).
+
+        The default accepts no options. Raise :class:`autocomp.errors.TargetError` for options the
+        target does not understand, naming them.
+        """
+        if options:
+            from autocomp.errors import TargetError
+
+            raise TargetError(
+                f"target {self.name!r} takes no options, but got {sorted(options)}; remove them"
+            )
+        return self
+
+    def latency(self, onnx_path: Path, input_shapes: Mapping[str, Sequence[int]]) -> LatencyStats:
+        """Latency statistics of the ONNX model at ``onnx_path`` fed inputs of ``input_shapes``.
+
+        Raise :class:`autocomp.errors.CandidateError` when this model cannot run on the target
+        (the trial fails, the search goes on) and :class:`autocomp.errors.InfrastructureError`
+        when the device itself is unreachable.
+        """
+        raise NotImplementedError
+
+    def facts(self) -> dict[str, Any]:
+        """Facts recorded in the run manifest: runtime version, CPU model, thread count ..."""
+        return {}

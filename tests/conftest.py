@@ -1,0 +1,61 @@
+"""Shared fixtures. Tests never load whatever plugins happen to be installed: the built-in plugin
+modules are registered directly, and test plugins are added per test."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+BUILTIN_PLUGINS = ("prune", "distill", "quantize", "cpu_target", "digits", "edge", "remote_target")
+
+
+def builtin_plugins():
+    import importlib
+
+    return [(name, importlib.import_module(f"autocomp_plugins.{name}")) for name in BUILTIN_PLUGINS]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _cache_dir(tmp_path_factory):
+    """Trained test models are cached per test session, never in the user's cache."""
+    path = os.environ.get("AUTOCOMP_TEST_CACHE") or str(tmp_path_factory.mktemp("autocomp-cache"))
+    old = os.environ.get("AUTOCOMP_CACHE_DIR")
+    os.environ["AUTOCOMP_CACHE_DIR"] = path
+    yield Path(path)
+    if old is None:
+        os.environ.pop("AUTOCOMP_CACHE_DIR", None)
+    else:
+        os.environ["AUTOCOMP_CACHE_DIR"] = old
+
+
+@pytest.fixture(scope="session")
+def torch_threads():
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture
+def registry():
+    """A registry of the built-in plugins only, installed as the process-wide one for the test."""
+    from autocomp.plugins import load_registry, reset_registry
+
+    reg = load_registry(entry_points=[], extra_plugins=builtin_plugins())
+    reset_registry(reg)
+    yield reg
+    reset_registry(None)
+
+
+@pytest.fixture(scope="session")
+def tiny_workload(_cache_dir, torch_threads):
+    from autocomp_plugins.digits import tiny_digits_workload
+
+    return tiny_digits_workload()
+
+
+FAST_TIMING = {"min_s": 0.02, "min_runs": 5}

@@ -1,0 +1,302 @@
+"""Per-layer precision: int8, fp16 and int4 layers in one graph that runs, close to fp32, with the
+precisions the target runs; the fp16 evaluation twin rounds exactly where fp16 would."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper
+
+from autocomp.errors import SpaceError
+from autocomp.method import BaseModelInfo, CandidateContext
+from autocomp.ort import run_batches
+from autocomp.target import Target
+from autocomp_plugins._precision import convert_float16, layer_table
+from autocomp_plugins.quantize import EVALUATION_ARTIFACT, QuantizeConfig, QuantizeMethod
+
+ALL = frozenset({"fp32", "fp16", "int8", "int4"})
+#: Relative L2 error of the output against fp32 allowed per setting, on random-weight tiny models
+#: (measured: fp16 <= 0.001, int8 <= 0.03, int4 <= 0.11, mixed <= 0.03).
+TOLERANCE = {"fp16": 0.005, "int8": 0.08, "int4": 0.25, "mixed": 0.15}
+
+
+def _target(precisions) -> Target:
+    class _Device(Target):
+        name = "device"
+
+    _Device.precisions = frozenset(precisions)
+    return _Device()
+
+
+def _ctx(tmp_path: Path, inputs: torch.Tensor, precisions=ALL) -> CandidateContext:
+    work = SimpleNamespace(train=SimpleNamespace(inputs=inputs))
+    return CandidateContext(workload=work, teacher=None, target=_target(precisions), work_dir=tmp_path, seed=0)
+
+
+def _export(model: torch.nn.Module, example: torch.Tensor, path: Path) -> Path:
+    from autocomp.export import export_onnx
+
+    return export_onnx(model.eval(), example, path)
+
+
+@pytest.fixture(scope="module")
+def zoo_models(tmp_path_factory, torch_threads):
+    """fp32 exports of the tiny ResNet-20 (Conv, residual Add, Gemm) and tiny ViT (MatMuls with and
+    without constant weights, Gemm head), with 32 random inputs each."""
+    from autocomp.zoo import build, example_input, tiny_kwargs
+
+    root = tmp_path_factory.mktemp("zoo")
+    models = {}
+    for name in ("resnet20", "vit"):
+        torch.manual_seed(0)
+        example = example_input(name, tiny=True)
+        path = _export(build(name, **tiny_kwargs(name)), example, root / f"{name}.onnx")
+        inputs = torch.randn(32, *example.shape[1:], generator=torch.Generator().manual_seed(1))
+        models[name] = (path, inputs)
+    return models
+
+
+def _setting(path: Path, kind: str) -> dict[str, str]:
+    """One precision for every layer, or (``mixed``) fp32/fp16/int8/int4 in turn; int4 only where it applies."""
+    setting = {}
+    for i, (name, layer) in enumerate(layer_table(onnx.load(str(path))).items()):
+        precision = ("fp32", "fp16", "int8", "int4")[i % 4] if kind == "mixed" else kind
+        if precision == "int4" and layer.int4_unsupported:
+            precision = "int8" if kind == "mixed" else "fp32"
+        setting[name] = precision
+    return setting
+
+
+def _precision_of(model: onnx.ModelProto, node_name: str) -> str:
+    """What the graph does with the layer exported as ``node_name``: ``fp16 emulated`` is an fp32
+    node whose input went through a Cast to float16 and back."""
+    nodes = {n.name: n for n in model.graph.node}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    if node_name not in nodes:
+        assert nodes[f"{node_name}_Q4"].op_type == "MatMulNBits"
+        return "int4"
+    node = nodes[node_name]
+    fed = [producer[i].op_type if i in producer else "initializer" for i in node.input[:2]]
+    if fed == ["DequantizeLinear", "DequantizeLinear"]:
+        return "int8"
+    assert "DequantizeLinear" not in fed, f"{node_name} is half quantized: {fed}"
+    inferred = onnx.shape_inference.infer_shapes(model).graph
+    types = {v.name: v.type.tensor_type.elem_type for v in list(inferred.value_info) + list(inferred.input)}
+    types.update({i.name: i.data_type for i in model.graph.initializer})
+    if {types.get(i) for i in node.input} == {TensorProto.FLOAT16}:
+        return "fp16"
+    assert TensorProto.FLOAT16 not in {types.get(i) for i in node.input}, f"{node_name} mixes float types"
+    first = producer.get(node.input[0])
+    if first is not None and first.op_type == "Cast" and first.input[0] in producer:
+        before = producer[first.input[0]]
+        if before.op_type == "Cast" and helper.get_attribute_value(before.attribute[0]) == TensorProto.FLOAT16:
+            return "fp16 emulated"
+    return "fp32"
+
+
+def _relative_error(got: np.ndarray, expected: np.ndarray) -> float:
+    return float(np.linalg.norm(got - expected) / np.linalg.norm(expected))
+
+
+# --- configuration -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("table", "key"),
+    [
+        ({"bits": [6, 8]}, "quantize.bits"),
+        ({"bits": []}, "quantize.bits"),
+        ({"bits": ["8"]}, "quantize.bits"),
+        ({"bits": [True]}, "quantize.bits"),
+        ({"calibration_samples": 0}, "quantize.calibration_samples"),
+        ({"per_channel": "yes"}, "quantize.per_channel"),
+        ({"reduce_range": "sometimes"}, "quantize.reduce_range"),
+        ({"int4_block_size": 24}, "quantize.int4_block_size"),
+        ({"int4_block_size": 8}, "quantize.int4_block_size"),
+        ({"precision": "int8"}, "quantize"),
+    ],
+)
+def test_bad_config_names_file_and_key(table, key):
+    with pytest.raises(SpaceError) as info:
+        QuantizeMethod().parse_config(table, "file.toml")
+    assert info.value.source == "file.toml" and info.value.key == key
+    assert str(info.value).startswith(f"file.toml: [{key}] ")
+
+
+def test_config_orders_precisions_least_compressed_first():
+    config = QuantizeMethod().parse_config({"bits": [4, 32, 8, 16, 8]}, "file.toml")
+    assert config.precisions() == ("fp32", "fp16", "int8", "int4")
+    assert QuantizeMethod().parse_config({"bits": 8}, "file.toml").precisions() == ("int8",)
+    assert QuantizeConfig().precisions() == ("fp32", "fp16", "int8", "int4")
+
+
+# --- parameters ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("precisions", "bits", "conv", "linear"),
+    [
+        ({"fp32", "int8"}, None, ("fp32", "int8"), ("fp32", "int8")),  # this CPU
+        ({"fp32", "fp16"}, None, ("fp32", "fp16"), ("fp32", "fp16")),  # Jetson Nano
+        ({"fp32", "fp16", "int8"}, None, ("fp32", "fp16", "int8"), ("fp32", "fp16", "int8")),  # Orin
+        ({"fp32", "fp16", "int8", "int4"}, None, ("fp32", "fp16", "int8"), ("fp32", "fp16", "int8", "int4")),
+        ({"fp32", "int4"}, None, None, ("fp32", "int4")),
+        ({"fp32", "fp16", "int8", "int4"}, [8, 32], ("fp32", "int8"), ("fp32", "int8")),
+        ({"fp32"}, None, None, None),
+    ],
+)
+def test_choices_are_intersected_with_the_target(zoo_models, precisions, bits, conv, linear):
+    path, inputs = zoo_models["vit"]
+    method = QuantizeMethod()
+    config = method.parse_config({} if bits is None else {"bits": bits}, "file.toml")
+    info = BaseModelInfo(model=None, example_input=inputs[:1], onnx_path=path, target=_target(precisions))
+    params = {p.name: p for p in method.parameters(config, info)}
+    expected = {
+        "patch_embed.proj": conv,  # Conv: no int4
+        "blocks.0.attn.qkv": linear,  # MatMul with a constant weight
+        "head": linear,  # Gemm
+        "blocks.0.attn": conv,  # q @ k^T: no constant weight, no int4
+    }
+    for name, choices in expected.items():
+        assert (params[name].choices if name in params else None) == choices, name
+    assert params.get("blocks.0.attn.qkv", SimpleNamespace(module="blocks.0.attn.qkv")).module == "blocks.0.attn.qkv"
+    # the second attention MatMul of a block is named after its node, but concerns the attention module
+    if "/blocks.0/attn/MatMul_1" in params:
+        assert params["/blocks.0/attn/MatMul_1"].module == "blocks.0.attn"
+
+
+# --- artifacts -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["int8", "fp16", "int4", "mixed"])
+@pytest.mark.parametrize("model_name", ["resnet20", "vit"])
+def test_setting_gives_runnable_artifact_close_to_fp32(zoo_models, tmp_path, model_name, kind):
+    path, inputs = zoo_models[model_name]
+    setting = _setting(path, kind)
+    ctx = _ctx(tmp_path, inputs)
+    root_handlers = list(logging.getLogger().handlers)
+    out = QuantizeMethod().apply(path, setting, QuantizeConfig(), ctx)
+
+    assert logging.getLogger().handlers == root_handlers  # ORT's int4 module configures no logging of ours
+    assert ctx.skipped == []
+    expected = run_batches(path, inputs.numpy())
+    deployable = run_batches(out, inputs.numpy())  # every artifact loads and runs in ONNX Runtime
+    evaluation = Path(ctx.notes.get(EVALUATION_ARTIFACT, out))
+    assert (EVALUATION_ARTIFACT in ctx.notes) == ("fp16" in setting.values())
+    metric_output = run_batches(evaluation, inputs.numpy())
+    assert _relative_error(metric_output, expected) < TOLERANCE[kind]
+    assert _relative_error(deployable, expected) < TOLERANCE[kind]
+
+    graph = onnx.load(str(out))
+    onnx.checker.check_model(graph)
+    table = layer_table(onnx.load(str(path)))
+    got = {name: _precision_of(graph, table[name].node) for name in setting}
+    assert got == setting
+    for precision in ("fp16", "int8", "int4"):
+        assert ctx.notes[f"{precision}_layers"] == sum(p == precision for p in setting.values())
+    if EVALUATION_ARTIFACT in ctx.notes:  # the twin is float32 throughout, same int8/int4 layers
+        twin = onnx.load(str(evaluation))
+        assert all(i.data_type != TensorProto.FLOAT16 for i in twin.graph.initializer)
+        twin_precisions = {name: _precision_of(twin, table[name].node) for name in setting}
+        assert twin_precisions == {n: ("fp16 emulated" if p == "fp16" else p) for n, p in setting.items()}
+
+
+def test_all_fp32_returns_the_export_unchanged(zoo_models, tmp_path):
+    path, inputs = zoo_models["resnet20"]
+    ctx = _ctx(tmp_path, inputs)
+    assert QuantizeMethod().apply(path, _setting(path, "fp32"), QuantizeConfig(), ctx) == path
+    assert EVALUATION_ARTIFACT not in ctx.notes and ctx.skipped == []
+
+
+def _mlp() -> tuple[torch.nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10))
+    return model.eval(), torch.randn(64, 8, generator=torch.Generator().manual_seed(2)) * 3
+
+
+def test_fp16_twin_rounds_exactly_where_fp16_would(tmp_path, torch_threads):
+    model, inputs = _mlp()
+    path = _export(model, inputs[:1], tmp_path / "mlp.onnx")
+    ctx = _ctx(tmp_path, inputs)
+    out = QuantizeMethod().apply(path, {"0": "fp16", "2": "fp16"}, QuantizeConfig(), ctx)
+    twin = run_batches(ctx.notes[EVALUATION_ARTIFACT], inputs.numpy())
+
+    # The output is the fp16 Gemm's: every value representable in float16.
+    assert np.array_equal(twin, twin.astype(np.float16).astype(np.float32))
+
+    def r16(a):
+        return np.asarray(a, np.float32).astype(np.float16).astype(np.float32)
+
+    w1, b1, w2, b2 = (p.detach().numpy() for p in model.parameters())
+    hidden = r16(np.maximum(r16(r16(inputs.numpy()) @ r16(w1).T + r16(b1)), 0))
+    expected = r16(hidden @ r16(w2).T + r16(b2))
+    # fp32 accumulation order differs from numpy's: at most one float16 step apart
+    assert np.allclose(twin, expected, rtol=2 ** -10, atol=1e-6)
+
+    # The deployable graph holds fp16 weights; the fp16 region spans the ReLU, so Casts sit at the
+    # ends only, and it still loads and runs here.
+    graph = onnx.load(str(out))
+    assert sum(n.op_type == "Cast" for n in graph.graph.node) == 2
+    assert {i.data_type for i in graph.graph.initializer} == {TensorProto.FLOAT16}
+    assert np.allclose(run_batches(out, inputs.numpy()), twin, rtol=1e-2, atol=1e-2)
+
+
+# --- what the method leaves alone ----------------------------------------------------------------
+
+
+def test_unsupported_layers_are_skipped_not_fatal(zoo_models, tmp_path):
+    path, inputs = zoo_models["vit"]
+    setting = {
+        "patch_embed.proj": "int4",  # a Conv: int4 is weight-only for MatMul/Gemm
+        "blocks.0.attn": "int4",  # q @ k^T: no constant weight
+        "blocks.0.mlp.fc1": "fp16",
+        "blocks.9.mlp.fc1": "int8",  # not in this candidate (removed block)
+        "head": "int4",
+    }
+    ctx = _ctx(tmp_path, inputs, precisions={"fp32", "int8", "int4"})  # fp16 not run by this target
+    out = QuantizeMethod().apply(path, setting, QuantizeConfig(), ctx)
+    why = {what: reason for method, what, reason in ctx.skipped if method == "quantize"}
+    assert why["patch_embed.proj"].startswith("int4: int4 is weight-only for MatMul/Gemm")
+    assert why["blocks.0.attn"] == "int4: its weight (second input) is not a constant; left in fp32"
+    assert why["blocks.0.mlp.fc1"] == "target 'device' does not run fp16; left in fp32"
+    assert why["blocks.9.mlp.fc1"] == "layer not present in this candidate"
+    assert set(why) == {"patch_embed.proj", "blocks.0.attn", "blocks.0.mlp.fc1", "blocks.9.mlp.fc1"}
+    graph = onnx.load(str(out))
+    table = layer_table(onnx.load(str(path)))
+    assert _precision_of(graph, table["head"].node) == "int4"
+    assert _precision_of(graph, table["patch_embed.proj"].node) == "fp32"
+    run_batches(out, inputs.numpy())
+
+
+def _integer_matmul(path: Path) -> Path:
+    """x (float) -> Cast int32 -> MatMul with an int32 weight -> Cast float: a MatMul fp16 cannot take."""
+    nodes = [
+        helper.make_node("Cast", ["input"], ["x_int"], name="/to_int/Cast", to=TensorProto.INT32),
+        helper.make_node("MatMul", ["x_int", "w"], ["y_int"], name="/proj/MatMul"),
+        helper.make_node("Cast", ["y_int"], ["output"], name="/to_float/Cast", to=TensorProto.FLOAT),
+    ]
+    graph = helper.make_graph(
+        nodes, "integer", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", 3])],
+        [helper.make_tensor("w", TensorProto.INT32, [4, 3], list(range(12)))],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(path))
+    return path
+
+
+def test_node_fp16_cannot_convert_is_skipped(tmp_path):
+    path = _integer_matmul(tmp_path / "int.onnx")
+    inputs = torch.arange(8, dtype=torch.float32).reshape(2, 4)
+    ctx = _ctx(tmp_path, inputs)
+    out = QuantizeMethod().apply(path, {"proj": "fp16"}, QuantizeConfig(), ctx)
+    assert ctx.skipped == [("quantize", "proj", "fp16: input 'x_int' is not float32; left in fp32")]
+    assert out == path and EVALUATION_ARTIFACT not in ctx.notes
+    _, skipped = convert_float16(onnx.load(str(path)), ["/proj/MatMul", "/to_float/Cast"])
+    assert skipped == {"/proj/MatMul": "input 'x_int' is not float32",
+                       "/to_float/Cast": "Cast is not a layer this pass converts"}

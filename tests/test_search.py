@@ -1,0 +1,185 @@
+"""A whole search on the tiny digits workload, through the library and through the CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from autocomp.cli import main
+from autocomp.ort import run_batches
+from autocomp.results import sha256_of
+from autocomp.search import SearchConfig, run_search
+
+from .conftest import FAST_TIMING
+
+FAST_SPACE = """
+[prune]
+ratio = [0.0, 0.5]
+round_to = 2
+
+[distill]
+temperature = [1.0, 4.0]
+alpha = [0.0, 0.9]
+steps = 15
+
+[quantize]
+bits = [8, 32]
+"""
+
+
+@pytest.fixture(scope="module")
+def space_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("space") / "fast.toml"
+    path.write_text(FAST_SPACE)
+    return path
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, space_file, tiny_workload):
+    from autocomp.plugins import load_registry
+
+    from .conftest import builtin_plugins
+
+    registry = load_registry(entry_points=[], extra_plugins=builtin_plugins())
+    out = tmp_path_factory.mktemp("runs") / "run"
+    events = []
+    config = SearchConfig(workload="digits-tiny", target="cpu", target_options=FAST_TIMING, space=space_file,
+                          max_drop=0.5, trials=3, out=out, keep_all=True, final_rounds=1)
+    result = run_search(config, registry, on_event=lambda kind, data: events.append(kind))
+    return registry, config, result, events
+
+
+def test_run_directory_layout(finished_run):
+    _, config, result, events = finished_run
+    root = result.run_dir
+    manifest = json.loads((root / "run.json").read_text())
+    assert manifest["status"] == "complete" and manifest["target"]["name"] == "cpu"
+    assert manifest["versions"]["onnxruntime"] and manifest["target"]["facts"]["cpu_model"]
+    assert (root / "study.db").exists() and (root / "baseline" / "model.onnx").exists()
+    for n in range(3):
+        trial = root / "trials" / f"{n:04d}"
+        assert json.loads((trial / "spec.json").read_text())["prune"]
+        assert json.loads((trial / "metrics.json").read_text())["status"] == "complete"
+    assert events.count("trial_complete") == 3 and events[0] == "baseline_start"
+
+
+def test_pareto_members_are_the_deployed_artifacts(finished_run, tiny_workload):
+    _, _, result, _ = finished_run
+    pareto = json.loads((result.run_dir / "pareto.json").read_text())
+    assert pareto["pareto"] and result.exit_code == 0
+    for member in pareto["pareto"]:
+        artifact = Path(member["artifact"])
+        assert sha256_of(artifact) == member["sha256"]
+        outputs = run_batches(artifact, tiny_workload.val.inputs.numpy())
+        accuracy = float(np.mean(outputs.argmax(1) == tiny_workload.val.targets.numpy()))
+        assert accuracy == pytest.approx(member["metric"], abs=1e-12)
+        assert member["drop"] == pytest.approx(pareto["baseline"]["metric"] - member["metric"])
+        assert member["speedup"] == pytest.approx(pareto["baseline"]["latency_p50_ms"] / member["latency_p50_ms"])
+
+
+def test_quantized_artifact_accuracy_is_what_is_reported(finished_run, tiny_workload):
+    """Trial 0 is the enqueued 'uniform' anchor: every layer int8. Its reported metric is the
+    quantized ONNX file's, which differs from the fp32 model's."""
+    _, _, result, _ = finished_run
+    trial = result.run_dir / "trials" / "0000"
+    spec = json.loads((trial / "spec.json").read_text())
+    assert set(spec["quantize"].values()) == {"int8"}
+    graph = onnx.load(str(trial / "model.onnx")).graph
+    assert any(node.op_type == "QuantizeLinear" for node in graph.node)
+    metrics = json.loads((trial / "metrics.json").read_text())
+    outputs = run_batches(trial / "model.onnx", tiny_workload.val.inputs.numpy())
+    assert metrics["metric"] == pytest.approx(float(np.mean(outputs.argmax(1) == tiny_workload.val.targets.numpy())), abs=1e-12)
+
+
+def test_resume_adds_trials_to_the_same_study(finished_run):
+    registry, config, result, _ = finished_run
+    from dataclasses import replace
+
+    resumed = run_search(replace(config, trials=4, resume=True), registry)
+    assert resumed.summary["trials"]["total"] == 4
+    assert json.loads((result.run_dir / "run.json").read_text())["resumed"] == 1
+
+
+def _cli(*args: str) -> int:
+    return main(list(args))
+
+
+def test_cli_exit_1_when_no_candidate_meets_the_constraints(tmp_path, registry, space_file, capsys):
+    out = tmp_path / "run"
+    code = _cli("search", "--workload", "digits-tiny", "--space", str(space_file), "--trials", "1",
+                "--max-latency", "0.000001", "--out", str(out), "--json",
+                "-T", "min_s=0.02", "-T", "min_runs=5")
+    assert code == 1
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["pareto"] == [] and summary["trials"]["complete"] == 1 and summary["trials"]["feasible"] == 0
+    assert json.loads((out / "pareto.json").read_text())["pareto"] == []
+
+
+def _bad_workload_module(tmp_path, monkeypatch) -> str:
+    (tmp_path / "bad_workloads.py").write_text(textwrap.dedent("""
+        import torch
+        from autocomp import Split, Workload
+
+        class Unexportable(torch.nn.Module):
+            def forward(self, x):
+                return torch.special.bessel_j0(x).flatten(1)
+
+        def unexportable():
+            x = torch.randn(8, 1, 4, 4)
+            y = torch.zeros(8, dtype=torch.long)
+            return Workload(name="bad", model=Unexportable(), example_input=x[:1], train=Split(x, y), val=Split(x, y))
+
+        def not_a_workload():
+            return 42
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return "bad_workloads"
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--target", "jetsn"], "unknown target 'jetsn'"),
+        (["--space", "{space_dir}/broken.toml"], "not valid TOML"),
+        (["--space", "{space_dir}/unknown.toml"], "unknown method(s) pruning"),
+        (["--workload", "no_such_module:factory"], "cannot import module 'no_such_module'"),
+        (["--workload", "bad_workloads:not_a_workload"], "returned int, expected autocomp.Workload"),
+        (["--workload", "bad_workloads:unexportable"], "cannot be exported to ONNX"),
+        (["--max-drop", "5"], "--max-drop must lie in [0, 1]"),
+    ],
+)
+def test_cli_bad_input_exit_2_and_no_half_written_run(tmp_path, monkeypatch, registry, capsys, args, message):
+    _bad_workload_module(tmp_path, monkeypatch)
+    (tmp_path / "broken.toml").write_text("[prune\n")
+    (tmp_path / "unknown.toml").write_text("[pruning]\nratio = 0.5\n")
+    out = tmp_path / "run"
+    args = [a.replace("{space_dir}", str(tmp_path)) for a in args]
+    code = _cli("search", "--workload", "digits-tiny", "--trials", "1", "--out", str(out), *args)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert message in " ".join(err.split()), err
+    assert not out.exists()
+
+
+def test_existing_run_directory_is_not_overwritten(tmp_path, registry, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "run.json").write_text("{}")
+    assert _cli("search", "--workload", "digits-tiny", "--out", str(out)) == 2
+    assert "pass --resume" in capsys.readouterr().err
+    assert (out / "run.json").read_text() == "{}"
+
+
+def test_help_is_fast_and_imports_no_heavy_package():
+    code = ("import sys; from autocomp.cli import _parser; _parser().format_help(); "
+            "heavy = [m for m in ('torch', 'onnxruntime', 'onnx', 'optuna', 'numpy') if m in sys.modules]; "
+            "print(heavy)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

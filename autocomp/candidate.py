@@ -18,7 +18,7 @@ from autocomp.space import CandidateSpec, ConcreteSpace
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["build_model", "build_artifact", "recalibrate_batchnorm"]
+__all__ = ["build_structure", "recover", "build_model", "build_artifact", "recalibrate_batchnorm"]
 
 logger = logging.getLogger("autocomp")
 
@@ -50,6 +50,12 @@ def build_model(base_model: "torch.nn.Module", spec: CandidateSpec, space: Concr
                 ctx: CandidateContext) -> "torch.nn.Module":
     """The compressed torch model for ``spec``: structural methods, then recovery. ``base_model``
     is not modified."""
+    return recover(build_structure(base_model, spec, space, ctx), spec, space, ctx)
+
+
+def build_structure(base_model: "torch.nn.Module", spec: CandidateSpec, space: ConcreteSpace,
+                    ctx: CandidateContext) -> "torch.nn.Module":
+    """A deep copy of ``base_model`` with the structural methods of ``spec`` applied (untrained)."""
     model = copy.deepcopy(base_model).eval()
     structural = False
     for method, config, params in space.entries:
@@ -60,6 +66,12 @@ def build_model(base_model: "torch.nn.Module", spec: CandidateSpec, space: Concr
         structural = True
     if structural:
         ctx.notes["bn_recalibrated"] = recalibrate_batchnorm(model, ctx.workload.train.inputs)
+    return model.eval()
+
+
+def recover(model: "torch.nn.Module", spec: CandidateSpec, space: ConcreteSpace,
+            ctx: CandidateContext) -> "torch.nn.Module":
+    """Run the recovery methods of ``spec`` (fine-tuning, distillation) on ``model``."""
     for method, config, params in space.entries:
         if method.stage == "recovery":
             model = method.apply(model, spec.settings.get(method.name, {}), config, ctx)

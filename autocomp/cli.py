@@ -118,7 +118,8 @@ def _print_summary(console, summary: dict[str, Any]) -> None:
                       f"{speedup:.2f}x", f"{m['size_bytes'] / 1024:.0f}", m["artifact"])
     console.print(table)
     t = summary["trials"]
-    console.print(f"{t['complete']} trials complete, {t['failed']} failed, {t['feasible']} feasible; "
+    console.print(f"{t['complete']} trials complete, {t['failed']} failed, "
+                  f"{t.get('rejected_before_training', 0)} rejected before training, {t['feasible']} feasible; "
                   f"run directory: {summary['run_dir']}")
     for item, count in summary.get("skipped", {}).items():
         console.print(f"[yellow]skipped[/] in {count} trial(s): {item}")
@@ -156,7 +157,7 @@ def _cmd_search(args) -> int:
         elif kind == "search_start":
             progress.start()
             state["task"] = progress.add_task("trials", total=data["trials"], completed=data["done"], status="")
-        elif kind in ("trial_complete", "trial_failed"):
+        elif kind in ("trial_complete", "trial_failed", "trial_rejected"):
             if kind == "trial_complete" and data["feasible"]:
                 if state["best"] is None or data["latency_p50_ms"] < state["best"]:
                     state["best"] = data["latency_p50_ms"]

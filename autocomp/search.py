@@ -222,8 +222,41 @@ class _Objective:
 
         self.cache = LatencyCache(prep.run.root / "latency_cache.sqlite")
 
+    def margin(self) -> float:
+        """Slack on predictions of measured targets: a candidate is dropped only when clearly too slow."""
+        return 0.0 if not self.prep.target.measured else 0.15
+
+    def latency_bound(self) -> float:
+        return self.prep.config.max_latency_ms * (1 + self.margin())
+
+    def _predicted_latency(self, model, spec, ctx) -> float | None:
+        """Latency the target predicts for this structure at the spec's precisions, before training.
+
+        Only when --max-latency is set and the target can predict; weights do not change latency, so
+        the untrained structure is exported and passed through the post-export methods."""
+        from autocomp.candidate import build_artifact
+        from autocomp.export import export_onnx
+        from autocomp.ort import input_shapes_of
+
+        cfg, wl = self.prep.config, self.prep.workload
+        if cfg.max_latency_ms is None:
+            return None
+        probe_dir = ctx.work_dir / "probe"
+        probe_dir.mkdir(parents=True, exist_ok=True)
+        probe_ctx = CandidateContext(workload=wl, teacher=wl.model, target=self.prep.target, work_dir=probe_dir,
+                                     seed=ctx.seed)
+        fp32 = export_onnx(model, wl.example_input, probe_dir / "fp32.onnx")
+        if self.prep.target.predict_latency(fp32, input_shapes_of(wl.example_input)) is None:
+            return None
+        artifact = build_artifact(fp32, spec, self.concrete, probe_ctx)
+        predicted = self.prep.target.predict_latency(artifact, input_shapes_of(wl.example_input))
+        ctx.notes["predicted_latency_ms"] = predicted
+        return predicted
+
     def __call__(self, trial) -> tuple[float, float]:
-        from autocomp.candidate import build_artifact, build_model
+        import optuna
+
+        from autocomp.candidate import build_artifact, build_structure, recover
         from autocomp.export import check_parity, export_onnx
         from autocomp.ort import input_shapes_of
 
@@ -237,7 +270,17 @@ class _Objective:
         ctx = CandidateContext(workload=wl, teacher=wl.model, target=prep.target, work_dir=work,
                                seed=cfg.seed * 100_003 + trial.number)
         try:
-            model = build_model(wl.model, spec, self.concrete, ctx)
+            model = build_structure(wl.model, spec, self.concrete, ctx)
+            predicted = self._predicted_latency(model, spec, ctx)
+            if predicted is not None and predicted > self.latency_bound():
+                reason = (f"predicted latency {predicted:.3f} ms exceeds --max-latency {cfg.max_latency_ms} ms"
+                          f" (with a {100 * self.margin():.0f} % margin); rejected before training")
+                trial.set_user_attr("rejected", reason)
+                write_json(trial_dir / "metrics.json", {"status": "rejected", "reason": reason,
+                                                        "predicted_latency_ms": predicted})
+                self.on_event("trial_rejected", {"number": trial.number, "reason": reason})
+                raise optuna.TrialPruned(reason)
+            model = recover(model, spec, self.concrete, ctx)
             stats = _model_stats(model, wl.example_input)
             fp32 = export_onnx(model, wl.example_input, work / "fp32.onnx")
             parity = check_parity(model, fp32, wl.val.inputs[:32])
@@ -247,6 +290,8 @@ class _Objective:
             metric = _evaluate(artifact, wl)
             latency, cached = self.cache.latency(prep.target, artifact, input_shapes_of(wl.example_input))
             ctx.notes["latency_cached"] = cached
+        except optuna.TrialPruned:
+            raise
         except BaseException as exc:
             reason = f"{type(exc).__name__}: {exc}"
             if not isinstance(exc, (KeyboardInterrupt, SystemExit)):
@@ -376,6 +421,7 @@ def _summary(prep: Prepared, study, baseline: dict[str, Any], status: str) -> di
         {"trial": t.number, "reason": t.user_attrs.get("failure_reason", "unknown")}
         for t in trials if t.state == TrialState.FAIL
     ]
+    rejected = sum(t.state == TrialState.PRUNED for t in trials)
     return {
         "run_dir": str(prep.run.root),
         "status": status,
@@ -390,6 +436,7 @@ def _summary(prep: Prepared, study, baseline: dict[str, Any], status: str) -> di
             "total": len(trials),
             "complete": sum(t.state == TrialState.COMPLETE for t in trials),
             "failed": len(failures),
+            "rejected_before_training": rejected,
             "feasible": sum(bool(t.user_attrs.get("feasible")) for t in trials if t.state == TrialState.COMPLETE),
         },
         "failures": failures,

@@ -82,6 +82,17 @@ class Target:
         """
         raise NotImplementedError
 
+    def predict_latency(self, onnx_path: Path, input_shapes: Mapping[str, Sequence[int]]) -> float | None:
+        """A cheap prediction of the p50 latency in ms, or None when the target has no predictor.
+
+        The search calls this before any training is spent on a candidate, to drop one that cannot
+        meet ``--max-latency``. Predicted targets return their prediction; measured targets may
+        return a calibrated estimate (the ``cpu`` target does).
+        """
+        if not self.measured:
+            return self.latency(onnx_path, input_shapes).p50_ms
+        return None
+
     def facts(self) -> dict[str, Any]:
         """Facts recorded in the run manifest: runtime version, CPU model, thread count ..."""
         return {}

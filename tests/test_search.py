@@ -183,3 +183,16 @@ def test_help_is_fast_and_imports_no_heavy_package():
             "print(heavy)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_candidates_predicted_too_slow_are_rejected_before_training(tmp_path, registry, space_file, capsys):
+    """A predicted target prices the untrained structure; nothing is fine-tuned for a hopeless one."""
+    out = tmp_path / "run"
+    code = _cli("search", "--workload", "digits-tiny", "--target", "jetson", "--space", str(space_file),
+                "--trials", "2", "--max-latency", "0.000001", "--out", str(out), "--json")
+    assert code == 1
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["target"] == {"name": "jetson-orin-nano", "measured": False}
+    assert summary["trials"]["rejected_before_training"] == 2 and summary["trials"]["complete"] == 0
+    metrics = json.loads((out / "trials" / "0000" / "metrics.json").read_text())
+    assert metrics["status"] == "rejected" and "before training" in metrics["reason"]

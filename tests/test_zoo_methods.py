@@ -72,14 +72,16 @@ def _build(name: str, methods: list[str], tmp_path: Path):
     import optuna
 
     workload = _workload(name)
-    tables = {m: dict(TABLES[m]) for m in methods}
-    if len(methods) > 1:
-        tables["remove_blocks"]["max_removed"] = 2  # keep some depth for the other methods to work on
+    tables = {m: TABLES[m] for m in methods}
     space = parse_space(tables, METHODS, source="test")
     concrete = space.concrete(BaseModelInfo(workload.model, workload.example_input, tmp_path / "unused.onnx", None))
     enqueued = {f"{method.name}.{p.name}": SETTING[method.name]
                 for method, _, params in concrete.entries for p in params
                 if p.module is not None and isinstance(p, (FloatParam, ChoiceParam))}
+    if len(methods) > 1:
+        # one block goes, so the other methods still have the rest of the model to work on
+        blocks = sorted(k for k in enqueued if k.startswith("remove_blocks."))
+        enqueued.update(dict.fromkeys(blocks[1:], False))
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     study.enqueue_trial(enqueued)

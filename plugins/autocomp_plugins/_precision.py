@@ -47,6 +47,7 @@ __all__ = [
     "layer_name",
     "layer_table",
     "name_nodes",
+    "inline_layer_constants",
     "gemm_to_matmul",
     "quantize_int4",
     "convert_float16",
@@ -177,6 +178,37 @@ def _drop_unused_initializers(graph: "onnx.GraphProto") -> None:
     keep = [i for i in graph.initializer if i.name in used]
     del graph.initializer[:]
     graph.initializer.extend(keep)
+
+
+def inline_layer_constants(model: "onnx.ModelProto") -> "onnx.ModelProto":
+    """Feed each layer a private initializer where it read a constant through Identity nodes.
+
+    The torch exporter shares identical initializers (typically equal biases) through Identity
+    nodes; ONNX Runtime's static quantizer needs a Conv's bias to be an initializer, and without one
+    leaves a Conv it cannot fuse into QLinearConv (measured: 8 of 11 convolutions of the digits
+    ResNet stayed float32 between Q/DQ pairs, slower than fp32).
+    """
+    from onnx import numpy_helper
+
+    model = _copy(model)
+    graph = model.graph
+    constants = _Constants(graph)
+    initializers = {i.name for i in graph.initializer}
+    for node in graph.node:
+        if node.op_type not in LAYER_OPS:
+            continue
+        for i in range(1, len(node.input)):
+            name = node.input[i]
+            if not name or name in initializers:
+                continue
+            value = constants.get(name)
+            if value is not None:
+                private = f"{node.name}/input{i}"
+                graph.initializer.append(numpy_helper.from_array(value, private))
+                initializers.add(private)
+                node.input[i] = private
+    _drop_unused_initializers(graph)
+    return model
 
 
 def gemm_to_matmul(model: "onnx.ModelProto", node_names: Iterable[str]) -> "onnx.ModelProto":

@@ -70,6 +70,13 @@ def _parser() -> argparse.ArgumentParser:
                      help="shape of an input; dynamic dimensions default to 1")
     lat.add_argument("--json", action="store_true")
 
+    cal = sub.add_parser("calibrate", help="correct a predicted device target from measurements on the real device")
+    cal.add_argument("--target", required=True, help="predicted target to correct, e.g. jetson-orin-nano")
+    cal.add_argument("--agent", required=True, metavar="URL", help="agent running on that device")
+    cal.add_argument("--token-file", default=None, metavar="FILE")
+    cal.add_argument("--models", choices=["standard", "tiny"], default="standard", help="reference model sizes")
+    cal.add_argument("--json", action="store_true")
+
     ag = sub.add_parser("agent", help="run on a device: measure models for searches elsewhere")
     agsub = ag.add_subparsers(dest="agent_command", metavar="SUBCOMMAND")
     serve = agsub.add_parser("serve", help="serve latency measurements over HTTP (token from $AUTOCOMP_AGENT_TOKEN or --token-file)")
@@ -236,6 +243,30 @@ def _input_shapes(model: Path, given: list[str]) -> dict[str, list[int]]:
     return shapes
 
 
+def _cmd_calibrate(args) -> int:
+    import tempfile
+
+    from autocomp.calibration import calibrate_target
+    from autocomp.plugins import get_registry
+
+    registry = get_registry()
+    target = registry.target(args.target)
+    options = {"agent": args.agent, **({"token_file": args.token_file} if args.token_file else {})}
+    measuring = registry.target("remote").configure(options)
+    console = _console()
+    with tempfile.TemporaryDirectory() as tmp:
+        result = calibrate_target(target, measuring, Path(tmp), args.models,
+                                  on_model=lambda name, ms: console.print(f"measured {name}: p50 {ms:.3f} ms"))
+    if args.json:
+        _print_json({"target": result.target, "options": dict(result.options), **dict(result.report),
+                     "stored": str(result.path)})
+    else:
+        console.print(f"{result.target}: predictions were off by {result.report['error_before_pct']:.1f} % "
+                      f"(mean absolute) before, {result.report['error_after_pct']:.1f} % after correction; "
+                      f"stored in {result.path} and used by later searches on this target")
+    return EXIT_OK
+
+
 def _cmd_agent_serve(args) -> int:
     from autocomp.agent.client import load_token
     from autocomp.agent.server import AgentConfig, serve
@@ -360,7 +391,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
         logging.getLogger("autocomp").addHandler(handler)
         logging.getLogger("autocomp").setLevel(logging.INFO)
-    commands = {"search": _cmd_search, "plugins": _cmd_plugins, "targets": _cmd_targets, "latency": _cmd_latency}
+    commands = {"search": _cmd_search, "plugins": _cmd_plugins, "targets": _cmd_targets, "latency": _cmd_latency,
+                "calibrate": _cmd_calibrate}
     if args.command == "agent":
         if args.agent_command != "serve":
             parser.parse_args(["agent", "--help"])

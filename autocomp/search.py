@@ -109,8 +109,15 @@ def resolve_target(registry: Registry, name: str, options: Mapping[str, Any]) ->
     ``remote`` measures that device through its agent, keeping the device's precisions."""
     from autocomp.latency import MeasuredThroughAgent
 
+    from autocomp.calibration import stored_calibration
+
     options = dict(options)
     target = registry.target(name)
+    if not target.measured and "agent" not in options and not options:
+        stored = stored_calibration(target.name)
+        if stored is not None:
+            logger.info("target %s: using the correction stored by `autocomp calibrate`", target.name)
+            options = dict(stored["options"])
     if target.name != "remote" and "agent" in options:
         agent_options = {k: options.pop(k) for k in ("agent", "token_file") if k in options}
         remote = registry.target("remote").configure(agent_options)

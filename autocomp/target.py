@@ -93,6 +93,18 @@ class Target:
             return self.latency(onnx_path, input_shapes).p50_ms
         return None
 
+    def corrected(self, measurements: Sequence[tuple[Path, Mapping[str, Sequence[int]], float]]) -> tuple["Target", dict[str, Any]]:
+        """A predicted target corrected from real measurements ``(onnx_path, input_shapes, ms)``.
+
+        Returns the corrected target and a report with at least ``options`` (the ``configure``
+        options that reproduce the correction) and ``error_before_pct`` / ``error_after_pct`` (mean
+        absolute error of the predictions on these measurements). Measured targets and predicted
+        ones without a correction raise :class:`autocomp.errors.TargetError`.
+        """
+        from autocomp.errors import TargetError
+
+        raise TargetError(f"target {self.name!r} cannot be calibrated from measurements")
+
     def facts(self) -> dict[str, Any]:
         """Facts recorded in the run manifest: runtime version, CPU model, thread count ..."""
         return {}

@@ -165,9 +165,11 @@ def test_choices_are_intersected_with_the_target(zoo_models, precisions, bits, c
     }
     for name, choices in expected.items():
         assert (params[name].choices if name in params else None) == choices, name
-    assert params.get("blocks.0.attn.qkv", SimpleNamespace(module="blocks.0.attn.qkv")).module == "blocks.0.attn.qkv"
-    # the second attention MatMul of a block is named after its node, but concerns the attention module
-    if "/blocks.0/attn/MatMul_1" in params:
+    # every parameter concerns the module its node came from, also the second attention MatMul of a
+    # block, which is named after its node because its module name is taken
+    table = layer_table(onnx.load(str(path)))
+    assert {name: p.module for name, p in params.items()} == {name: table[name].module for name in params}
+    if conv is not None:  # layers without a constant weight have parameters
         assert params["/blocks.0/attn/MatMul_1"].module == "blocks.0.attn"
 
 

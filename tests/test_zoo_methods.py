@@ -10,7 +10,6 @@ engine's default tolerance; every case meets it).
 
 from __future__ import annotations
 
-import copy
 import warnings
 from pathlib import Path
 

@@ -48,6 +48,7 @@ __all__ = [
     "layer_table",
     "name_nodes",
     "inline_layer_constants",
+    "detach_from_qdq",
     "gemm_to_matmul",
     "quantize_int4",
     "convert_float16",
@@ -208,6 +209,26 @@ def inline_layer_constants(model: "onnx.ModelProto") -> "onnx.ModelProto":
                 initializers.add(private)
                 node.input[i] = private
     _drop_unused_initializers(graph)
+    return model
+
+
+def detach_from_qdq(model: "onnx.ModelProto", int8_nodes: Iterable[str]) -> "onnx.ModelProto":
+    """Let every layer not in ``int8_nodes`` read the float tensor, not its Q -> DQ copy, in place.
+
+    ONNX Runtime's QDQ quantizer sends every consumer of a quantized activation through the
+    DequantizeLinear, so a layer chosen fp32 next to an int8 one would read int8-rounded input.
+    """
+    keep = set(int8_nodes)
+    producer = {o: n for n in model.graph.node for o in n.output if o}
+    initializers = {i.name for i in model.graph.initializer}
+    for node in model.graph.node:
+        if node.name in keep or (node.op_type not in LAYER_OPS and node.op_type != "MatMulNBits"):
+            continue
+        for i, name in enumerate(node.input):
+            dq = producer.get(name)
+            q = producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+            if q is not None and q.op_type == "QuantizeLinear" and q.input[0] not in initializers:
+                node.input[i] = q.input[0]
     return model
 
 

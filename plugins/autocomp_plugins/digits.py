@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from autocomp.cache import cache_dir
 from autocomp.hookspecs import hookimpl
 
 logger = logging.getLogger("autocomp")
@@ -36,14 +37,6 @@ class DigitsConfig:
     batch_size: int = 64
     lr: float = 0.05
     seed: int = 0
-
-
-def _cache_dir() -> Path:
-    root = os.environ.get("AUTOCOMP_CACHE_DIR")
-    if root:
-        return Path(root)
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "autocomp"
 
 
 def _build_model(config: DigitsConfig):
@@ -168,7 +161,7 @@ def digits_workload(config: DigitsConfig = DigitsConfig(), cache: bool = True, n
     train, val, test = load_digits_splits(config.image_size, config.seed)
     model = _build_model(config)
     key = hashlib.sha256(json.dumps({"v": _RECIPE_VERSION, **asdict(config)}, sort_keys=True).encode()).hexdigest()[:16]
-    path = _cache_dir() / "digits" / key / "model.safetensors"
+    path = cache_dir("digits", key, "model.safetensors")
     if cache and path.exists():
         model.load_state_dict(load_file(str(path)))
         model.eval()

@@ -219,7 +219,7 @@ class QuantizeMethod(Method):
 
         from autocomp_plugins import _precision
 
-        model = _load(onnx_path)
+        model = _precision.inline_layer_constants(_load(onnx_path))
         layers = layer_table(model)
         plan = self._plan(layers, setting, ctx)
         by_node = {layer.node: name for name, layer in layers.items()}
@@ -244,7 +244,7 @@ class QuantizeMethod(Method):
                 target = quantize_int8(source, ctx.work_dir / "quantize.int8.onnx", [l.node for l in plan["int8"]],
                                        calib, config.per_channel, config.resolved_reduce_range())
                 staged.append(target)
-                model = onnx.load(str(target))
+                model = _precision.detach_from_qdq(onnx.load(str(target)), [l.node for l in plan["int8"]])
             out = ctx.work_dir / "quantized.onnx"
             if plan["fp16"]:
                 nodes = [layer.node for layer in plan["fp16"]]

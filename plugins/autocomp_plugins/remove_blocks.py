@@ -27,7 +27,10 @@ a ModuleList would hand them to the wrong layers.
 ``max_removed`` caps how many blocks one candidate loses. When a trial samples more, the ones
 removed are those whose removal alone changes the base model's output least (relative L2 change
 of the outputs on the first 128 training examples; ties go to the earlier block). This
-sensitivity is computed once per base model and block, and cached.
+sensitivity is computed once per base model and block, and cached. ``ctx.notes`` records
+``removed_blocks`` and, when the cap applied, ``blocks_kept_by_cap`` and ``block_sensitivity``.
+A block kept by the cap keeps its original layers: the search space had already dropped the
+pruning ratios and ranks of every block the trial sampled for removal.
 """
 
 from __future__ import annotations
@@ -123,7 +126,7 @@ def _declares_removable(module) -> bool:
     if not callable(check):
         return False
     try:
-        return check() is True
+        return bool(check())
     except Exception:
         return False
 
@@ -133,9 +136,6 @@ def removable_blocks(model, example_input) -> list[str]:
 
     ``model`` is left as it was (hooks are added for one forward pass per block, then removed).
     """
-    import torch
-    import torch.nn as nn
-
     was_training = model.training
     model.eval()
     try:
@@ -218,16 +218,18 @@ def block_sensitivity(model, blocks: Sequence[str], inputs, batch_size: int = 64
         with torch.no_grad():
             return torch.cat([model(inputs[i : i + batch_size]).double() for i in range(0, len(inputs), batch_size)])
 
-    reference = outputs()
-    scale = float(reference.norm()) or 1.0
     result: dict[str, float] = {}
-    for name in blocks:
-        handle = model.get_submodule(name).register_forward_hook(_bypass)
-        try:
-            result[name] = float((outputs() - reference).norm()) / scale
-        finally:
-            handle.remove()
-    model.train(was_training)
+    try:
+        reference = outputs()
+        scale = float(reference.norm()) or 1.0
+        for name in blocks:
+            handle = model.get_submodule(name).register_forward_hook(_bypass)
+            try:
+                result[name] = float((outputs() - reference).norm()) / scale
+            finally:
+                handle.remove()
+    finally:
+        model.train(was_training)
     return result
 
 
@@ -315,7 +317,7 @@ class RemoveBlocksMethod(Method):
                         key="remove_blocks.blocks",
                     )
             found = [b for b in found if any(b == e or b.startswith(e + ".") for e in config.blocks)]
-        # least compressed first: anchor trials and the first choice keep the block
+        # choices are ordered least compressed first: keep the block, then remove it
         return [ChoiceParam(b, (False, True), removes=b, module=b) for b in found]
 
     def apply(self, model, setting: Mapping[str, Any], config: RemoveBlocksConfig, ctx: CandidateContext):
@@ -327,9 +329,11 @@ class RemoveBlocksMethod(Method):
             except Exception as exc:  # keep the earliest ones rather than fail the candidate
                 logger.warning("remove_blocks: block sensitivity could not be measured: %s", exc)
                 sensitivity = {p: 0.0 for p in chosen}
-            ranked = sorted(chosen, key=lambda p: (sensitivity[p], chosen.index(p)))
+            order = {p: i for i, p in enumerate(chosen)}
+            ranked = sorted(chosen, key=lambda p: (sensitivity[p], order[p]))
             kept = ranked[config.max_removed :]
-            ctx.notes["blocks_kept_by_cap"] = {p: sensitivity[p] for p in kept}
+            ctx.notes["block_sensitivity"] = sensitivity
+            ctx.notes["blocks_kept_by_cap"] = kept
             chosen = [p for p in chosen if p not in kept]
         removed = remove_blocks(model, chosen, ctx.workload.example_input,
                                 skip=lambda what, why: ctx.skip(self.name, what, why))

@@ -117,6 +117,23 @@ class EdgeTarget(Target):
         return LatencyStats(p50_ms=total, p90_ms=total, mean_ms=total, runs=0, measured=False,
                             target=self.name, facts=facts)
 
+    def corrected(self, measurements: Sequence[tuple[Path, Mapping[str, Sequence[int]], float]]) -> tuple["EdgeTarget", dict[str, Any]]:
+        """Refit this device's compute scale on latencies measured on the real device (through
+        ``autocomp agent serve``); the per-node overhead stays as calibrated."""
+        from autocomp_plugins.edge.calibrate import correct_from_measurements
+
+        correction = correct_from_measurements(self.spec, [(path, shapes, ms) for path, shapes, ms in measurements])
+        report = {
+            "options": {"compute_scale": correction.device.compute_scale},
+            "scale_factor": correction.scale_factor,
+            "measured_ms": list(correction.measured_ms),
+            "predicted_before_ms": list(correction.predicted_before_ms),
+            "predicted_after_ms": list(correction.predicted_after_ms),
+            "error_before_pct": correction.mean_abs_error_before_pct,
+            "error_after_pct": correction.mean_abs_error_after_pct,
+        }
+        return type(self)(correction.device), report
+
     def facts(self) -> dict[str, Any]:
         return {
             "predictor": "autocomp_plugins.edge roofline cost model",

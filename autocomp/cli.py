@@ -343,10 +343,11 @@ def _cmd_targets(args) -> int:
     from rich.table import Table
 
     table = Table(title="autocomp targets", title_justify="left")
-    for col in ("name", "aliases", "kind", "precisions", "description"):
+    for col in ("name", "aliases", "kind", "precisions", "validation", "description"):
         table.add_column(col)
     for row in rows:
-        table.add_row(row["name"], ", ".join(row["aliases"]), row["kind"], ", ".join(row["precisions"]), row["description"])
+        table.add_row(row["name"], ", ".join(row["aliases"]), row["kind"], ", ".join(row["precisions"]),
+                      row["validation"] or "-", row["description"])
     _console().print(table)
     return EXIT_OK
 

@@ -129,6 +129,19 @@ def yolo_check() -> dict:
             "gflops_error_pct": round(100 * (flops / 8.7e9 - 1), 1)}
 
 
+def _write_device_validation(report: dict) -> None:
+    """Per-device summary shipped with the plugin, shown by ``autocomp targets``."""
+    from autocomp_plugins.edge import VALIDATION_FILE
+
+    devices: dict[str, dict] = {}
+    for row in report["rows"]:
+        entry = devices.setdefault(row["device"], {"published_rows": 0, "max_abs_loo_error_pct": 0.0})
+        entry["published_rows"] += 1
+        entry["max_abs_loo_error_pct"] = max(entry["max_abs_loo_error_pct"], abs(row["loo_error_pct"]))
+    VALIDATION_FILE.write_text(json.dumps({"source": "benchmarks/edge_validation.py", "devices": devices},
+                                          indent=2) + "\n", encoding="utf-8")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--csv", type=Path, default=None, help="published-latency CSV")
@@ -188,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     (args.out / "edge_validation.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     (args.out / "edge_validation.md").write_text(_markdown(report), encoding="utf-8")
+    _write_device_validation(report)
 
     print(_markdown(report))
     if stale:

@@ -245,7 +245,7 @@ def distill(student, teacher, workload, *, temperature: float, alpha: float, ste
                 with torch.no_grad():
                     teacher_logits = teacher(inputs)
                 feature_loss = taps.loss()
-                feature_losses.append(float(feature_loss))
+                feature_losses.append(float(feature_loss.detach()))
                 loss = loss + feature_weight * feature_loss
             if alpha > 0:
                 t = temperature

@@ -39,6 +39,9 @@ __all__ = [
     "register_targets",
 ]
 
+#: Per-device leave-one-out errors against the published rows, written by benchmarks/edge_validation.py.
+VALIDATION_FILE = Path(__file__).with_name("validation.json")
+
 #: Options :meth:`EdgeTarget.configure` accepts: overrides of the calibrated parameters (for a
 #: correction measured on a real device, see ``calibrate.correct_from_measurements``).
 _OPTIONS = ("compute_scale", "overhead_us")
@@ -116,6 +119,21 @@ class EdgeTarget(Target):
         }
         return LatencyStats(p50_ms=total, p90_ms=total, mean_ms=total, runs=0, measured=False,
                             target=self.name, facts=facts)
+
+    @property
+    def validation(self) -> str:
+        """What the validation against published measurements found for this device, in words."""
+        import json
+
+        try:
+            devices = json.loads(VALIDATION_FILE.read_text())["devices"]
+        except (OSError, ValueError, KeyError):
+            return "not validated"
+        entry = devices.get(self.spec.name)
+        if entry is None:
+            return "no published row; family calibration"
+        return (f"{entry['published_rows']} published row(s), leave-one-out error "
+                f"<= {entry['max_abs_loo_error_pct']:.0f} %")
 
     def corrected(self, measurements: Sequence[tuple[Path, Mapping[str, Sequence[int]], float]]) -> tuple["EdgeTarget", dict[str, Any]]:
         """Refit this device's compute scale on latencies measured on the real device (through

@@ -1,0 +1,513 @@
+"""A fast latency estimate for the ``cpu`` target, calibrated on measurements from this host.
+
+The ``cpu`` target measures every final artifact; this module lets the search drop a candidate
+that cannot meet ``--max-latency`` *before* training it, from the ONNX graph alone, in a few
+milliseconds. It is an estimate, not a measurement: ``benchmarks/cpu_predictor.md`` shows how
+close it comes on this host.
+
+The model
+---------
+The edge cost model's per-node analysis (:func:`autocomp_plugins.edge.costmodel.analyze`: operator
+kind, precision, MACs, elements moved, fusion of batch norm, activations, residual adds and Q/DQ)
+is reduced to a few :data:`FEATURES`, each a sum over the graph's kernels per operator kind and
+precision (fp32, or int8 as ONNX Runtime's QDQ kernels run it). The prediction is linear in them::
+
+    latency_ms = sum(coefficient[f] * feature[f] for f in FEATURES)
+
+with non-negative coefficients, so every term reads as a cost: milliseconds per million MACs of
+a dense convolution at fp32, per million activation elements an element-wise kernel moves, per
+kernel launched, and so on. The coefficients are fitted by non-negative least squares on the
+*relative* error (each row divided by its measured latency), so a 0.2 ms model weighs as much as
+a 10 ms one. fp16 graphs are priced as fp32: ONNX Runtime's x86 CPU provider runs them so.
+
+Calibrations
+------------
+A calibration is per host and per thread count (:class:`CpuCalibration`, keyed by CPU model,
+instruction-set flags, ONNX Runtime version and threads). :func:`load_calibration` looks for
+
+1. one written by :func:`calibrate_cpu` on this host, in ``$AUTOCOMP_CACHE_DIR/cpu_predictor/``
+   (``~/.cache/autocomp`` when the variable is unset);
+2. the one shipped with autocomp (``cpu_calibration.json``), measured on the host named in it;
+
+and takes the entry whose host matches and whose thread count is the configured one. When only a
+calibration of another host (or thread count) exists it is used anyway and a warning is logged:
+the estimate may then be off by the ratio of the two machines' speeds.
+
+Importing this module is cheap: onnx, onnxruntime, torch and scipy are imported where needed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import platform
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+
+if TYPE_CHECKING:
+    from autocomp_plugins.edge.costmodel import GraphSummary
+
+__all__ = [
+    "FEATURES",
+    "SHIPPED_CALIBRATION",
+    "CpuCalibration",
+    "CandidateSpec",
+    "graph_features",
+    "host_identity",
+    "cache_path",
+    "load_calibration",
+    "predict_latency_ms",
+    "fit_coefficients",
+    "candidate_specs",
+    "build_candidate",
+    "measure_candidates",
+    "calibrate_cpu",
+]
+
+logger = logging.getLogger("autocomp")
+
+#: The calibration shipped with autocomp: this project's build host (see the file for its facts).
+SHIPPED_CALIBRATION = Path(__file__).with_name("cpu_calibration.json")
+
+FORMAT_VERSION = 1
+
+_PRECISIONS = ("fp32", "int8")
+_CONV_KINDS = ("conv", "pointwise", "depthwise", "gemm")
+_OTHER_KINDS = ("elementwise", "pool", "norm", "memory")
+
+#: Feature name -> what it counts (units are what one coefficient multiplies).
+FEATURES: dict[str, str] = {
+    "run": "1 per inference (session.run's fixed cost)",
+    **{f"nodes.{p}": f"kernels at {p} (per-kernel dispatch)" for p in _PRECISIONS},
+    **{f"{k}.{p}.mmacs": f"million MACs of {k} nodes at {p}" for p in _PRECISIONS for k in _CONV_KINDS},
+    **{f"{k}.{p}.melems": f"million activation elements read+written by {k} nodes at {p}"
+       for p in _PRECISIONS for k in ("conv", "pointwise", "depthwise")},
+    **{f"other.{p}.melems": f"million activation elements read+written by element-wise, pooling, "
+                            f"normalisation and data-movement kernels at {p}" for p in _PRECISIONS},
+    "residual.int8": "residual Adds after an int8 convolution (ONNX Runtime runs them as QLinearAdd)",
+}
+
+
+def _precision_of(node: Any) -> str:
+    return "int8" if node.precision in ("int8", "int4") else "fp32"
+
+
+def graph_features(summary: "GraphSummary") -> dict[str, float]:
+    """The :data:`FEATURES` of an analysed graph (see :func:`autocomp_plugins.edge.costmodel.analyze`)."""
+    values = dict.fromkeys(FEATURES, 0.0)
+    values["run"] = 1.0
+    for node in summary.nodes:
+        p = _precision_of(node)
+        if node.fused_into is not None:
+            if node.op_type in ("Add", "Sub") and p == "int8":
+                values["residual.int8"] += 1
+            continue
+        if node.kind == "free":
+            continue
+        values[f"nodes.{p}"] += 1
+        if node.kind in _CONV_KINDS:
+            values[f"{node.kind}.{p}.mmacs"] += node.macs / 1e6
+            if node.kind != "gemm":
+                values[f"{node.kind}.{p}.melems"] += node.activation_elements / 1e6
+        else:
+            values[f"other.{p}.melems"] += node.activation_elements / 1e6
+    return values
+
+
+# --- host and calibration files -------------------------------------------------------------------
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def host_identity() -> dict[str, str]:
+    """What a calibration is valid for: CPU model, its vector ISA, and the ONNX Runtime version.
+
+    The ISA flags are part of it because cloud CPUs often report a bare family name (``AMD EPYC``)
+    for generations whose kernels differ (AVX2 vs AVX-512, with or without VNNI int8 dot products).
+    """
+    import onnxruntime as ort
+
+    from autocomp.ort import host_facts
+
+    facts = host_facts()
+    flags = _cpu_flags()
+    isa = sorted(f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "asimd",
+                             "asimddp") if f in flags)
+    return {"cpu_model": str(facts["cpu_model"]), "machine": platform.machine(),
+            "isa": ",".join(isa), "onnxruntime": ort.__version__}
+
+
+def _cache_root() -> Path:
+    root = os.environ.get("AUTOCOMP_CACHE_DIR")
+    if root:
+        return Path(root)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "autocomp"
+
+
+def cache_path(host: Mapping[str, str], threads: int) -> Path:
+    """Where :func:`calibrate_cpu` writes (and :func:`load_calibration` looks for) a host's calibration."""
+    key = json.dumps({k: host[k] for k in sorted(host)}, sort_keys=True)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    return _cache_root() / "cpu_predictor" / f"{digest}-threads{threads}.json"
+
+
+@dataclass(frozen=True)
+class CpuCalibration:
+    """Coefficients of the linear model for one host and thread count, with how they were obtained.
+
+    ``host`` is :func:`host_identity` of the machine measured; ``fit`` holds the fit's facts (number
+    of models, in-sample errors, machine load, date); ``source`` says where it was loaded from.
+    """
+
+    host: Mapping[str, str]
+    threads: int
+    coefficients: Mapping[str, float]
+    fit: Mapping[str, Any] = field(default_factory=dict)
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.coefficients) - set(FEATURES))
+        if unknown:
+            raise ValueError(f"calibration has coefficients for unknown features {unknown}; "
+                             f"known: {sorted(FEATURES)}")
+        bad = {k: v for k, v in self.coefficients.items() if not (math.isfinite(v) and v >= 0)}
+        if bad:
+            raise ValueError(f"calibration coefficients must be finite and >= 0, got {bad}")
+
+    def predict(self, features: Mapping[str, float]) -> float:
+        """Estimated p50 latency in ms for a graph's :func:`graph_features`."""
+        return sum(self.coefficients.get(name, 0.0) * value for name, value in features.items())
+
+    def matches(self, host: Mapping[str, str]) -> bool:
+        return all(self.host.get(k) == v for k, v in host.items())
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.pop("source")
+        data["host"] = dict(self.host)
+        data["coefficients"] = {k: self.coefficients[k] for k in FEATURES if k in self.coefficients}
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], source: str = "") -> "CpuCalibration":
+        return cls(host=dict(data["host"]), threads=int(data["threads"]),
+                   coefficients={k: float(v) for k, v in data["coefficients"].items()},
+                   fit=dict(data.get("fit", {})), source=source)
+
+
+def _read_calibrations(path: Path) -> list[CpuCalibration]:
+    """Calibrations in a file: ``{"format": 1, "calibrations": [...]}``."""
+    data = json.loads(path.read_text(encoding="utf-8"))
+    if data.get("format") != FORMAT_VERSION:
+        raise ValueError(f"{path}: calibration format {data.get('format')!r}, expected {FORMAT_VERSION}")
+    return [CpuCalibration.from_dict(c, source=str(path)) for c in data["calibrations"]]
+
+
+def write_calibrations(path: Path, calibrations: Sequence[CpuCalibration]) -> Path:
+    """Write ``calibrations`` to ``path`` atomically (temporary file, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"format": FORMAT_VERSION, "calibrations": [c.to_dict() for c in calibrations]},
+                              indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def load_calibration(threads: int = 1, host: Mapping[str, str] | None = None,
+                     shipped: Path = SHIPPED_CALIBRATION) -> CpuCalibration:
+    """The calibration to predict with for ``threads`` intra-op threads on ``host`` (default: this one).
+
+    Prefers this host's cached calibration (written by :func:`calibrate_cpu`), then the shipped one
+    when it was measured on a host like this one. Otherwise it falls back to the shipped calibration
+    nearest in thread count and logs a warning naming the difference. Raises ``FileNotFoundError``
+    when there is no calibration at all.
+    """
+    host = dict(host or host_identity())
+    cached = cache_path(host, threads)
+    if cached.exists():
+        try:
+            for calibration in _read_calibrations(cached):
+                if calibration.matches(host) and calibration.threads == threads:
+                    return calibration
+        except (OSError, ValueError, KeyError) as exc:
+            logger.warning("cpu predictor: ignoring unreadable calibration %s (%s)", cached, exc)
+    options = _read_calibrations(shipped) if shipped.exists() else []
+    if not options:
+        raise FileNotFoundError(f"no cpu calibration: {cached} and {shipped} are missing; run calibrate_cpu()")
+    same_host = [c for c in options if c.matches(host)]
+    for calibration in same_host:
+        if calibration.threads == threads:
+            return calibration
+    pool = same_host or options
+    best = min(pool, key=lambda c: (abs(c.threads - threads), c.threads))
+    if same_host:
+        why = f"it was calibrated for {best.threads} thread(s), not {threads}"
+    else:
+        differ = {k: (best.host.get(k), v) for k, v in host.items() if best.host.get(k) != v}
+        why = "it was calibrated on another host (" + "; ".join(
+            f"{k}: {a!r} there, {b!r} here" for k, (a, b) in differ.items()) + ")"
+    logger.warning("cpu predictor: %s, so latency estimates may be off by the speed ratio; run "
+                   "autocomp_plugins.cpu_predictor.calibrate_cpu(threads=%d) to calibrate this host",
+                   why, threads)
+    return best
+
+
+def predict_latency_ms(onnx_path: Path | str, input_shapes: Mapping[str, Sequence[int]],
+                       calibration: CpuCalibration) -> float:
+    """Estimated p50 latency (ms) of an ONNX model on the calibrated host.
+
+    An estimate from the graph's structure, not a measurement. Raises
+    :class:`autocomp.errors.CandidateError` when the graph cannot be analysed.
+    """
+    from autocomp_plugins.edge.costmodel import analyze
+
+    return calibration.predict(graph_features(analyze(onnx_path, input_shapes)))
+
+
+# --- fitting --------------------------------------------------------------------------------------
+
+
+def fit_coefficients(rows: Sequence[Mapping[str, float]], latencies_ms: Sequence[float],
+                     features: Sequence[str] = tuple(FEATURES)) -> dict[str, float]:
+    """Non-negative coefficients minimising the squared *relative* error of the linear model.
+
+    ``rows`` are :func:`graph_features` of the measured graphs, ``latencies_ms`` their measured p50.
+    Features no row uses get coefficient 0. Raises ``ValueError`` for mismatched or empty input.
+    """
+    import numpy as np
+    from scipy.optimize import nnls
+
+    if not rows or len(rows) != len(latencies_ms):
+        raise ValueError(f"need one latency per row and at least one row, got {len(rows)} rows "
+                         f"and {len(latencies_ms)} latencies")
+    y = np.asarray(latencies_ms, dtype=float)
+    x = np.array([[r.get(f, 0.0) for f in features] for r in rows], dtype=float)
+    a = x / y[:, None]  # relative error: (x.c - y) / y = x/y . c - 1
+    scale = np.where(np.abs(a).max(axis=0) > 0, np.abs(a).max(axis=0), 1.0)  # conditioning only
+    c, _ = nnls(a / scale, np.ones_like(y), maxiter=50 * len(features))
+    return {f: float(v) for f, v in zip(features, c / scale)}
+
+
+# --- candidates for calibration -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CandidateSpec:
+    """One calibration model: an architecture at some size, maybe pruned, at some precision.
+
+    ``family`` is ``digits`` (:func:`autocomp_plugins.digits.DigitsResNet`) or a zoo name;
+    ``prune_max`` the upper bound of the random per-group pruning ratios (0: not pruned);
+    ``precision`` ``fp32``, ``int8`` (every Conv/Gemm/MatMul) or ``mixed`` (a random subset).
+    """
+
+    family: str
+    kwargs: tuple[tuple[str, Any], ...]
+    input_shape: tuple[int, ...]
+    prune_max: float = 0.0
+    precision: str = "fp32"
+    seed: int = 0
+
+    @property
+    def key(self) -> str:
+        text = json.dumps(asdict(self), sort_keys=True)
+        return f"{self.family}-{self.precision}-{hashlib.sha256(text.encode()).hexdigest()[:10]}"
+
+    def describe(self) -> str:
+        args = ",".join(f"{k}={v}" for k, v in self.kwargs)
+        pruned = f" pruned<={self.prune_max:.2f}" if self.prune_max else ""
+        return f"{self.family}({args}) {'x'.join(map(str, self.input_shape))}{pruned} {self.precision}"
+
+
+def _sample_architecture(rng: random.Random) -> tuple[str, dict[str, Any], tuple[int, ...]]:
+    family = rng.choices(["digits", "resnet20", "mobilenet_v2", "vit", "mobilefacenet"],
+                         weights=[4, 2, 2, 1.5, 1.5])[0]
+    if family == "digits":
+        size = rng.choice([16, 24, 32, 48])
+        width = rng.choice([8, 16, 24, 32, 48] if size <= 32 else [8, 16, 24])
+        return family, {"width": width}, (1, 1, size, size)
+    if family == "resnet20":
+        size = rng.choice([16, 32])
+        return family, {"width": rng.choice([8, 16, 24]), "num_classes": 10}, (1, 3, size, size)
+    if family == "mobilenet_v2":
+        size = rng.choice([32, 64, 96])
+        return family, {"width_mult": rng.choice([0.25, 0.35, 0.5]), "last_channels": rng.choice([64, 128, 256]),
+                        "num_classes": 10}, (1, 3, size, size)
+    if family == "vit":
+        dim = rng.choice([32, 48, 64])
+        return family, {"image_size": 32, "patch_size": rng.choice([4, 8]), "dim": dim, "depth": rng.choice([2, 4]),
+                        "heads": rng.choice([2, 4]), "num_classes": 10}, (1, 3, 32, 32)
+    size = rng.choice([32, 64])
+    return family, {"width": rng.choice([8, 16, 24]), "embedding_size": 64, "input_size": size}, (1, 3, size, size)
+
+
+def candidate_specs(count: int, seed: int = 0) -> list[CandidateSpec]:
+    """``count`` random calibration candidates, like the ones a search produces (deterministic in ``seed``).
+
+    Sizes are kept so that each model runs in roughly 0.1 to 15 ms on one thread of a current x86 core.
+    """
+    rng = random.Random(seed)
+    specs: list[CandidateSpec] = []
+    seen: set[str] = set()
+    while len(specs) < count:
+        family, kwargs, shape = _sample_architecture(rng)
+        prune_max = rng.choice([0.0, 0.0, 0.3, 0.5, 0.7])
+        precision = rng.choices(["fp32", "int8", "mixed"], weights=[4, 3, 3])[0]
+        spec = CandidateSpec(family, tuple(sorted(kwargs.items())), shape, prune_max, precision, rng.randrange(10**6))
+        if spec.key not in seen:
+            seen.add(spec.key)
+            specs.append(spec)
+    return specs
+
+
+def build_candidate(spec: CandidateSpec, directory: Path) -> Path:
+    """Build, prune, export and quantize ``spec`` into ``directory``; reuse a file built before.
+
+    Untrained weights: latency does not depend on their values. Raises the errors of export,
+    pruning and quantization (:class:`autocomp.errors.AutocompError` subclasses).
+    """
+    out = Path(directory) / f"{spec.key}.onnx"
+    if out.exists():
+        return out
+    import torch
+
+    from autocomp.export import export_onnx
+    from autocomp_plugins.prune import prunable_groups, prune_model
+    from autocomp_plugins.quantize import quantizable_layers, quantize_int8
+
+    rng = random.Random(spec.seed)
+    torch.manual_seed(spec.seed)
+    kwargs = dict(spec.kwargs)
+    if spec.family == "digits":
+        from autocomp_plugins.digits import DigitsResNet
+
+        model = DigitsResNet(**kwargs)
+    else:
+        from autocomp import zoo
+
+        model = zoo.build(spec.family, **kwargs)
+    model.eval()
+    example = torch.randn(*spec.input_shape)
+    if spec.prune_max > 0:
+        groups = prunable_groups(model, example)
+        ratios = {name: rng.uniform(0.0, spec.prune_max) for name in groups}
+        prune_model(model, example, ratios, importance="l2", round_to=8)
+    fp32 = out.with_name(f"{spec.key}.fp32.tmp.onnx")
+    export_onnx(model, example, fp32)
+    try:
+        if spec.precision == "fp32":
+            os.replace(fp32, out)
+            return out
+        nodes = list(quantizable_layers(fp32).values())
+        if spec.precision == "mixed" and len(nodes) > 1:
+            nodes = rng.sample(nodes, rng.randint(1, len(nodes) - 1))
+        calibration_inputs = torch.randn(8, *spec.input_shape[1:])
+        tmp = out.with_name(f"{spec.key}.int8.tmp.onnx")
+        quantize_int8(fp32, tmp, nodes, calibration_inputs)
+        os.replace(tmp, out)
+        return out
+    finally:
+        fp32.unlink(missing_ok=True)
+
+
+def measure_candidates(paths: Sequence[Path], input_shapes: Sequence[Mapping[str, Sequence[int]]], *,
+                       threads: int = 1, rounds: int = 3, seed: int = 0,
+                       progress: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+    """Measure every model ``rounds`` times, interleaved (shuffled order each round), with the cpu
+    target's harness (:func:`autocomp.ort.measure_latency`, default :class:`TimingPolicy` but for
+    ``threads``). Returns per model ``{"round_p50_ms": [...], "round_load": [...], "p50_ms": median}``
+    where ``round_load`` is the 1-minute load average when that round's measurement started.
+    """
+    import statistics
+
+    from autocomp.ort import TimingPolicy, measure_latency
+
+    policy = TimingPolicy(threads=threads)
+    rng = random.Random(seed)
+    results: list[dict[str, Any]] = [{"round_p50_ms": [], "round_load": []} for _ in paths]
+    for r in range(rounds):
+        order = list(range(len(paths)))
+        rng.shuffle(order)
+        for done, i in enumerate(order):
+            load = os.getloadavg()[0]
+            stats = measure_latency(paths[i], input_shapes[i], policy)
+            results[i]["round_p50_ms"].append(stats.p50_ms)
+            results[i]["round_load"].append(load)
+            if progress and done % 20 == 0:
+                progress(f"round {r + 1}/{rounds}: {done}/{len(paths)} measured, load {load:.2f}")
+    for result in results:
+        result["p50_ms"] = statistics.median(result["round_p50_ms"])
+    return results
+
+
+def calibrate_cpu(threads: int = 1, count: int = 80, rounds: int = 3, seed: int = 0,
+                  work_dir: Path | None = None, write: bool = True,
+                  progress: Callable[[str], None] | None = None) -> CpuCalibration:
+    """Calibrate the predictor on this host: build ``count`` candidates, measure, fit, and cache.
+
+    Builds candidates of different shapes and precisions (:func:`candidate_specs`) in ``work_dir``
+    (a temporary directory by default), measures each ``rounds`` times with the cpu target's harness
+    at ``threads`` threads, fits :data:`FEATURES`' coefficients and, with ``write``, stores the
+    calibration where :func:`load_calibration` finds it first. Takes about ``count * rounds * 1.5``
+    seconds plus a second per candidate to build; run it on a quiet machine. Candidates that fail to
+    build are skipped (logged). Raises ``ValueError`` when fewer than 10 candidates could be measured.
+    """
+    import statistics
+    import tempfile
+    import time
+
+    from autocomp.errors import AutocompError
+    from autocomp_plugins.edge.costmodel import analyze
+
+    with tempfile.TemporaryDirectory(prefix="autocomp-cpu-calibration-") as tmp:
+        directory = Path(work_dir) if work_dir is not None else Path(tmp)
+        directory.mkdir(parents=True, exist_ok=True)
+        paths, shapes, rows = [], [], []
+        for spec in candidate_specs(count, seed):
+            try:
+                path = build_candidate(spec, directory)
+                shape = {"input": spec.input_shape}
+                rows.append(graph_features(analyze(path, shape)))
+            except AutocompError as exc:
+                logger.warning("cpu calibration: skipping %s: %s", spec.describe(), exc)
+                continue
+            paths.append(path)
+            shapes.append(shape)
+        if len(paths) < 10:
+            raise ValueError(f"only {len(paths)} calibration candidates could be built; need at least 10")
+        load_before = os.getloadavg()
+        measured = measure_candidates(paths, shapes, threads=threads, rounds=rounds, seed=seed, progress=progress)
+    latencies = [m["p50_ms"] for m in measured]
+    coefficients = fit_coefficients(rows, latencies)
+    host = host_identity()
+    calibration = CpuCalibration(host=host, threads=threads, coefficients=coefficients)
+    errors = sorted(abs(calibration.predict(r) / y - 1) for r, y in zip(rows, latencies))
+    fit = {
+        "models": len(rows),
+        "rounds": rounds,
+        "in_sample_within_10pct": sum(e <= 0.10 for e in errors) / len(errors),
+        "in_sample_median_error": statistics.median(errors),
+        "load_1min_before": load_before[0],
+        "load_1min_after": os.getloadavg()[0],
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    calibration = CpuCalibration(host=host, threads=threads, coefficients=coefficients, fit=fit)
+    if write:
+        path = write_calibrations(cache_path(host, threads), [calibration])
+        calibration = CpuCalibration(host=host, threads=threads, coefficients=coefficients, fit=fit, source=str(path))
+        logger.info("cpu calibration for %d thread(s) written to %s", threads, path)
+    return calibration

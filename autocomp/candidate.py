@@ -80,8 +80,11 @@ def recover(model: "torch.nn.Module", spec: CandidateSpec, space: ConcreteSpace,
 
 def build_artifact(fp32_onnx: Path, spec: CandidateSpec, space: ConcreteSpace, ctx: CandidateContext) -> Path:
     """Run the post-export methods on the exported fp32 model; returns the final ONNX file."""
+    from autocomp.method import EVALUATION_ARTIFACT
+
     path = fp32_onnx
     for method, config, params in space.entries:
         if method.stage == "post_export":
+            ctx.notes.pop(EVALUATION_ARTIFACT, None)  # the twin belongs to the last method that ran
             path = Path(method.apply(path, spec.settings.get(method.name, {}), config, ctx))
     return path

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from autocomp.workload import Workload
 
 __all__ = [
+    "EVALUATION_ARTIFACT",
     "Stage",
     "STAGES",
     "FloatParam",
@@ -43,6 +44,11 @@ __all__ = [
     "Method",
     "parse_range",
 ]
+
+#: ``ctx.notes`` key a post-export method sets to the path of an evaluation twin: a file with the
+#: artifact's numerics that this host can run, used for the metric when the artifact itself cannot be
+#: evaluated faithfully here (fp16 layers on a CPU without fp16 kernels).
+EVALUATION_ARTIFACT = "evaluation_artifact"
 
 Stage = Literal["structural", "recovery", "post_export"]
 STAGES: tuple[Stage, ...] = ("structural", "recovery", "post_export")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-BUILTIN_PLUGINS = ("prune", "distill", "quantize", "cpu_target", "digits", "edge", "remote_target")
+BUILTIN_PLUGINS = ("remove_blocks", "prune", "lowrank", "distill", "quantize", "cpu_target", "digits", "edge", "remote_target")
 
 
 def builtin_plugins():

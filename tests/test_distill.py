@@ -79,7 +79,7 @@ def test_feature_distillation_after_pruning_lowers_the_feature_loss_and_leaves_n
 
 def test_a_feature_layer_the_student_lost_is_skipped(tmp_path, tiny_workload):
     student = _pruned_student(tiny_workload)
-    del student.layer1[1]  # as block removal would
+    del student.layer1[1]  # a layer the student does not have
     ctx = _context(tiny_workload, tmp_path)
     distill(student, tiny_workload.model, tiny_workload, temperature=2.0, alpha=0.0, steps=5, lr=0.01,
             batch_size=64, seed=0, features=["layer1.1", "layer3.0"], feature_weight=1.0,
@@ -123,3 +123,33 @@ def test_bad_distill_config_names_the_file_and_key(table, key):
 def test_unknown_distill_key_is_named():
     with pytest.raises(SpaceError, match=r"unknown key\(s\) feature_weigth; allowed: .*feature_weight"):
         DistillMethod().parse_config({"feature_weigth": 1.0}, "file.toml")
+
+
+def test_a_candidate_with_progressive_taylor_pruning_and_feature_distillation(tmp_path, tiny_workload):
+    """The whole recipe through the engine: sampled, built, exported, faithful."""
+    import optuna
+
+    from autocomp.candidate import build_model
+    from autocomp.export import check_parity, export_onnx
+    from autocomp.method import BaseModelInfo
+    from autocomp.space import parse_space
+    from autocomp_plugins.prune import PruneMethod
+
+    tables = {"prune": {"ratio": [0.0, 0.5], "round_to": 2, "importance": ["l2", "taylor"], "scope": ["group", "global"],
+                        "progressive_steps": 2, "finetune_steps": 3},
+              "distill": {"steps": 10, "features": "auto", "feature_weight": [0.0, 2.0]}}
+    space = parse_space(tables, {"prune": PruneMethod(), "distill": DistillMethod()}, source="t.toml")
+    base = BaseModelInfo(tiny_workload.model, tiny_workload.example_input, tmp_path / "m.onnx", None)
+    concrete = space.concrete(base)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    study.enqueue_trial({"prune.importance": "taylor", "prune.scope": "global", "prune.global_ratio": 0.5,
+                         "distill.feature_weight": 1.0})
+    spec = concrete.sample(study.ask())
+    assert spec.settings["prune"] == {"importance": "taylor", "scope": "global", "global_ratio": 0.5}
+    ctx = _context(tiny_workload, tmp_path)
+    model = build_model(tiny_workload.model, spec, concrete, ctx)
+    assert ctx.skipped == [] and ctx.notes["distill_features"]
+    assert all(kept < channels for channels, kept in ctx.notes["prune_channels"].values())
+    path = export_onnx(model, tiny_workload.example_input, tmp_path / "candidate.onnx")
+    assert check_parity(model, path, tiny_workload.val.inputs[:16]) < 1e-4

@@ -1,4 +1,5 @@
-"""Channel pruning: MACs fall as hand-counted, models stay runnable and export faithfully."""
+"""Channel pruning: MACs fall as hand-counted, models stay runnable and export faithfully, every
+importance criterion and scope does what it says, and what cannot be pruned is skipped, not crashed."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import torch
 import torch.nn as nn
 
 from autocomp_plugins.prune import count_macs, prunable_groups, prune_model
+
+pytestmark = pytest.mark.usefixtures("torch_threads")
 
 
 def _two_convs():
@@ -63,8 +66,6 @@ def test_pruned_model_runs_and_its_export_matches_torch(tmp_path, tiny_workload,
 
 
 # --- importance, scope, progressive pruning, architectures, custom layers -----------------------
-
-pytestmark = pytest.mark.usefixtures("torch_threads")
 
 IMPORTANCES = ["l1", "l2", "taylor", "activation", "random"]
 

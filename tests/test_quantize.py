@@ -302,3 +302,25 @@ def test_node_fp16_cannot_convert_is_skipped(tmp_path):
     _, skipped = convert_float16(onnx.load(str(path)), ["/proj/MatMul", "/to_float/Cast"])
     assert skipped == {"/proj/MatMul": "input 'x_int' is not float32",
                        "/to_float/Cast": "Cast is not a layer this pass converts"}
+
+
+def test_factorized_layer_takes_the_precision_of_the_layer_it_replaced():
+    """Low-rank factorization turns `fc` into `fc.0` and `fc.1`; both inherit the sampled precision."""
+    from autocomp_plugins.quantize import _expand_to_factors
+
+    layers = {"fc.0": None, "fc.1": None, "layer1.0.conv1": None, "fc2": None}
+    setting = {"fc": "int8", "layer1.0.conv1": "fp16", "gone": "int8"}
+    assert _expand_to_factors(setting, layers) == {"fc.0": "int8", "fc.1": "int8", "layer1.0.conv1": "fp16",
+                                                   "gone": "int8"}
+
+
+@pytest.mark.parametrize("node, module", [
+    ("/layer2/layer2.0/shortcut/shortcut.0/Conv", "layer2.0.shortcut.0"),
+    ("/layer1/layer1.0/conv1/conv1.0/Conv", "layer1.0.conv1.0"),
+    ("/features/features.0/features.0.0/Conv", "features.0.0"),
+    ("/fc/Gemm", "fc"),
+])
+def test_layer_names_follow_module_paths(node, module):
+    from autocomp_plugins._precision import layer_name
+
+    assert layer_name(node) == module

@@ -16,13 +16,13 @@ def _write(tmp_path, text):
 
 def test_default_space_loads(registry):
     space = load_space(default_space_path(), registry.methods)
-    assert space.names() == ["prune", "distill", "quantize"]  # stage order
+    assert space.names() == ["prune", "distill", "quantize"]  # stage order, as in the file's stages
 
 
 @pytest.mark.parametrize(
     "text, expected",
     [
-        ("[prnue]\nratio = [0.1, 0.5]\n", r"unknown method\(s\) prnue; installed methods: distill, prune, quantize"),
+        ("[prnue]\nratio = [0.1, 0.5]\n", r"unknown method\(s\) prnue; installed methods: distill, lowrank, prune, quantize, remove_blocks"),
         ("[prune]\nratoi = [0.1, 0.5]\n", r"\[prune\] unknown key\(s\) ratoi; allowed: .*\bratio\b"),
         ("[prune]\nratio = [0.1, 1.5]\n", r"\[prune.ratio\] values must lie in \[0.0, 0.95\], got \[0.1, 1.5\]"),
         ("[prune]\nratio = [0.6, 0.2]\n", r"`low <= high` must hold, but got \(low=0.6, high=0.2\)"),

@@ -1,7 +1,7 @@
 """Graph passes behind per-layer precision in ``quantize``: fp16 layers, int4 weight-only layers.
 
-Every pass takes an ``onnx.ModelProto`` and returns a new one (its input is left as it was); files
-and calibration data stay in :mod:`autocomp_plugins.quantize`.
+Every pass takes an ``onnx.ModelProto`` and returns a new one, leaving its input as it was (only
+:func:`name_nodes` works in place); files and calibration data stay in :mod:`autocomp_plugins.quantize`.
 
 fp16 (:func:`convert_float16`) has two outputs built by one walk over the graph:
 
@@ -18,9 +18,16 @@ fp16 (:func:`convert_float16`) has two outputs built by one walk over the graph:
   rounded (+ - * / of two float16 numbers rounded once from float32 equal the float16 result), so
   they add no difference of their own.
 
-ONNX Runtime's CPU provider on x86 has no float16 Conv/Gemm kernels: it runs such nodes in float32
-and removes the Cast pairs that would round activations, so the deployable graph cannot be
-evaluated faithfully here, hence the twin.
+ONNX Runtime's CPU provider on x86 has no float16 Conv/Gemm kernels: it inserts Casts to run such
+nodes in float32 and then drops the float16 round trips between them, so here the deployable graph
+computes with float16 weights but unrounded activations (measured on a two-layer MLP: equal to that,
+to 2e-7, and 1e-3 away from true fp16 rounding). It loads and runs, but its accuracy here is not
+that of fp16 hardware, hence the twin.
+
+Before any pass, :func:`inline_layer_constants` gives each layer its own constant inputs (the
+exporter shares equal biases through Identity nodes, which ONNX Runtime's int8 quantizer cannot fuse);
+after the int8 pass, :func:`detach_from_qdq` keeps layers not chosen int8 off the int8-rounded copies
+of shared activations.
 
 int4 (:func:`quantize_int4`) is weight-only: ONNX Runtime's ``MatMulNBitsQuantizer`` turns a MatMul
 with a constant 2-D weight into ``com.microsoft.MatMulNBits`` (4-bit blocks along K, asymmetric,
@@ -30,6 +37,7 @@ float32 scales); :func:`gemm_to_matmul` first rewrites a Gemm as MatMul + Add.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterable, Iterator
@@ -79,13 +87,16 @@ class Layer:
 
 def layer_name(node_name: str) -> str:
     """Module path of an exported node: ``/layer1/layer1.0/conv1/Conv`` -> ``layer1.0.conv1``."""
+    # The exporter names scopes by attribute, and a container's child as "<container>.<index>":
+    # /layer2/layer2.0/shortcut/shortcut.0/Conv is layer2 -> layer2.0 -> shortcut -> shortcut.0.
     parts = [p for p in node_name.strip("/").split("/")[:-1] if p]
-    name = ""
+    name, last = "", ""
     for part in parts:
-        if name and part.startswith(name + "."):
-            name = part
+        if last and part.startswith(last + "."):
+            name = name[: len(name) - len(last)] + part
         else:
             name = f"{name}.{part}" if name else part
+        last = part
     return name or node_name
 
 
@@ -213,12 +224,13 @@ def inline_layer_constants(model: "onnx.ModelProto") -> "onnx.ModelProto":
 
 
 def detach_from_qdq(model: "onnx.ModelProto", int8_nodes: Iterable[str]) -> "onnx.ModelProto":
-    """Let every layer not in ``int8_nodes`` read the float tensor, not its Q -> DQ copy, in place.
+    """Let every layer not in ``int8_nodes`` read the float tensor, not its Q -> DQ copy.
 
     ONNX Runtime's QDQ quantizer sends every consumer of a quantized activation through the
     DequantizeLinear, so a layer chosen fp32 next to an int8 one would read int8-rounded input.
     """
     keep = set(int8_nodes)
+    model = _copy(model)
     producer = {o: n for n in model.graph.node for o in n.output if o}
     initializers = {i.name for i in model.graph.initializer}
     for node in model.graph.node:
@@ -355,7 +367,7 @@ def convert_float16(model: "onnx.ModelProto", node_names: Iterable[str], *, emul
     native: set[str] = set()  # tensors an fp16 node writes: their float16 version is the original
     new_inits: list[onnx.TensorProto] = []
     nodes: list[onnx.NodeProto] = []
-    counter = iter(range(1 << 30))
+    counter = itertools.count()
 
     def fresh(base: str) -> str:
         return f"{base}/fp16_{next(counter)}"
@@ -386,7 +398,7 @@ def convert_float16(model: "onnx.ModelProto", node_names: Iterable[str], *, emul
         if node.name in wanted and node.op_type in LAYER_OPS:
             positions = [i for i in LAYER_OPS[node.op_type] if i < len(node.input) and node.input[i]]
             bad = [node.input[i] for i in positions if not float_input(node.input[i])]
-            if bad or len(node.output) != 1:
+            if bad or len([o for o in node.output if o]) != 1:
                 skipped[node.name] = (f"input {bad[0]!r} is not float32" if bad else "more than one output")
                 nodes.append(node)
                 continue
@@ -396,7 +408,7 @@ def convert_float16(model: "onnx.ModelProto", node_names: Iterable[str], *, emul
                          if i < len(node.input) and node.input[i]]
             values = {i: constants.get(node.input[i]) for i in positions if node.input[i] not in native}
             extends = (
-                len(node.output) == 1 and any(node.input[i] in native for i in positions)
+                len([o for o in node.output if o]) == 1 and any(node.input[i] in native for i in positions)
                 and all(v is not None and v.dtype == np.float32 for v in values.values())
             )
             if not extends:

@@ -367,11 +367,33 @@ def candidate_specs(count: int, seed: int = 0) -> list[CandidateSpec]:
         family, kwargs, shape = _sample_architecture(rng)
         prune_max = rng.choice([0.0, 0.0, 0.3, 0.5, 0.7])
         precision = rng.choices(["fp32", "int8", "mixed"], weights=[4, 3, 3])[0]
-        spec = CandidateSpec(family, tuple(sorted(kwargs.items())), shape, prune_max, precision, rng.randrange(10**6))
+        seed_used = rng.randrange(10**6)
+        if prune_max == 0 and precision != "mixed":  # nothing random left: one model, whatever the seed
+            seed_used = 0
+        spec = CandidateSpec(family, tuple(sorted(kwargs.items())), shape, prune_max, precision, seed_used)
         if spec.key not in seen:
             seen.add(spec.key)
             specs.append(spec)
     return specs
+
+
+def _randomise_constants(model: Any) -> None:
+    """Give every layer its own batch-norm statistics, norm scales and activation slopes.
+
+    Freshly initialised layers of one width share identical constants (zero biases, unit scales);
+    the exporter then stores one initializer for all of them, and ONNX Runtime's int8 fusion
+    cannot fuse a convolution whose bias is shared. A trained model has distinct values.
+    """
+    import torch
+
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                module.running_mean.normal_(0.0, 0.1)
+                module.running_var.uniform_(0.5, 1.5)
+        for parameter in model.parameters():
+            if parameter.numel() > 1 and bool((parameter == parameter.flatten()[0]).all()):
+                parameter.add_(0.05 * torch.randn_like(parameter))
 
 
 def build_candidate(spec: CandidateSpec, directory: Path) -> Path:
@@ -400,6 +422,7 @@ def build_candidate(spec: CandidateSpec, directory: Path) -> Path:
         from autocomp import zoo
 
         model = zoo.build(spec.family, **kwargs)
+    _randomise_constants(model)
     model.eval()
     example = torch.randn(*spec.input_shape)
     if spec.prune_max > 0:

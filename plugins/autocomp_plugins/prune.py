@@ -119,14 +119,12 @@ class _Group:
     consumer: Any = None  # the layer reading the heads (attention only)
     unsupported: str | None = None  # why this group is never pruned
 
-    def units(self) -> int:
-        """What a ratio counts, now: the root's channels, or head dimensions for attention."""
-        if self.attention is not None:
-            return int(self.attention.head_dim)
-        return int(self.root.out_channels if hasattr(self.root, "out_channels") else self.root.out_features)
-
     def current_channels(self) -> int:
         return int(self.root.out_channels if hasattr(self.root, "out_channels") else self.root.out_features)
+
+    def units(self) -> int:
+        """What a ratio counts, now: the root's channels, or head dimensions for attention."""
+        return int(self.attention.head_dim) if self.attention is not None else self.current_channels()
 
 
 class _UntraceableModel(CandidateError):
@@ -300,7 +298,7 @@ def _activation_scores(dg, group, stats: dict, size: int):
                 or not dg.is_in_channel_pruning_fn(dep.handler) or any(r is None for r in item.root_idxs)):
             continue
         values = stats[layer]
-        if max(idxs) >= len(values):
+        if not idxs or max(idxs) >= len(values):
             continue
         root = torch.as_tensor(item.root_idxs, dtype=torch.long)
         total.scatter_add_(0, root, values[torch.as_tensor(idxs, dtype=torch.long)].float())
@@ -632,7 +630,8 @@ def prune_model(model, example_input, ratios: Mapping[str, float] | float, impor
     if notes is not None and fallbacks:
         notes["prune_importance_fallback"] = sorted(set(fallbacks))
     live = {g.name: g for g in groups}  # their layers are the pruned model's own
-    return {name: (original[name][0], live[name].current_channels()) for name in wanted if name not in failed}
+    return {name: (original[name][0], live[name].current_channels())
+            for name in wanted if name not in failed and name in live}
 
 
 def count_macs(model, example_input) -> tuple[int, int]:

@@ -47,7 +47,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--max-drop", type=float, default=0.02, help="largest metric drop allowed, absolute (default 0.02 = 2 points)")
     s.add_argument("--relative-drop", action="store_true", help="read --max-drop as a fraction of the base metric")
     s.add_argument("--max-latency", type=float, default=None, metavar="MS", help="largest p50 latency allowed, in ms")
-    s.add_argument("--trials", type=int, default=24, help="number of trials in total, counting resumed ones (default 24)")
+    s.add_argument("--trials", type=int, default=20, help="number of trials in total, counting resumed ones (default 20)")
     s.add_argument("--timeout", type=float, default=None, metavar="SECONDS", help="stop starting trials after this long")
     s.add_argument("--seed", type=int, default=0, help="seed of the sampler and of fine-tuning (default 0)")
     s.add_argument("--out", type=Path, default=None, help="run directory (default: results/<workload>-<target>-<time>)")
@@ -128,8 +128,11 @@ def _print_summary(console, summary: dict[str, Any]) -> None:
     console.print(f"{t['complete']} trials complete, {t['failed']} failed, "
                   f"{t.get('rejected_before_training', 0)} rejected before training, {t['feasible']} feasible; "
                   f"run directory: {summary['run_dir']}")
-    for item, count in summary.get("skipped", {}).items():
-        console.print(f"[yellow]skipped[/] in {count} trial(s): {item}")
+    skipped = sorted(summary.get("skipped", {}).items(), key=lambda kv: -kv[1])
+    for item, count in skipped[:8]:
+        console.print(f"[yellow]skipped[/] in {count} trial(s): {item}", highlight=False)
+    if len(skipped) > 8:
+        console.print(f"... and {len(skipped) - 8} more kinds of skip; all are listed in pareto.json")
     if not summary["pareto"]:
         console.print("[red]No candidate met the constraints.[/] Loosen --max-drop / --max-latency or run more --trials.")
 

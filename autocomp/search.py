@@ -54,7 +54,7 @@ class SearchConfig:
     max_drop: float = 0.02
     relative_drop: bool = False
     max_latency_ms: float | None = None
-    trials: int = 24
+    trials: int = 20
     timeout_s: float | None = None
     seed: int = 0
     out: Path | None = None

@@ -155,7 +155,8 @@ def test_skipped_layers_are_listed_with_a_reason(tmp_path):
     candidate = LowRankMethod().apply(copy.deepcopy(model), {"conv": 0.5}, config, ctx)
     assert isinstance(candidate.conv, nn.Sequential) and candidate.conv[0].out_channels == 8
     assert ctx.notes["lowrank_ranks"] == {"conv": [16, 8]}
-    assert sorted((what, why) for method, what, why in ctx.skipped if method == "lowrank") == sorted(skipped.items())
+    # layers the space never offered are not reported per trial (`autocomp space show` lists the offer)
+    assert [skip for skip in ctx.skipped if skip[0] == "lowrank"] == []
     assert candidate(x).shape == (1, 4)
 
 

@@ -101,3 +101,25 @@ def test_parameters_of_a_removed_module_are_not_sampled(registry):
     kept = space.sample(study.ask())
     assert removed.settings["prune"].keys() == {"layer1.10.conv1"}  # a prefix match is not a parent
     assert kept.settings["prune"].keys() == {"layer1.1.conv1", "layer1.10.conv1"}
+
+
+@pytest.mark.parametrize("space_name", ["default", "joint", "cnn", "transformer"])
+@pytest.mark.parametrize("arch", ["resnet20", "vit"])
+def test_shipped_spaces_load_and_give_parameters(tmp_path, registry, space_name, arch, torch_threads):
+    """Every shipped space validates and yields parameters for a CNN and a transformer of the zoo."""
+    import torch
+
+    from autocomp import zoo
+    from autocomp.export import export_onnx
+    from autocomp.method import BaseModelInfo
+
+    torch.manual_seed(0)
+    model = zoo.build(arch, **zoo.tiny_kwargs(arch)).eval()
+    x = zoo.example_input(arch, tiny=True)
+    onnx_path = export_onnx(model, x, tmp_path / "m.onnx")
+    space = load_space(default_space_path().with_name(f"{space_name}.toml"), registry.methods)
+    concrete = space.concrete(BaseModelInfo(model, x, onnx_path, registry.target("jetson")))
+    counts = {m.name: len(p) for m, _, p in concrete.entries}
+    assert counts["prune"] > 0 and counts["quantize"] > 0
+    if "remove_blocks" in counts:
+        assert counts["remove_blocks"] > 0

@@ -47,10 +47,7 @@ import platform
 import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
-
-if TYPE_CHECKING:
-    from autocomp_plugins.edge.costmodel import GraphSummary
+from typing import Any, Callable, Mapping, Sequence
 
 __all__ = [
     "FEATURES",
@@ -78,44 +75,168 @@ FORMAT_VERSION = 1
 
 _PRECISIONS = ("fp32", "int8")
 _CONV_KINDS = ("conv", "pointwise", "depthwise", "gemm")
-_OTHER_KINDS = ("elementwise", "pool", "norm", "memory")
 
 #: Feature name -> what it counts (units are what one coefficient multiplies).
 FEATURES: dict[str, str] = {
     "run": "1 per inference (session.run's fixed cost)",
-    **{f"nodes.{p}": f"kernels at {p} (per-kernel dispatch)" for p in _PRECISIONS},
+    **{f"kernels.{p}": f"kernels at {p} (per-kernel dispatch)" for p in _PRECISIONS},
     **{f"{k}.{p}.mmacs": f"million MACs of {k} nodes at {p}" for p in _PRECISIONS for k in _CONV_KINDS},
-    **{f"{k}.{p}.melems": f"million activation elements read+written by {k} nodes at {p}"
+    **{f"{k}.{p}.melems": f"million activation elements {k} nodes at {p} read and write"
        for p in _PRECISIONS for k in ("conv", "pointwise", "depthwise")},
-    **{f"other.{p}.melems": f"million activation elements read+written by element-wise, pooling, "
-                            f"normalisation and data-movement kernels at {p}" for p in _PRECISIONS},
-    "residual.int8": "residual Adds after an int8 convolution (ONNX Runtime runs them as QLinearAdd)",
+    **{f"weights.{p}.melems": f"million weight elements of convolution and GEMM nodes at {p}" for p in _PRECISIONS},
+    **{f"other.{p}.melems": f"million activation elements element-wise, pooling, normalisation and "
+                            f"data-movement kernels at {p} read and write" for p in _PRECISIONS},
+    "unfused.melems": "million output elements of activations ONNX Runtime cannot fuse into an fp32 "
+                      "convolution (PRelu ...), each run between layout reorders",
+    "qdq.kernels": "QuantizeLinear/DequantizeLinear nodes ONNX Runtime keeps as kernels "
+                   "(fp32/int8 boundaries, requantization after an int8 convolution's activation)",
+    "qdq.melems": "million elements those QuantizeLinear/DequantizeLinear kernels convert",
+    "shape.kernels": "shape arithmetic and reshape-like nodes (free in the cost model, run by ONNX Runtime)",
 }
 
+_QDQ = ("QuantizeLinear", "DequantizeLinear")
+#: Activations ONNX Runtime's CPU provider folds into an fp32 Conv/Gemm/MatMul (ConvActivationFusion,
+#: batch-norm and constant folding, NCHWc "Sum" for residual Adds, FusedMatMul scaling).
+_ORT_FUSES = {"Relu", "Clip", "Sigmoid", "Tanh", "LeakyRelu", "HardSigmoid", "BatchNormalization",
+              "Add", "Sub", "Mul", "Div"}
+#: Operators ONNX Runtime runs on int8 when all inputs are dequantized and the output is quantized.
+_QLINEAR_OPS = {"Conv", "MatMul", "Gemm", "Add", "Mul", "GlobalAveragePool", "AveragePool", "MaxPool",
+                "Concat", "Sigmoid", "LeakyRelu", "Softmax", "Transpose", "Reshape", "Flatten", "Squeeze",
+                "Unsqueeze", "Resize", "Gather", "Split", "Slice"}
+#: Graph nodes that never reach a kernel (removed or folded by ONNX Runtime before the run).
+_NOT_RUN = {"Constant", "Identity", "Dropout"}
 
-def _precision_of(node: Any) -> str:
-    return "int8" if node.precision in ("int8", "int4") else "fp32"
+
+def _precision_of(precision: str) -> str:
+    return "int8" if precision in ("int8", "int4") else "fp32"
 
 
-def graph_features(summary: "GraphSummary") -> dict[str, float]:
-    """The :data:`FEATURES` of an analysed graph (see :func:`autocomp_plugins.edge.costmodel.analyze`)."""
+@dataclass
+class _Analysis:
+    """The edge cost model's analysis of one graph, with the per-tensor shapes it inferred."""
+
+    graph: Any  # costmodel._Graph: nodes, shapes, producers, consumers, constants
+    labels: Any  # costmodel._Labels: kind, precision and fusion host of every node
+    work: list  # costmodel.NodeWork per node
+    original_nodes: int  # nodes of the file as written that reach a kernel or shape computation
+
+
+def _analyze(graph_or_path: Any, input_shapes: Mapping[str, Sequence[int]]) -> _Analysis:
+    """:func:`autocomp_plugins.edge.costmodel.analyze`, keeping the shapes it infers on the way.
+
+    The CPU features need the sizes of tensors the edge model treats as fused away (an activation
+    after a convolution, a Q/DQ pair between int8 layers), which :class:`GraphSummary` drops; this
+    runs the same steps as ``analyze`` once, rather than inferring shapes twice. A test checks the
+    node work agrees with ``analyze``.
+    """
+    from autocomp.errors import CandidateError
+    from autocomp_plugins.edge import costmodel as cm
+
+    try:
+        original = cm._load(graph_or_path)
+    except Exception as exc:
+        raise CandidateError(f"cannot read ONNX model {graph_or_path}: {exc}") from exc
+    g = cm._Graph(*cm._prepare(original, input_shapes))
+    labels = cm._label(g)
+    written: dict[int, set[str]] = {}
+    for tensor, host in labels.chain.items():
+        if tensor in g.outputs or any(labels.host[r] != host for r in g.readers(tensor)):
+            written.setdefault(host, set()).add(tensor)
+    work = [cm._work(g, labels, i, written) for i in range(len(g.nodes))]
+    runs = sum(1 for n in original.graph.node if n.op_type not in _NOT_RUN and n.op_type not in _QDQ)
+    return _Analysis(g, labels, work, runs)
+
+
+def _qdq_kernels(g: Any) -> list[int]:
+    """Activation Q/DQ nodes ONNX Runtime's QDQ fusion leaves as kernels of their own.
+
+    A node runs on int8 (QLinearConv, QLinearAdd ...) when every activation input comes from a
+    DequantizeLinear and its output goes to QuantizeLinear, possibly through a ReLU/Clip (which ONNX
+    Runtime drops in front of a QuantizeLinear). A DequantizeLinear all of whose readers run on int8,
+    and a QuantizeLinear written by one, fold into it; every other activation Q/DQ is a kernel.
+    """
+    nodes = g.nodes
+
+    def consumers(tensor: str) -> list[Any]:
+        return [nodes[c] for c in g.consumers.get(tensor, [])]
+
+    def producer(tensor: str) -> Any:
+        p = g.producer.get(tensor)
+        return nodes[p] if p is not None else None
+
+    def dropped_activation(node: Any) -> bool:
+        readers = consumers(node.output[0])
+        return node.op_type in ("Relu", "Clip") and bool(readers) and all(r.op_type == "QuantizeLinear"
+                                                                          for r in readers)
+
+    def runs_int8(node: Any) -> bool:
+        if node is None or node.op_type not in _QLINEAR_OPS:
+            return False
+        ins = [t for t in node.input if t and t not in g.constant]
+        if not ins or not all((p := producer(t)) is not None and p.op_type == "DequantizeLinear" for t in ins):
+            return False
+        readers = consumers(node.output[0])
+        if len(readers) == 1 and dropped_activation(readers[0]):
+            return True
+        return bool(readers) and all(r.op_type == "QuantizeLinear" for r in readers)
+
+    kept = []
+    for i, node in enumerate(nodes):
+        if node.op_type not in _QDQ or node.input[0] in g.constant:
+            continue
+        if node.op_type == "DequantizeLinear":
+            readers = consumers(node.output[0])
+            if readers and all(runs_int8(r) for r in readers):
+                continue
+        else:
+            p = producer(node.input[0])
+            if runs_int8(p) or (p is not None and dropped_activation(p) and runs_int8(producer(p.input[0]))):
+                continue
+        kept.append(i)
+    return kept
+
+
+def graph_features(graph_or_path: Any, input_shapes: Mapping[str, Sequence[int]]) -> dict[str, float]:
+    """The :data:`FEATURES` of an ONNX model (path or ``ModelProto``) at ``input_shapes``.
+
+    Raises :class:`autocomp.errors.CandidateError` when the graph cannot be analysed.
+    """
+    a = _analyze(graph_or_path, input_shapes)
+    g, labels = a.graph, a.labels
     values = dict.fromkeys(FEATURES, 0.0)
     values["run"] = 1.0
-    for node in summary.nodes:
-        p = _precision_of(node)
-        if node.fused_into is not None:
-            if node.op_type in ("Add", "Sub") and p == "int8":
-                values["residual.int8"] += 1
+    costed_or_fused = 0
+    for i, (node, work) in enumerate(zip(g.nodes, a.work)):
+        p = _precision_of(work.precision)
+        if node.op_type in _QDQ:
             continue
-        if node.kind == "free":
+        if work.fused_into is not None:
+            costed_or_fused += 1
+            host = labels.host[i]
+            out = g.numel(node.output[0]) / 1e6
+            if _precision_of(labels.precision[host]) == "int8":
+                if node.op_type in ("Add", "Sub", "Mul"):  # QLinearAdd / QLinearMul: a kernel of its own
+                    values["kernels.int8"] += 1
+                    values["other.int8.melems"] += 3 * out
+            elif node.op_type not in _ORT_FUSES:
+                values["kernels.fp32"] += 1
+                values["unfused.melems"] += out
             continue
-        values[f"nodes.{p}"] += 1
-        if node.kind in _CONV_KINDS:
-            values[f"{node.kind}.{p}.mmacs"] += node.macs / 1e6
-            if node.kind != "gemm":
-                values[f"{node.kind}.{p}.melems"] += node.activation_elements / 1e6
+        if work.kind == "free":
+            continue
+        costed_or_fused += 1
+        values[f"kernels.{p}"] += 1
+        if work.kind in _CONV_KINDS:
+            values[f"{work.kind}.{p}.mmacs"] += work.macs / 1e6
+            values[f"weights.{p}.melems"] += work.weight_elements / 1e6
+            if work.kind != "gemm":
+                values[f"{work.kind}.{p}.melems"] += work.activation_elements / 1e6
         else:
-            values[f"other.{p}.melems"] += node.activation_elements / 1e6
+            values[f"other.{p}.melems"] += work.activation_elements / 1e6
+    for i in _qdq_kernels(g):
+        values["qdq.kernels"] += 1
+        values["qdq.melems"] += g.numel(g.nodes[i].input[0]) / 1e6
+    values["shape.kernels"] = float(max(0, a.original_nodes - costed_or_fused))
     return values
 
 
@@ -274,9 +395,7 @@ def predict_latency_ms(onnx_path: Path | str, input_shapes: Mapping[str, Sequenc
     An estimate from the graph's structure, not a measurement. Raises
     :class:`autocomp.errors.CandidateError` when the graph cannot be analysed.
     """
-    from autocomp_plugins.edge.costmodel import analyze
-
-    return calibration.predict(graph_features(analyze(onnx_path, input_shapes)))
+    return calibration.predict(graph_features(onnx_path, input_shapes))
 
 
 # --- fitting --------------------------------------------------------------------------------------
@@ -453,23 +572,30 @@ def measure_candidates(paths: Sequence[Path], input_shapes: Sequence[Mapping[str
     """Measure every model ``rounds`` times, interleaved (shuffled order each round), with the cpu
     target's harness (:func:`autocomp.ort.measure_latency`, default :class:`TimingPolicy` but for
     ``threads``). Returns per model ``{"round_p50_ms": [...], "round_load": [...], "p50_ms": median}``
-    where ``round_load`` is the 1-minute load average when that round's measurement started.
+    where ``round_load`` is the 1-minute load average when that round's measurement started and
+    ``round_cpu_share`` the share of one core this process got while measuring (CPU time over wall
+    time; below 1 when other jobs took the core away).
     """
     import statistics
+    import time
 
     from autocomp.ort import TimingPolicy, measure_latency
 
     policy = TimingPolicy(threads=threads)
     rng = random.Random(seed)
-    results: list[dict[str, Any]] = [{"round_p50_ms": [], "round_load": []} for _ in paths]
+    results: list[dict[str, Any]] = [{"round_p50_ms": [], "round_load": [], "round_cpu_share": []}
+                                     for _ in paths]
     for r in range(rounds):
         order = list(range(len(paths)))
         rng.shuffle(order)
         for done, i in enumerate(order):
             load = os.getloadavg()[0]
+            wall, cpu = time.perf_counter(), time.process_time()
             stats = measure_latency(paths[i], input_shapes[i], policy)
+            share = (time.process_time() - cpu) / max(time.perf_counter() - wall, 1e-9) / threads
             results[i]["round_p50_ms"].append(stats.p50_ms)
             results[i]["round_load"].append(load)
+            results[i]["round_cpu_share"].append(round(share, 3))
             if progress and done % 20 == 0:
                 progress(f"round {r + 1}/{rounds}: {done}/{len(paths)} measured, load {load:.2f}")
     for result in results:
@@ -494,7 +620,6 @@ def calibrate_cpu(threads: int = 1, count: int = 80, rounds: int = 3, seed: int 
     import time
 
     from autocomp.errors import AutocompError
-    from autocomp_plugins.edge.costmodel import analyze
 
     with tempfile.TemporaryDirectory(prefix="autocomp-cpu-calibration-") as tmp:
         directory = Path(work_dir) if work_dir is not None else Path(tmp)
@@ -504,7 +629,7 @@ def calibrate_cpu(threads: int = 1, count: int = 80, rounds: int = 3, seed: int 
             try:
                 path = build_candidate(spec, directory)
                 shape = {"input": spec.input_shape}
-                rows.append(graph_features(analyze(path, shape)))
+                rows.append(graph_features(path, shape))
             except AutocompError as exc:
                 logger.warning("cpu calibration: skipping %s: %s", spec.describe(), exc)
                 continue

@@ -1,7 +1,13 @@
-"""Target ``cpu``: this host, measured with ONNX Runtime (fixed threads, warm-up, p50/p90)."""
+"""Target ``cpu``: this host, measured with ONNX Runtime (fixed threads, warm-up, p50/p90).
+
+Every final artifact is measured. Before training, :meth:`CpuTarget.predict_latency` estimates a
+candidate's latency from its graph (:mod:`autocomp_plugins.cpu_predictor`, calibrated on
+measurements of this host) so the search can drop one that cannot meet ``--max-latency``.
+"""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -11,6 +17,8 @@ from autocomp.hookspecs import hookimpl
 from autocomp.target import LatencyStats, Target
 
 __all__ = ["CpuTarget"]
+
+logger = logging.getLogger("autocomp")
 
 
 class CpuTarget(Target):
@@ -22,6 +30,8 @@ class CpuTarget(Target):
 
     def __init__(self, policy=None):
         self._policy = policy
+        self._calibration = None  # loaded on the first prediction, for this target's thread count
+        self._no_calibration = False
 
     @property
     def policy(self):
@@ -42,6 +52,28 @@ class CpuTarget(Target):
         from autocomp.ort import measure_latency
 
         return measure_latency(onnx_path, input_shapes, self.policy, target=self.name)
+
+    def predict_latency(self, onnx_path: Path, input_shapes: Mapping[str, Sequence[int]]) -> float | None:
+        """An *estimate* of the p50 latency in ms, from the graph alone, in milliseconds of CPU time.
+
+        Linear in per-operator work (MACs, elements moved, kernels) with coefficients fitted on
+        measurements of this host at this target's thread count (see
+        :mod:`autocomp_plugins.cpu_predictor` and ``benchmarks/cpu_predictor.md`` for how close it
+        comes). On a host without its own calibration it uses the shipped one and logs a warning.
+        Returns None when no calibration is available. Raises
+        :class:`autocomp.errors.CandidateError` when the graph cannot be analysed.
+        """
+        from autocomp_plugins.cpu_predictor import load_calibration, predict_latency_ms
+
+        if self._calibration is None and not self._no_calibration:
+            try:
+                self._calibration = load_calibration(self.policy.threads)
+            except (OSError, ValueError, KeyError) as exc:
+                logger.warning("cpu target: no latency predictor (%s); candidates are only measured", exc)
+                self._no_calibration = True
+        if self._calibration is None:
+            return None
+        return predict_latency_ms(onnx_path, input_shapes, self._calibration)
 
     def facts(self) -> dict[str, Any]:
         from autocomp.ort import host_facts

@@ -1,0 +1,218 @@
+"""The cpu target's latency predictor: features, calibration files, host matching. No timing here."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from autocomp_plugins import cpu_predictor as cp
+from autocomp_plugins.cpu_target import CpuTarget
+
+SHAPE = {"input": (1, 1, 32, 32)}
+
+
+@pytest.fixture(autouse=True)
+def _empty_cache(tmp_path, monkeypatch):
+    """Each test starts with an empty calibration cache, so only the shipped calibration is found."""
+    monkeypatch.setenv("AUTOCOMP_CACHE_DIR", str(tmp_path / "cache"))
+
+
+def _digits(tmp_path: Path, width: int) -> Path:
+    import torch
+
+    from autocomp.export import export_onnx
+    from autocomp_plugins.digits import DigitsResNet
+
+    torch.manual_seed(0)
+    return export_onnx(DigitsResNet(width=width), torch.zeros(1, 1, 32, 32), tmp_path / f"digits{width}.onnx")
+
+
+@pytest.fixture(scope="module")
+def digits_models(tmp_path_factory, torch_threads):
+    directory = tmp_path_factory.mktemp("digits")
+    return {w: _digits(directory, w) for w in (8, 16, 32)}
+
+
+# --- tiny graphs, counted by hand ----------------------------------------------------------------
+
+
+def _init(name, shape, dtype=np.float32):
+    return numpy_helper.from_array(np.random.default_rng(0).standard_normal(shape).astype(dtype), name)
+
+
+def _model(nodes, inits, in_shape=(1, 3, 16, 16)):
+    graph = helper.make_graph(nodes, "tiny", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(in_shape))],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], initializer=inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _tiny_fp32():
+    """conv 3x3 (3->8) + ReLU (fused), PRelu (not fused by ONNX Runtime), pointwise (8->16),
+    depthwise 3x3 (16), global pool, flatten, Gemm (16->10)."""
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1], name="conv"),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu"),
+        helper.make_node("PRelu", ["r1", "slope"], ["p1"], name="prelu"),
+        helper.make_node("Conv", ["p1", "w2"], ["c2"], name="pointwise"),
+        helper.make_node("Conv", ["c2", "w3"], ["c3"], pads=[1, 1, 1, 1], group=16, name="depthwise"),
+        helper.make_node("GlobalAveragePool", ["c3"], ["p"], name="pool"),
+        helper.make_node("Flatten", ["p"], ["f"], name="flatten"),
+        helper.make_node("Gemm", ["f", "w4", "b4"], ["y"], transB=1, name="fc"),
+    ]
+    inits = [_init("w1", (8, 3, 3, 3)), _init("b1", (8,)), _init("slope", (8, 1, 1)), _init("w2", (16, 8, 1, 1)),
+             _init("w3", (16, 1, 3, 3)), _init("w4", (10, 16)), _init("b4", (10,))]
+    return _model(nodes, inits)
+
+
+def test_tiny_fp32_features_match_hand_count():
+    f = cp.graph_features(_tiny_fp32(), {"x": (1, 3, 16, 16)})
+    hw = 16 * 16
+    assert f["run"] == 1
+    assert f["conv.fp32.mmacs"] == pytest.approx(8 * hw * 27 / 1e6)
+    assert f["pointwise.fp32.mmacs"] == pytest.approx(16 * hw * 8 / 1e6)
+    assert f["depthwise.fp32.mmacs"] == pytest.approx(16 * hw * 9 / 1e6)
+    assert f["gemm.fp32.mmacs"] == pytest.approx(10 * 16 / 1e6)
+    # conv (with its ReLU), PRelu, pointwise, depthwise, pool, Gemm; Flatten is a shape node
+    assert f["kernels.fp32"] == 6
+    assert f["unfused.melems"] == pytest.approx(8 * hw / 1e6)
+    assert f["shape.kernels"] == 1
+    assert f["weights.fp32.melems"] == pytest.approx((8 * 27 + 8 + 16 * 8 + 16 * 9 + 160 + 10) / 1e6)
+    # pool reads 16 x 16 x 16 and writes 16
+    assert f["other.fp32.melems"] == pytest.approx((16 * hw + 16) / 1e6)
+    assert all(f[k] == 0 for k in f if ".int8." in k or k.startswith("qdq"))
+
+
+def _tiny_qdq():
+    """x -> Q -> DQ -> Conv(int8 weight) -> Q -> DQ -> Relu -> Q -> DQ -> y, as quantize_static writes it.
+
+    ONNX Runtime runs: QuantizeLinear(x), QLinearConv, then a DequantizeLinear -> QuantizeLinear
+    requantization (the ReLU is dropped), and the final DequantizeLinear: four Q/DQ kernels.
+    """
+    def q(src, dst, name):
+        return helper.make_node("QuantizeLinear", [src, "s", "z"], [dst], name=name)
+
+    def dq(src, dst, name):
+        return helper.make_node("DequantizeLinear", [src, "s", "z"], [dst], name=name)
+
+    nodes = [
+        q("x", "xq", "q_in"), dq("xq", "xd", "dq_in"),
+        helper.make_node("DequantizeLinear", ["wq", "ws"], ["w"], name="dq_w"),
+        helper.make_node("Conv", ["xd", "w"], ["c"], pads=[1, 1, 1, 1], name="conv"),
+        q("c", "cq", "q_conv"), dq("cq", "cd", "dq_conv"),
+        helper.make_node("Relu", ["cd"], ["r"], name="relu"),
+        q("r", "rq", "q_relu"), dq("rq", "y", "dq_out"),
+    ]
+    wq = numpy_helper.from_array(np.ones((8, 3, 3, 3), dtype=np.int8), "wq")
+    inits = [numpy_helper.from_array(np.array(0.1, np.float32), "s"),
+             numpy_helper.from_array(np.array(0, np.uint8), "z"), wq,
+             numpy_helper.from_array(np.array(0.01, np.float32), "ws")]
+    return _model(nodes, inits)
+
+
+def test_tiny_qdq_features_match_hand_count():
+    f = cp.graph_features(_tiny_qdq(), {"x": (1, 3, 16, 16)})
+    assert f["conv.int8.mmacs"] == pytest.approx(8 * 256 * 27 / 1e6)
+    assert f["kernels.int8"] == 1 and f["kernels.fp32"] == 0
+    assert f["qdq.kernels"] == 4  # Q(x), DQ(conv) -> Q(relu) requantization, DQ(output)
+    assert f["qdq.melems"] == pytest.approx((3 * 256 + 3 * 8 * 256) / 1e6)
+
+
+@pytest.mark.parametrize("make", [_tiny_fp32, _tiny_qdq])
+def test_analysis_agrees_with_edge_cost_model(make):
+    from autocomp_plugins.edge.costmodel import analyze
+
+    shapes = {"x": (1, 3, 16, 16)}
+    assert tuple(cp._analyze(make(), shapes).work) == analyze(make(), shapes).nodes
+
+
+# --- predictions -------------------------------------------------------------------------------
+
+
+def test_predictions_positive_and_monotone_in_width(digits_models):
+    calibration = cp.load_calibration(threads=1)
+    predicted = [cp.predict_latency_ms(digits_models[w], SHAPE, calibration) for w in (8, 16, 32)]
+    assert all(p > 0 for p in predicted)
+    assert predicted == sorted(predicted) and len(set(predicted)) == 3
+
+
+def test_prediction_runs_no_model(digits_models, monkeypatch):
+    """Cheap by construction: the estimate comes from the graph; no ONNX Runtime session is made."""
+    import onnxruntime
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("predict_latency must not create an inference session")
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", refuse)
+    assert CpuTarget().predict_latency(digits_models[8], SHAPE) > 0
+
+
+def test_cpu_target_predict_latency_returns_float(digits_models):
+    value = CpuTarget().predict_latency(digits_models[16], SHAPE)
+    assert isinstance(value, float) and value > 0
+
+
+def test_fit_recovers_known_coefficients():
+    rng = np.random.default_rng(0)
+    truth = {"run": 0.02, "kernels.fp32": 0.001, "conv.fp32.mmacs": 0.03}
+    rows = [{"run": 1.0, "kernels.fp32": float(rng.integers(5, 50)), "conv.fp32.mmacs": float(rng.uniform(1, 90))}
+            for _ in range(12)]
+    latencies = [sum(truth[k] * r[k] for k in truth) for r in rows]
+    fitted = cp.fit_coefficients(rows, latencies)
+    assert {k: round(v, 6) for k, v in fitted.items() if v} == truth
+
+
+# --- calibration files ------------------------------------------------------------------------
+
+
+def test_shipped_calibration_loads():
+    calibrations = cp._read_calibrations(cp.SHIPPED_CALIBRATION)
+    assert calibrations and all(set(c.coefficients) <= set(cp.FEATURES) for c in calibrations)
+    shipped = calibrations[0]
+    for key in ("cpu_model", "onnxruntime", "isa"):
+        assert shipped.host[key]
+    loaded = cp.load_calibration(threads=shipped.threads, host=shipped.host)
+    assert loaded.source == str(cp.SHIPPED_CALIBRATION) and loaded.coefficients == shipped.coefficients
+
+
+def test_cached_calibration_for_this_host_is_preferred(digits_models):
+    host = cp.host_identity()
+    mine = cp.CpuCalibration(host=host, threads=1, coefficients={"run": 7.0})
+    path = cp.write_calibrations(cp.cache_path(host, 1), [mine])
+    loaded = cp.load_calibration(threads=1)
+    assert loaded.source == str(path) and loaded.coefficients == {"run": 7.0}
+    assert CpuTarget().predict_latency(digits_models[8], SHAPE) == pytest.approx(7.0)
+
+
+def test_other_host_logs_a_warning_and_still_predicts(digits_models, caplog):
+    host = {**cp.host_identity(), "cpu_model": "Imaginary CPU 9000"}
+    with caplog.at_level(logging.WARNING, logger="autocomp"):
+        calibration = cp.load_calibration(threads=1, host=host)
+    assert "another host" in caplog.text and "Imaginary CPU 9000" in caplog.text
+    assert cp.predict_latency_ms(digits_models[8], SHAPE, calibration) > 0
+
+
+def test_thread_count_without_calibration_warns(caplog, monkeypatch):
+    shipped = cp._read_calibrations(cp.SHIPPED_CALIBRATION)[0]
+    monkeypatch.setattr(cp, "host_identity", lambda: dict(shipped.host))
+    with caplog.at_level(logging.WARNING, logger="autocomp"):
+        calibration = cp.load_calibration(threads=64)
+    assert calibration.threads != 64 and "not 64" in caplog.text
+
+
+def test_calibration_rejects_bad_coefficients():
+    with pytest.raises(ValueError, match="unknown features"):
+        cp.CpuCalibration(host={}, threads=1, coefficients={"flops": 1.0})
+    with pytest.raises(ValueError, match=">= 0"):
+        cp.CpuCalibration(host={}, threads=1, coefficients={"run": -1.0})
+
+
+def test_calibration_round_trips_through_json(tmp_path):
+    calibration = cp.CpuCalibration(host={"cpu_model": "x"}, threads=2, coefficients={"run": 0.5}, fit={"models": 3})
+    path = cp.write_calibrations(tmp_path / "c.json", [calibration])
+    (loaded,) = cp._read_calibrations(path)
+    assert loaded.to_dict() == calibration.to_dict()

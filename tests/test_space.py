@@ -123,3 +123,21 @@ def test_shipped_spaces_load_and_give_parameters(tmp_path, registry, space_name,
     assert counts["prune"] > 0 and counts["quantize"] > 0
     if "remove_blocks" in counts:
         assert counts["remove_blocks"] > 0
+
+
+def test_benchmark_hypervolume_against_hand_computed_areas():
+    """The 2-D hypervolume used by benchmarks/joint_vs_single.py, on cases worked out by hand."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parent.parent / "benchmarks" / "joint_vs_single.py"
+    spec = importlib.util.spec_from_file_location("joint_vs_single", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    hv = module.hypervolume
+    # one point: (acc 0.9, 2 ms) against ref (0.8, 10 ms) -> (10 - 2) * (0.9 - 0.8) = 0.8
+    assert hv([(0.9, 2.0)], 0.8, 10.0) == pytest.approx(0.8)
+    # two points: (0.95, 5) and (0.85, 1): [1,5) at 0.05 + [5,10) at 0.15 = 0.2 + 0.75
+    assert hv([(0.95, 5.0), (0.85, 1.0)], 0.8, 10.0) == pytest.approx(0.95)
+    # a dominated point adds nothing; points beyond the reference add nothing
+    assert hv([(0.95, 5.0), (0.85, 1.0), (0.84, 6.0), (0.7, 0.5), (0.99, 12.0)], 0.8, 10.0) == pytest.approx(0.95)

@@ -1,0 +1,159 @@
+"""Benchmark: is one joint search over every method better than single-method searches?
+
+Runs three searches on the built-in workload with the same trial budget: pruning alone
+(benchmarks/spaces/prune_only.toml, with the same recovery), quantization alone
+(benchmarks/spaces/quantize_only.toml) and all methods jointly (search_spaces/joint.toml). Then it
+re-measures the base model and every Pareto member of the three runs side by side, in interleaved
+rounds (median of rounds), so the fronts are compared under the same machine load, and computes:
+
+- each front (accuracy up, latency down, drop <= max-drop) from those side-by-side latencies,
+- its hypervolume, with the reference point (base accuracy - max drop, base latency),
+- whether every point of each single-method front is weakly dominated by a point of the joint front.
+
+    python benchmarks/joint_vs_single.py [--trials 20] [--rounds 5]
+
+Writes benchmarks/joint_vs_single.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from statistics import median
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+SPACES = {
+    "prune": HERE / "spaces" / "prune_only.toml",
+    "quantize": HERE / "spaces" / "quantize_only.toml",
+    "joint": ROOT / "search_spaces" / "joint.toml",
+}
+
+
+def hypervolume(points: list[tuple[float, float]], ref_accuracy: float, ref_latency: float) -> float:
+    """Area dominated by ``points`` (accuracy up, latency down) and bounded by the reference point."""
+    useful = sorted((lat, acc) for acc, lat in points if acc > ref_accuracy and lat < ref_latency)
+    area, best_acc = 0.0, ref_accuracy
+    # sweep from the slowest to the fastest point: each adds the accuracy it gains over slower ones
+    for i, (lat, acc) in enumerate(useful):
+        right = useful[i + 1][0] if i + 1 < len(useful) else ref_latency
+        best_acc = max(best_acc, acc)
+        area += (right - lat) * (best_acc - ref_accuracy)
+    return area
+
+
+def pareto_front(points: list[dict]) -> list[dict]:
+    front = []
+    for p in points:
+        if not any(q["accuracy"] >= p["accuracy"] and q["latency_ms"] <= p["latency_ms"]
+                   and (q["accuracy"] > p["accuracy"] or q["latency_ms"] < p["latency_ms"]) for q in points):
+            front.append(p)
+    return sorted(front, key=lambda p: p["latency_ms"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trials", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--max-drop", type=float, default=0.02)
+    parser.add_argument("--out", type=Path, default=ROOT / "results" / "bench-joint")
+    args = parser.parse_args(argv)
+
+    from autocomp.ort import TimingPolicy, host_facts, measure_latency
+
+    runs = {}
+    for name, space in SPACES.items():
+        out = args.out / name
+        if out.exists():
+            shutil.rmtree(out)
+        command = [sys.executable, "-m", "autocomp.cli", "search", "--target", "cpu", "--max-drop", str(args.max_drop),
+                   "--trials", str(args.trials), "--space", str(space), "--out", str(out), "--json"]
+        start = time.perf_counter()
+        proc = subprocess.run(command, capture_output=True, text=True)
+        if proc.returncode not in (0, 1):
+            sys.stderr.write(proc.stderr)
+            return proc.returncode
+        runs[name] = {"summary": json.loads(proc.stdout), "wall_s": round(time.perf_counter() - start, 1)}
+        print(f"{name}: {runs[name]['wall_s']} s, {len(runs[name]['summary']['pareto'])} Pareto members", flush=True)
+
+    base = runs["joint"]["summary"]["baseline"]
+    shapes = {"input": [1, 1, 32, 32]}
+    artifacts = [("base", None, Path(base["artifact"]), base["metric"])]
+    for name, run in runs.items():
+        for m in run["summary"]["pareto"]:
+            artifacts.append((name, m["trial"], Path(m["artifact"]), m["metric"]))
+    samples: list[list[float]] = [[] for _ in artifacts]
+    load_before = os.getloadavg()
+    for _ in range(args.rounds):
+        for i, (_, _, path, _) in enumerate(artifacts):
+            samples[i].append(measure_latency(path, shapes, TimingPolicy()).p50_ms)
+    load_after = os.getloadavg()
+    base_ms = median(samples[0])
+    ref_accuracy = base["metric"] - args.max_drop
+    points: dict[str, list[dict]] = {name: [] for name in runs}
+    for (name, trial, path, accuracy), s in zip(artifacts[1:], samples[1:]):
+        points[name].append({"trial": trial, "accuracy": accuracy, "latency_ms": median(s),
+                             "speedup": base_ms / median(s), "spread_pct": 100 * (max(s) - min(s)) / median(s)})
+    fronts = {name: pareto_front(p) for name, p in points.items()}
+    volumes = {name: hypervolume([(p["accuracy"], p["latency_ms"]) for p in f], ref_accuracy, base_ms)
+               for name, f in fronts.items()}
+
+    def dominated_by_joint(p: dict) -> bool:
+        return any(q["accuracy"] >= p["accuracy"] and q["latency_ms"] <= p["latency_ms"] for q in fronts["joint"])
+
+    dominance = {name: {"points": len(fronts[name]), "dominated_by_joint": sum(dominated_by_joint(p) for p in fronts[name])}
+                 for name in ("prune", "quantize")}
+    record = {
+        "command": f"python benchmarks/joint_vs_single.py --trials {args.trials} --rounds {args.rounds}",
+        "trials_per_search": args.trials,
+        "max_drop": args.max_drop,
+        "host": host_facts(1),
+        "load_average_during_remeasure": [list(load_before), list(load_after)],
+        "base": {"accuracy": base["metric"], "latency_ms": base_ms},
+        "reference_point": {"accuracy": ref_accuracy, "latency_ms": base_ms},
+        "search_wall_s": {name: run["wall_s"] for name, run in runs.items()},
+        "fronts": fronts,
+        "hypervolume": volumes,
+        "joint_dominates": dominance,
+        "fastest_feasible_speedup": {name: max((p["speedup"] for p in f), default=None) for name, f in fronts.items()},
+    }
+    (HERE / "joint_vs_single.json").write_text(json.dumps(record, indent=2) + "\n")
+    lines = [
+        "# Joint search vs single-method searches",
+        "",
+        f"Command: `{record['command']}`; each search: `autocomp search --target cpu --max-drop {args.max_drop} "
+        f"--trials {args.trials} --space SPACE` on the built-in digits workload.",
+        f"Pareto members of the three runs and the base model re-measured side by side: {args.rounds} interleaved "
+        f"rounds, median of the round p50s (1 thread, ONNX Runtime). Load average during re-measurement: "
+        f"{[round(x, 2) for x in load_before]} -> {[round(x, 2) for x in load_after]}.",
+        "",
+        f"Base: accuracy {100 * base['metric']:.2f} %, p50 {base_ms:.3f} ms. Reference point for hypervolume: "
+        f"accuracy {100 * ref_accuracy:.2f} %, latency {base_ms:.3f} ms (units: accuracy x ms).",
+        "",
+        "| search | wall s | front size | hypervolume | fastest feasible speedup | front points dominated by the joint front |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name in ("prune", "quantize", "joint"):
+        dom = dominance.get(name)
+        fastest = record["fastest_feasible_speedup"][name]
+        lines.append(f"| {name} | {runs[name]['wall_s']:.0f} | {len(fronts[name])} | {volumes[name]:.5f} | "
+                     f"{'-' if fastest is None else f'{fastest:.2f}x'} | "
+                     f"{'-' if dom is None else f'{dom['dominated_by_joint']} of {dom['points']}'} |")
+    lines += ["", "Fronts (accuracy %, p50 ms, speedup):", ""]
+    for name in ("prune", "quantize", "joint"):
+        lines.append(f"- {name}: " + "; ".join(f"trial {p['trial']}: {100 * p['accuracy']:.2f} %, {p['latency_ms']:.3f} ms, "
+                                              f"{p['speedup']:.2f}x" for p in fronts[name]))
+    lines.append("")
+    (HERE / "joint_vs_single.md").write_text("\n".join(lines))
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -40,7 +40,7 @@ def hypervolume(points: list[tuple[float, float]], ref_accuracy: float, ref_late
     """Area dominated by ``points`` (accuracy up, latency down) and bounded by the reference point."""
     useful = sorted((lat, acc) for acc, lat in points if acc > ref_accuracy and lat < ref_latency)
     area, best_acc = 0.0, ref_accuracy
-    # sweep from the slowest to the fastest point: each adds the accuracy it gains over slower ones
+    # sweep from the fastest point: over [its latency, the next point's) the best accuracy reached so far counts
     for i, (lat, acc) in enumerate(useful):
         right = useful[i + 1][0] if i + 1 < len(useful) else ref_latency
         best_acc = max(best_acc, acc)
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         fastest = record["fastest_feasible_speedup"][name]
         lines.append(f"| {name} | {runs[name]['wall_s']:.0f} | {len(fronts[name])} | {volumes[name]:.5f} | "
                      f"{'-' if fastest is None else f'{fastest:.2f}x'} | "
-                     f"{'-' if dom is None else f'{dom['dominated_by_joint']} of {dom['points']}'} |")
+                     f"{'-' if dom is None else str(dom['dominated_by_joint']) + ' of ' + str(dom['points'])} |")
     lines += ["", "Fronts (accuracy %, p50 ms, speedup):", ""]
     for name in ("prune", "quantize", "joint"):
         lines.append(f"- {name}: " + "; ".join(f"trial {p['trial']}: {100 * p['accuracy']:.2f} %, {p['latency_ms']:.3f} ms, "

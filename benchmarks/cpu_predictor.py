@@ -1,0 +1,379 @@
+"""Calibrate and validate the ``cpu`` target's latency predictor on this host.
+
+Run ``python benchmarks/cpu_predictor.py`` (about 12 minutes on two shared cores; ``--count`` and
+``--rounds`` trade time for noise). It
+
+1. builds ``--count`` candidates like the ones a search produces
+   (:func:`autocomp_plugins.cpu_predictor.candidate_specs`: the digits ResNet at several widths and
+   image sizes, resnet20, mobilenet_v2, a small ViT and mobilefacenet, randomly pruned per group
+   with ``round_to = 8``, in fp32, fully int8 or partly int8), cached in ``benchmarks/.cache/``;
+2. measures every one ``--rounds`` times with the cpu target's harness (``TimingPolicy()``: one
+   thread, warm-up, at least 1 s), interleaved in a new random order each round, recording the load
+   average and the share of a core the process got during each measurement; a model's latency is
+   the median of its round p50s;
+3. reports repeatability: per model, the largest deviation of a round's p50 from the model's median;
+4. validates the predictor by 5-fold cross-validation: every candidate is predicted by coefficients
+   fitted on the other four fifths, never on itself; the same folds score a FLOPs-only baseline
+   (latency proportional to MACs) and a leave-one-architecture-out split shows how the fit carries
+   to a family it never saw;
+5. fits on all candidates and writes the shipped calibration
+   ``plugins/autocomp_plugins/cpu_calibration.json`` (``--no-write-calibration`` to keep it), then
+   ``benchmarks/cpu_predictor.json`` (every measurement) and ``benchmarks/cpu_predictor.md``.
+
+``--refit`` skips building and measuring and refits on the measurements in ``cpu_predictor.json``
+(features are recomputed from the cached ONNX files, which must still be there).
+
+Exit status 0 when at least 90 % of cross-validated predictions are within 10 % of measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+CACHE = HERE / ".cache" / "cpu_predictor"
+OUT_JSON = HERE / "cpu_predictor.json"
+OUT_MD = HERE / "cpu_predictor.md"
+
+from autocomp_plugins import cpu_predictor as cp  # noqa: E402
+
+BAR_ERROR = 0.10
+BAR_FRACTION = 0.90
+REPEAT_BAR = 0.05
+FOLDS = 5
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _errors(predicted, measured) -> np.ndarray:
+    return np.asarray(predicted) / np.asarray(measured) - 1.0
+
+
+def _score(errors: np.ndarray) -> dict:
+    a = np.abs(errors)
+    return {"n": int(a.size), "within_10pct": float(np.mean(a <= BAR_ERROR)), "median_abs_error": float(np.median(a)),
+            "p90_abs_error": float(np.percentile(a, 90)), "max_abs_error": float(a.max()),
+            "mean_signed_error": float(np.mean(errors))}
+
+
+def _folds(n: int, k: int, seed: int) -> list[np.ndarray]:
+    order = np.random.default_rng(seed).permutation(n)
+    return [order[f::k] for f in range(k)]
+
+
+def _out_of_fold(rows: list[dict], y: np.ndarray, groups: list[np.ndarray], features=tuple(cp.FEATURES)) -> np.ndarray:
+    """Predictions for each held-out group from coefficients fitted on all the others."""
+    predicted = np.full(len(y), np.nan)
+    for test in groups:
+        train = np.setdiff1d(np.arange(len(y)), test)
+        coefficients = cp.fit_coefficients([rows[i] for i in train], y[train], features)
+        for i in test:
+            predicted[i] = sum(coefficients[f] * rows[i].get(f, 0.0) for f in features)
+    return predicted
+
+
+def _flops_rows(rows: list[dict]) -> list[dict]:
+    return [{"mmacs": sum(v for k, v in r.items() if k.endswith(".mmacs"))} for r in rows]
+
+
+def build(count: int, seed: int) -> list[dict]:
+    CACHE.mkdir(parents=True, exist_ok=True)
+    models = []
+    for n, spec in enumerate(cp.candidate_specs(count, seed)):
+        try:
+            path = cp.build_candidate(spec, CACHE)
+        except Exception as exc:  # noqa: BLE001 - a candidate that cannot be built is reported, not fatal
+            _say(f"  skipped {spec.describe()}: {type(exc).__name__}: {exc}")
+            continue
+        models.append({"key": spec.key, "spec": spec.describe(), "family": spec.family, "precision": spec.precision,
+                       "input_shape": list(spec.input_shape), "path": str(path.relative_to(REPO))})
+        if n % 20 == 0:
+            _say(f"  built {n + 1}/{count}")
+    return models
+
+
+def features(models: list[dict]) -> list[float]:
+    """Fill each model's features; return the time each prediction (analysis + dot product) took, in ms."""
+    took = []
+    for m in models:
+        start = time.perf_counter()
+        m["features"] = cp.graph_features(REPO / m["path"], {"input": m["input_shape"]})
+        took.append(1e3 * (time.perf_counter() - start))
+        m["nodes_in_file"] = None
+    return took
+
+
+def analyse(models: list[dict], seed: int) -> dict:
+    rows = [m["features"] for m in models]
+    median = np.array([statistics.median(m["round_p50_ms"]) for m in models])
+    quietest = np.array([min(m["round_p50_ms"]) for m in models])
+    spread = np.array([max(abs(r / statistics.median(m["round_p50_ms"]) - 1) for r in m["round_p50_ms"])
+                       for m in models])
+    folds = _folds(len(models), FOLDS, seed)
+    families = sorted({m["family"] for m in models})
+    by_family = [np.array([i for i, m in enumerate(models) if m["family"] == f]) for f in families]
+
+    predicted = _out_of_fold(rows, median, folds)
+    flops = _out_of_fold(_flops_rows(rows), median, folds, features=("mmacs",))
+    family_out = _out_of_fold(rows, median, by_family)
+    predicted_quiet = _out_of_fold(rows, quietest, folds)
+    stable = spread <= REPEAT_BAR
+    for i, m in enumerate(models):
+        m["median_p50_ms"] = float(median[i])
+        m["round_spread"] = float(spread[i])
+        m["predicted_cv_ms"] = float(predicted[i])
+        m["predicted_flops_cv_ms"] = float(flops[i])
+        m["predicted_family_out_ms"] = float(family_out[i])
+
+    shares = np.array([s for m in models for s in m["round_cpu_share"]])
+    loads = np.array([s for m in models for s in m["round_load"]])
+    rounds = len(models[0]["round_p50_ms"])
+    per_round_load = [float(np.mean([m["round_load"][r] for m in models])) for r in range(rounds)]
+    per_round_share = [float(np.mean([m["round_cpu_share"][r] for m in models])) for r in range(rounds)]
+    # The quieter half of the measurements: rounds in which this process kept its core.
+    quiet_p50 = []
+    for m in models:
+        kept = [p for p, s in zip(m["round_p50_ms"], m["round_cpu_share"]) if s >= 0.97]
+        quiet_p50.append(statistics.median(kept) if kept else math.nan)
+    quiet_p50 = np.array(quiet_p50)
+    has_quiet = ~np.isnan(quiet_p50)
+
+    result = {
+        "repeatability": {
+            "rounds": rounds,
+            "median_spread": float(np.median(spread)),
+            "p90_spread": float(np.percentile(spread, 90)),
+            "models_within_5pct": float(np.mean(stable)),
+            "note": "spread = max over rounds of |round p50 / median of rounds - 1|, per model",
+        },
+        "load": {
+            "load_1min_mean": float(loads.mean()), "load_1min_min": float(loads.min()),
+            "load_1min_max": float(loads.max()), "per_round_load_1min": per_round_load,
+            "cpu_share_mean": float(shares.mean()), "per_round_cpu_share": per_round_share,
+            "measurements_with_cpu_share_ge_0.97": float(np.mean(shares >= 0.97)),
+        },
+        "validation": {
+            "method": f"{FOLDS}-fold cross-validation (random folds, seed {seed}); each prediction from a fit without it",
+            "predictor": _score(_errors(predicted, median)),
+            "flops_only": _score(_errors(flops, median)),
+            "leave_one_architecture_out": _score(_errors(family_out, median)),
+            "stable_models_only": _score(_errors(predicted[stable], median[stable])) if stable.any() else None,
+            "quietest_round_target": _score(_errors(predicted_quiet, quietest)),
+            "quiet_measurements_target": (_score(_errors(_out_of_fold([rows[i] for i in np.flatnonzero(has_quiet)],
+                                                                      quiet_p50[has_quiet],
+                                                                      _folds(int(has_quiet.sum()), FOLDS, seed)),
+                                                         quiet_p50[has_quiet]))
+                                          if has_quiet.sum() >= 2 * FOLDS else None),
+            "by_precision": {p: _score(_errors(predicted[idx], median[idx]))
+                             for p in ("fp32", "int8", "mixed")
+                             if (idx := np.array([i for i, m in enumerate(models) if m["precision"] == p])).size},
+            "by_architecture": {f: _score(_errors(predicted[idx], median[idx])) for f, idx in zip(families, by_family)},
+        },
+    }
+    return result
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f} %"
+
+
+def markdown(report: dict) -> str:
+    v, r, load, cal = report["validation"], report["repeatability"], report["load"], report["calibration"]
+    p = v["predictor"]
+    lines = [
+        "# `cpu` latency predictor: predicted vs measured on this host",
+        "",
+        f"Generated by `python benchmarks/cpu_predictor.py` on {report['date']}: {report['host']['cpu_model']} "
+        f"({report['host']['isa']}), ONNX Runtime {report['host']['onnxruntime']}, {report['threads']} thread, "
+        f"{report['cpu_count']} logical CPUs shared with other jobs. {p['n']} candidates, each measured "
+        f"{r['rounds']} times with the cpu target's harness (`TimingPolicy()`: 1 thread, >= 1 s), interleaved; "
+        "a model's latency is the median of its round p50s. Took "
+        f"{report['seconds'] / 60:.1f} min.",
+        "",
+        "## Result",
+        "",
+        f"- **Predictor, {v['method']}: {_pct(p['within_10pct'])} of predictions within 10 % of measured** "
+        f"(bar: 90 %); median error {_pct(p['median_abs_error'])}, 90th percentile {_pct(p['p90_abs_error'])}, "
+        f"max {_pct(p['max_abs_error'])}.",
+        f"- FLOPs-only baseline (latency proportional to MACs, same folds): {_pct(v['flops_only']['within_10pct'])} "
+        f"within 10 %, median error {_pct(v['flops_only']['median_abs_error'])}.",
+        f"- **Repeatability: the median model's round p50s deviate from its median by up to "
+        f"{_pct(r['median_spread'])}** (90th percentile {_pct(r['p90_spread'])}; "
+        f"{_pct(r['models_within_5pct'])} of models within 5 %; bar: 5 %).",
+        f"- **Load while measuring**: 1-minute load average {load['load_1min_mean']:.2f} on average "
+        f"(min {load['load_1min_min']:.2f}, max {load['load_1min_max']:.2f}) on {report['cpu_count']} CPUs; this process "
+        f"got {_pct(load['cpu_share_mean'])} of its core on average, and a full core (>= 97 %) in "
+        f"{_pct(load['measurements_with_cpu_share_ge_0.97'])} of the measurements.",
+        "",
+        "| subset / target | n | within 10 % | median error | p90 error | max error |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+
+    def row(name, s):
+        if s:
+            lines.append(f"| {name} | {s['n']} | {_pct(s['within_10pct'])} | {_pct(s['median_abs_error'])} | "
+                         f"{_pct(s['p90_abs_error'])} | {_pct(s['max_abs_error'])} |")
+
+    row("predictor, all candidates (median of rounds)", p)
+    row("FLOPs-only baseline", v["flops_only"])
+    row("predictor, leave one architecture out", v["leave_one_architecture_out"])
+    row("predictor, models whose rounds agree within 5 %", v["stable_models_only"])
+    row("predictor fitted and scored on the quietest round of each model", v["quietest_round_target"])
+    row("predictor fitted and scored on rounds with a full core (>= 97 %)", v["quiet_measurements_target"])
+    for name, s in v["by_precision"].items():
+        row(f"predictor, {name} candidates", s)
+    for name, s in v["by_architecture"].items():
+        row(f"predictor, {name} candidates", s)
+    lines += [
+        "",
+        "## Reading these figures",
+        "",
+        report["verdict"],
+        "",
+        "## The model and its shipped coefficients",
+        "",
+        "`latency_ms = sum(coefficient * feature)`, non-negative coefficients fitted on relative error "
+        f"(all {cal['fit']['models']} candidates; in-sample {_pct(cal['fit']['in_sample_within_10pct'])} within 10 %). "
+        "Features come from the edge cost model's per-node analysis "
+        "(`autocomp_plugins.cpu_predictor.FEATURES`). A zero means the data did not need the term.",
+        "",
+        "| feature | coefficient | unit | what it counts |",
+        "|---|---:|---|---|",
+    ]
+    for name, value in cal["coefficients"].items():
+        unit = ("ms per million" if ".mmacs" in name or "melems" in name else "ms each")
+        lines.append(f"| `{name}` | {value:.5g} | {unit} | {cp.FEATURES[name]} |")
+    t = report["prediction_ms"]
+    lines += [
+        "",
+        f"Prediction cost (graph analysis and dot product, this host while loaded): median {t['median']:.1f} ms, "
+        f"max {t['max']:.1f} ms over the candidates (the largest graphs have about 400 nodes).",
+        "",
+        "## Caveats",
+        "",
+        "- The shipped coefficients are for this host, one thread, this ONNX Runtime; another host gets a warning and "
+        "these numbers until it runs `autocomp_plugins.cpu_predictor.calibrate_cpu()`.",
+        "- Candidates are untrained; batch-norm statistics and per-layer constants are randomised so the export does "
+        "not share initializers between layers (which would stop ONNX Runtime's int8 fusion), as in a trained model.",
+        "- int8 is ONNX Runtime's QDQ format as the quantize method writes it (u8 activations, s8 per-channel weights, "
+        "reduce_range on this CPU without VNNI); which Q/DQ nodes survive fusion follows ONNX Runtime's rules as "
+        "modelled in `_qdq_kernels`, not its optimised graph.",
+        "- Measurements on a machine shared with other jobs: see the load figures; the predictor cannot be more "
+        "accurate than the measurements it is scored against.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def verdict(report: dict) -> str:
+    v, r = report["validation"], report["repeatability"]
+    met = v["predictor"]["within_10pct"] >= BAR_FRACTION
+    repeat_met = r["median_spread"] <= REPEAT_BAR
+    parts = []
+    if met:
+        parts.append(f"The accuracy bar is met: {_pct(v['predictor']['within_10pct'])} of held-out predictions are "
+                     "within 10 % of the median measured latency.")
+    else:
+        parts.append(f"**The accuracy bar (90 % within 10 %) is not met on all candidates: "
+                     f"{_pct(v['predictor']['within_10pct'])}.**")
+    if repeat_met:
+        parts.append(f"Measurements repeat within the 5 % bar (median spread {_pct(r['median_spread'])}).")
+    else:
+        parts.append(f"**Measurements do not repeat within 5 % on this loaded machine** (median spread "
+                     f"{_pct(r['median_spread'])}, 90th percentile {_pct(r['p90_spread'])}): the reference the "
+                     "predictor is scored against moves by about as much as the 10 % tolerance, so part of the error "
+                     "above is measurement noise, not model error.")
+    quiet = [(name, v[key]) for name, key in (("models whose rounds agree within 5 %", "stable_models_only"),
+                                              ("the quietest round of each model", "quietest_round_target"),
+                                              ("rounds with a full core", "quiet_measurements_target")) if v[key]]
+    if quiet:
+        parts.append("On quieter data: " + "; ".join(f"{name}: {_pct(s['within_10pct'])} within 10 % (n={s['n']})"
+                                                     for name, s in quiet) + ".")
+    parts.append(f"FLOPs alone: {_pct(v['flops_only']['within_10pct'])} within 10 %. Leave one architecture out: "
+                 f"{_pct(v['leave_one_architecture_out']['within_10pct'])} within 10 % (an architecture family the "
+                 "fit never saw).")
+    return " ".join(parts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--count", type=int, default=100, help="candidates to build and measure (default 100)")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved measurement rounds (default 5)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--refit", action="store_true", help="reuse the measurements in cpu_predictor.json")
+    parser.add_argument("--no-write-calibration", action="store_true",
+                        help="do not overwrite plugins/autocomp_plugins/cpu_calibration.json")
+    args = parser.parse_args(argv)
+    logging.getLogger("onnxruntime").setLevel(logging.ERROR)
+    logging.getLogger().setLevel(logging.ERROR)  # quantize_static's notices about bias initializers
+
+    started = time.time()
+    threads = 1
+    if args.refit:
+        previous = json.loads(OUT_JSON.read_text(encoding="utf-8"))
+        models = previous["models"]
+        measured_at = previous["date"]
+        seconds = previous["seconds"]
+    else:
+        _say(f"building {args.count} candidates in {CACHE.relative_to(REPO)} ...")
+        models = build(args.count, args.seed)
+        _say(f"measuring {len(models)} candidates x {args.rounds} rounds (about "
+             f"{len(models) * args.rounds * 1.3 / 60:.0f} min) ...")
+        results = cp.measure_candidates([REPO / m["path"] for m in models],
+                                        [{"input": m["input_shape"]} for m in models],
+                                        threads=threads, rounds=args.rounds, seed=args.seed, progress=_say)
+        for m, r in zip(models, results):
+            m.update(round_p50_ms=r["round_p50_ms"], round_load=r["round_load"], round_cpu_share=r["round_cpu_share"])
+        measured_at = time.strftime("%Y-%m-%d %H:%M")
+        seconds = None
+    took = features(models)
+    report = analyse(models, args.seed)
+
+    rows = [m["features"] for m in models]
+    median = [m["median_p50_ms"] for m in models]
+    coefficients = cp.fit_coefficients(rows, median)
+    host = cp.host_identity()
+    in_sample = np.abs(_errors([sum(coefficients[f] * r[f] for f in cp.FEATURES) for r in rows], median))
+    calibration = cp.CpuCalibration(host=host, threads=threads, coefficients=coefficients, fit={
+        "models": len(models),
+        "rounds": report["repeatability"]["rounds"],
+        "target": "median of round p50s, TimingPolicy() defaults",
+        "in_sample_within_10pct": float(np.mean(in_sample <= BAR_ERROR)),
+        "in_sample_median_error": float(np.median(in_sample)),
+        "cross_validated_within_10pct": report["validation"]["predictor"]["within_10pct"],
+        "load_1min_mean": report["load"]["load_1min_mean"],
+        "date": measured_at,
+        "by": "benchmarks/cpu_predictor.py",
+    })
+    if not args.no_write_calibration:
+        cp.write_calibrations(cp.SHIPPED_CALIBRATION, [calibration])
+        _say(f"wrote {cp.SHIPPED_CALIBRATION.relative_to(REPO)}")
+
+    report.update(
+        date=measured_at, host=host, threads=threads, cpu_count=os.cpu_count(),
+        seconds=seconds if seconds is not None else time.time() - started,
+        calibration=calibration.to_dict(),
+        prediction_ms={"median": float(np.median(took)), "max": float(np.max(took))},
+    )
+    report["verdict"] = verdict(report)
+    OUT_JSON.write_text(json.dumps({**report, "models": models}, indent=1) + "\n", encoding="utf-8")
+    OUT_MD.write_text(markdown(report), encoding="utf-8")
+    _say(f"wrote {OUT_JSON.relative_to(REPO)} and {OUT_MD.relative_to(REPO)}")
+    _say(report["verdict"])
+    return 0 if report["validation"]["predictor"]["within_10pct"] >= BAR_FRACTION else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

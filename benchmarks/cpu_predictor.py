@@ -112,7 +112,6 @@ def features(models: list[dict]) -> list[float]:
         start = time.perf_counter()
         m["features"] = cp.graph_features(REPO / m["path"], {"input": m["input_shape"]})
         took.append(1e3 * (time.perf_counter() - start))
-        m["nodes_in_file"] = None
     return took
 
 

@@ -221,7 +221,9 @@ def _anchor_params(space: ConcreteSpace, quantile: float) -> dict[str, Any]:
 
 
 class _Objective:
-    def __init__(self, prep: Prepared, concrete: ConcreteSpace, baseline: dict[str, Any], on_event: Event):
+    def __init__(self, prep: Prepared, concrete: ConcreteSpace, baseline: dict[str, Any], on_event: Event,
+                 stop: "_StopOnSignal"):
+        self.stop = stop
         self.prep = prep
         self.concrete = concrete
         self.baseline = baseline
@@ -268,6 +270,7 @@ class _Objective:
         from autocomp.export import check_parity, export_onnx
         from autocomp.ort import input_shapes_of
 
+        self.stop.check()
         prep, cfg, wl = self.prep, self.prep.config, self.prep.workload
         trial_dir = prep.run.trial_dir(trial.number)
         work = trial_dir / "work"
@@ -347,23 +350,40 @@ class _Objective:
         return metric, latency.p50_ms
 
 
-class _TerminateAsInterrupt:
-    """Turn SIGTERM into KeyboardInterrupt so the running trial is closed (marked failed) and the
-    run stays resumable, instead of being left RUNNING in the storage."""
+class _StopOnSignal:
+    """SIGTERM and SIGINT stop the search and leave it resumable.
 
-    def __enter__(self):
-        self._previous = None
+    The handler raises KeyboardInterrupt so the running trial is closed at once (Optuna marks it
+    failed) instead of being left RUNNING in the storage. A raise can be lost (one that lands in a
+    finalizer during garbage collection is printed and dropped), so the request is also recorded and
+    the search stops at the next trial boundary at the latest.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "_StopOnSignal":
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
-    @staticmethod
-    def _handle(signum, frame):
+    def _handle(self, signum, frame):
+        self.requested = True
         raise KeyboardInterrupt
 
+    def check(self) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+
+    def after_trial(self, study, trial) -> None:  # an Optuna callback
+        if self.requested:
+            study.stop()
+
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
         return False
 
 
@@ -406,7 +426,7 @@ def _final_measurements(prep: Prepared, members: list[dict[str, Any]], baseline:
 def _summary(prep: Prepared, study, baseline: dict[str, Any], status: str) -> dict[str, Any]:
     from optuna.trial import TrialState
 
-    trials = study.get_trials(deepcopy=False)
+    trials = [t for t in study.get_trials(deepcopy=False) if t.state.is_finished()]  # not enqueued ones
     members = []
     for t in sorted(study.best_trials, key=lambda t: t.values[1]):
         artifact = prep.run.trial_dir(t.number) / "model.onnx"
@@ -518,14 +538,17 @@ def run_search(config: SearchConfig, registry: Registry, on_event: Event | None 
             study.tell(t.number, state=TrialState.FAIL)
     remaining = max(0, config.trials - len(done))
     on_event("search_start", {"trials": config.trials, "done": len(done), "remaining": remaining})
-    objective = _Objective(prep, concrete, baseline, on_event)
+    stop = _StopOnSignal()
+    objective = _Objective(prep, concrete, baseline, on_event, stop)
     status = "complete"
     try:
-        with _TerminateAsInterrupt():
+        with stop:
             if remaining:
                 study.optimize(objective, n_trials=remaining, timeout=config.timeout_s, catch=(Exception,),
-                               gc_after_trial=True)
+                               gc_after_trial=True, callbacks=[stop.after_trial])
     except KeyboardInterrupt:
+        stop.requested = True
+    if stop.requested:
         status = "interrupted"
 
     summary = _summary(prep, study, baseline, status)

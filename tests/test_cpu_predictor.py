@@ -79,7 +79,7 @@ def test_tiny_fp32_features_match_hand_count():
     assert f["gemm.fp32.mmacs"] == pytest.approx(10 * 16 / 1e6)
     # conv (with its ReLU), PRelu, pointwise, depthwise, pool, Gemm; Flatten is a shape node
     assert f["kernels.fp32"] == 6
-    assert f["unfused.melems"] == pytest.approx(8 * hw / 1e6)
+    assert f["unfused.melems"] == pytest.approx(2 * 8 * hw / 1e6)  # PRelu reads and writes 8 x 16 x 16
     assert f["shape.kernels"] == 1
     assert f["weights.fp32.melems"] == pytest.approx((8 * 27 + 8 + 16 * 8 + 16 * 9 + 160 + 10) / 1e6)
     # pool reads 16 x 16 x 16 and writes 16

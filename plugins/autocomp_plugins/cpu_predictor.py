@@ -7,18 +7,22 @@ close it comes on this host.
 
 The model
 ---------
-The edge cost model's per-node analysis (:func:`autocomp_plugins.edge.costmodel.analyze`: operator
-kind, precision, MACs, elements moved, fusion of batch norm, activations, residual adds and Q/DQ)
-is reduced to a few :data:`FEATURES`, each a sum over the graph's kernels per operator kind and
-precision (fp32, or int8 as ONNX Runtime's QDQ kernels run it). The prediction is linear in them::
+The edge cost model's per-node analysis (:mod:`autocomp_plugins.edge.costmodel`: operator kind,
+precision, MACs, elements moved, fusion of batch norm, activations, residual adds and Q/DQ) is
+reduced to a few :data:`FEATURES`, each a sum over the graph per operator kind and precision. Where
+ONNX Runtime's CPU provider differs from the edge model's TensorRT-like view, the features follow
+ONNX Runtime: a PRelu after a convolution is a kernel of its own (between NCHWc layout reorders),
+an Add after a MatMul is not fused, an int8 residual Add is a QLinearAdd, Q/DQ pairs that QDQ fusion
+leaves (fp32/int8 boundaries, requantization between an int8 convolution and its ReLU) are kernels,
+and shape arithmetic runs at run time (the batch axis is dynamic). The prediction is linear::
 
     latency_ms = sum(coefficient[f] * feature[f] for f in FEATURES)
 
 with non-negative coefficients, so every term reads as a cost: milliseconds per million MACs of
-a dense convolution at fp32, per million activation elements an element-wise kernel moves, per
-kernel launched, and so on. The coefficients are fitted by non-negative least squares on the
-*relative* error (each row divided by its measured latency), so a 0.2 ms model weighs as much as
-a 10 ms one. fp16 graphs are priced as fp32: ONNX Runtime's x86 CPU provider runs them so.
+a dense convolution at fp32, per million elements an element-wise kernel moves, per kernel, and
+so on. They are fitted by non-negative least squares on the *relative* error (each row divided by
+its measured latency), so a 0.2 ms model weighs as much as a 10 ms one. The cpu target runs fp32
+and int8; other precisions are priced as fp32.
 
 Calibrations
 ------------
@@ -58,6 +62,7 @@ __all__ = [
     "host_identity",
     "cache_path",
     "load_calibration",
+    "write_calibrations",
     "predict_latency_ms",
     "fit_coefficients",
     "candidate_specs",
@@ -86,8 +91,8 @@ FEATURES: dict[str, str] = {
     **{f"weights.{p}.melems": f"million weight elements of convolution and GEMM nodes at {p}" for p in _PRECISIONS},
     **{f"other.{p}.melems": f"million activation elements element-wise, pooling, normalisation and "
                             f"data-movement kernels at {p} read and write" for p in _PRECISIONS},
-    "unfused.melems": "million output elements of activations ONNX Runtime cannot fuse into an fp32 "
-                      "convolution (PRelu ...), each run between layout reorders",
+    "unfused.melems": "million elements read and written by activations ONNX Runtime cannot fuse into an "
+                      "fp32 convolution (PRelu ...), each run between layout reorders",
     "qdq.kernels": "QuantizeLinear/DequantizeLinear nodes ONNX Runtime keeps as kernels "
                    "(fp32/int8 boundaries, requantization after an int8 convolution's activation)",
     "qdq.melems": "million elements those QuantizeLinear/DequantizeLinear kernels convert",
@@ -196,6 +201,27 @@ def _qdq_kernels(g: Any) -> list[int]:
     return kept
 
 
+def _unfused_kernel(node: Any, host: Any, host_precision: str) -> tuple[str, str] | None:
+    """(feature, precision) of a node the edge model fuses but ONNX Runtime runs as a kernel; None if fused.
+
+    fp32 convolutions fold activations, batch norm and residual Adds; MatMul folds a scale
+    (FusedMatMul) but not its bias Add on 3-D inputs; an int8 layer drops a following ReLU/Clip into
+    its output quantization and runs a residual Add as QLinearAdd. Anything else (PRelu after any
+    convolution, an Add after a MatMul) is an element-wise kernel of its own; after an fp32
+    convolution it also costs two layout reorders (NCHWc), hence a feature of its own.
+    """
+    op = node.op_type
+    if host_precision == "int8":
+        if op in ("Relu", "Clip"):
+            return None
+        return ("other.int8.melems", "int8") if op in ("Add", "Sub", "Mul") else ("other.fp32.melems", "fp32")
+    if host.op_type in ("Conv", "ConvTranspose"):
+        return None if op in _ORT_FUSES else ("unfused.melems", "fp32")
+    if op in ("Mul", "Div") or (host.op_type == "Gemm" and op in _ORT_FUSES):
+        return None
+    return ("other.fp32.melems", "fp32")
+
+
 def graph_features(graph_or_path: Any, input_shapes: Mapping[str, Sequence[int]]) -> dict[str, float]:
     """The :data:`FEATURES` of an ONNX model (path or ``ModelProto``) at ``input_shapes``.
 
@@ -212,15 +238,12 @@ def graph_features(graph_or_path: Any, input_shapes: Mapping[str, Sequence[int]]
             continue
         if work.fused_into is not None:
             costed_or_fused += 1
-            host = labels.host[i]
-            out = g.numel(node.output[0]) / 1e6
-            if _precision_of(labels.precision[host]) == "int8":
-                if node.op_type in ("Add", "Sub", "Mul"):  # QLinearAdd / QLinearMul: a kernel of its own
-                    values["kernels.int8"] += 1
-                    values["other.int8.melems"] += 3 * out
-            elif node.op_type not in _ORT_FUSES:
-                values["kernels.fp32"] += 1
-                values["unfused.melems"] += out
+            kernel = _unfused_kernel(node, g.nodes[labels.host[i]], _precision_of(labels.precision[labels.host[i]]))
+            if kernel is not None:
+                moved = (sum(g.numel(t) for t in g.activations(node)) + g.numel(node.output[0])) / 1e6
+                feature, kind = kernel
+                values[f"kernels.{kind}"] += 1
+                values[feature] += moved
             continue
         if work.kind == "free":
             continue
@@ -272,19 +295,13 @@ def host_identity() -> dict[str, str]:
             "isa": ",".join(isa), "onnxruntime": ort.__version__}
 
 
-def _cache_root() -> Path:
-    root = os.environ.get("AUTOCOMP_CACHE_DIR")
-    if root:
-        return Path(root)
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "autocomp"
-
-
 def cache_path(host: Mapping[str, str], threads: int) -> Path:
     """Where :func:`calibrate_cpu` writes (and :func:`load_calibration` looks for) a host's calibration."""
+    from autocomp.cache import cache_dir
+
     key = json.dumps({k: host[k] for k in sorted(host)}, sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    return _cache_root() / "cpu_predictor" / f"{digest}-threads{threads}.json"
+    return cache_dir("cpu_predictor", f"{digest}-threads{threads}.json")
 
 
 @dataclass(frozen=True)
@@ -456,28 +473,29 @@ def _sample_architecture(rng: random.Random) -> tuple[str, dict[str, Any], tuple
     family = rng.choices(["digits", "resnet20", "mobilenet_v2", "vit", "mobilefacenet"],
                          weights=[4, 2, 2, 1.5, 1.5])[0]
     if family == "digits":
-        size = rng.choice([16, 24, 32, 48])
-        width = rng.choice([8, 16, 24, 32, 48] if size <= 32 else [8, 16, 24])
+        size = rng.choice([16, 24, 32, 48, 64])
+        width = rng.choice([8, 16, 24, 32, 48, 64] if size <= 32 else [8, 16, 24, 32, 48])
         return family, {"width": width}, (1, 1, size, size)
     if family == "resnet20":
         size = rng.choice([16, 32])
-        return family, {"width": rng.choice([8, 16, 24]), "num_classes": 10}, (1, 3, size, size)
+        return family, {"width": rng.choice([8, 16, 24, 32]), "num_classes": 10}, (1, 3, size, size)
     if family == "mobilenet_v2":
         size = rng.choice([32, 64, 96])
-        return family, {"width_mult": rng.choice([0.25, 0.35, 0.5]), "last_channels": rng.choice([64, 128, 256]),
-                        "num_classes": 10}, (1, 3, size, size)
+        return family, {"width_mult": rng.choice([0.25, 0.35, 0.5, 0.75, 1.0]),
+                        "last_channels": rng.choice([64, 128, 256]), "num_classes": 10}, (1, 3, size, size)
     if family == "vit":
-        dim = rng.choice([32, 48, 64])
-        return family, {"image_size": 32, "patch_size": rng.choice([4, 8]), "dim": dim, "depth": rng.choice([2, 4]),
-                        "heads": rng.choice([2, 4]), "num_classes": 10}, (1, 3, 32, 32)
+        return family, {"image_size": 32, "patch_size": rng.choice([4, 8]), "dim": rng.choice([32, 48, 64, 96]),
+                        "depth": rng.choice([2, 4]), "heads": rng.choice([2, 4]), "num_classes": 10}, (1, 3, 32, 32)
     size = rng.choice([32, 64])
-    return family, {"width": rng.choice([8, 16, 24]), "embedding_size": 64, "input_size": size}, (1, 3, size, size)
+    return family, {"width": rng.choice([8, 16, 24, 32]), "embedding_size": 64, "input_size": size}, (1, 3, size, size)
 
 
 def candidate_specs(count: int, seed: int = 0) -> list[CandidateSpec]:
     """``count`` random calibration candidates, like the ones a search produces (deterministic in ``seed``).
 
-    Sizes are kept so that each model runs in roughly 0.1 to 15 ms on one thread of a current x86 core.
+    Sizes span roughly 0.05 to 30 ms on one thread of a current x86 core: from heavily pruned
+    versions of the built-in digits model to models several times its size, so the fit sees both
+    overhead-bound and compute-bound graphs.
     """
     rng = random.Random(seed)
     specs: list[CandidateSpec] = []
@@ -603,7 +621,7 @@ def measure_candidates(paths: Sequence[Path], input_shapes: Sequence[Mapping[str
     return results
 
 
-def calibrate_cpu(threads: int = 1, count: int = 80, rounds: int = 3, seed: int = 0,
+def calibrate_cpu(threads: int = 1, count: int = 100, rounds: int = 3, seed: int = 0,
                   work_dir: Path | None = None, write: bool = True,
                   progress: Callable[[str], None] | None = None) -> CpuCalibration:
     """Calibrate the predictor on this host: build ``count`` candidates, measure, fit, and cache.
@@ -647,6 +665,7 @@ def calibrate_cpu(threads: int = 1, count: int = 80, rounds: int = 3, seed: int 
     fit = {
         "models": len(rows),
         "rounds": rounds,
+        "target": "median of round p50s, TimingPolicy() defaults",
         "in_sample_within_10pct": sum(e <= 0.10 for e in errors) / len(errors),
         "in_sample_median_error": statistics.median(errors),
         "load_1min_before": load_before[0],

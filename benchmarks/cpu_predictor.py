@@ -1,7 +1,7 @@
 """Calibrate and validate the ``cpu`` target's latency predictor on this host.
 
-Run ``python benchmarks/cpu_predictor.py`` (about 12 minutes on two shared cores; ``--count`` and
-``--rounds`` trade time for noise). It
+Run ``python benchmarks/cpu_predictor.py`` (about 14 minutes on two shared cores the first time,
+11 once the candidates are cached; ``--count`` and ``--rounds`` trade time for noise). It
 
 1. builds ``--count`` candidates like the ones a search produces
    (:func:`autocomp_plugins.cpu_predictor.candidate_specs`: the digits ResNet at several widths and
@@ -149,7 +149,16 @@ def analyse(models: list[dict], seed: int) -> dict:
     half_b = np.array([statistics.median(m["round_p50_ms"][1::2]) for m in models])
     agreement = _score(_errors(half_a, half_b)) if rounds >= 2 else None
 
+    # Each round on its own: is a round with a lower load average a cleaner reference?
+    per_round = []
+    for r in range(rounds):
+        y = np.array([m["round_p50_ms"][r] for m in models])
+        per_round.append({"round": r + 1, "load_1min_mean": per_round_load[r], "cpu_share_mean": per_round_share[r],
+                          "p50_over_quietest_median": float(np.median(y / quietest)),
+                          **_score(_errors(_out_of_fold(rows, y, folds), y))})
+
     result = {
+        "per_round": per_round,
         "repeatability": {
             "rounds": rounds,
             "median_spread": float(np.median(spread)),
@@ -235,6 +244,26 @@ def markdown(report: dict) -> str:
         row(f"predictor, {name} candidates", s)
     lines += [
         "",
+        "Each round on its own (predictor fitted and scored, by the same folds, on that round's p50s):",
+        "",
+        "| round | mean 1-min load | core share | round p50 / quietest round (median) | within 10 % | median error |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    for pr in report["per_round"]:
+        lines.append(f"| {pr['round']} | {pr['load_1min_mean']:.2f} | {_pct(pr['cpu_share_mean'])} | "
+                     f"{pr['p50_over_quietest_median']:.3f} | {_pct(pr['within_10pct'])} | {_pct(pr['median_abs_error'])} |")
+    if report.get("history"):
+        lines += ["", "Earlier full runs of this benchmark (same method; the machine's load differed):", "",
+                  "| date | models x rounds | mean load | within 10 % | median error | quietest round within 10 % | "
+                  "measurement vs measurement | median spread |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+        for h in report["history"]:
+            mm = h["measurement_vs_measurement_within_10pct"]
+            lines.append(f"| {h['date']} | {h['models']} x {h['rounds']} | {h['load_1min_mean']:.2f} | "
+                         f"{_pct(h['within_10pct'])} | {_pct(h['median_abs_error'])} | "
+                         f"{_pct(h['quietest_round_within_10pct'])} | {_pct(mm) if mm is not None else '-'} | "
+                         f"{_pct(h['median_spread'])} |")
+    lines += [
+        "",
         "## Reading these figures",
         "",
         report["verdict"],
@@ -273,6 +302,17 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _headline(report: dict) -> dict:
+    v = report["validation"]
+    return {"date": report["date"], "models": v["predictor"]["n"], "rounds": report["repeatability"]["rounds"],
+            "load_1min_mean": report["load"]["load_1min_mean"],
+            "within_10pct": v["predictor"]["within_10pct"], "median_abs_error": v["predictor"]["median_abs_error"],
+            "flops_within_10pct": v["flops_only"]["within_10pct"],
+            "quietest_round_within_10pct": v["quietest_round_target"]["within_10pct"],
+            "measurement_vs_measurement_within_10pct": (v["measurement_vs_measurement"] or {}).get("within_10pct"),
+            "median_spread": report["repeatability"]["median_spread"]}
+
+
 def verdict(report: dict) -> str:
     v, r = report["validation"], report["repeatability"]
     met = v["predictor"]["within_10pct"] >= BAR_FRACTION
@@ -296,8 +336,8 @@ def verdict(report: dict) -> str:
     if v["measurement_vs_measurement"]:
         parts.append(f"Two independent measurements of the same model (median of the odd rounds against the "
                      f"median of the even rounds) agree within 10 % for only "
-                     f"{_pct(v['measurement_vs_measurement']['within_10pct'])} of the models: the ceiling any "
-                     "predictor could reach against these measurements.")
+                     f"{_pct(v['measurement_vs_measurement']['within_10pct'])} of the models: roughly the most any "
+                     "predictor can score against these measurements.")
     if quiet:
         parts.append("On quieter data: " + "; ".join(f"{name}: {_pct(s['within_10pct'])} within 10 % (n={s['n']})"
                                                      for name, s in quiet) + ".")
@@ -321,8 +361,11 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.time()
     threads = 1
+    previous = json.loads(OUT_JSON.read_text(encoding="utf-8")) if OUT_JSON.exists() else {}
+    history = list(previous.get("history", []))
+    if previous and not args.refit and "validation" in previous:
+        history.append(_headline(previous))  # every full run stays on record, not only the last
     if args.refit:
-        previous = json.loads(OUT_JSON.read_text(encoding="utf-8"))
         models = previous["models"]
         measured_at = previous["date"]
         seconds = previous["seconds"]
@@ -368,6 +411,7 @@ def main(argv: list[str] | None = None) -> int:
         prediction_ms={"median": float(np.median(took)), "max": float(np.max(took))},
     )
     report["verdict"] = verdict(report)
+    report["history"] = history
     OUT_JSON.write_text(json.dumps({**report, "models": models}, indent=1) + "\n", encoding="utf-8")
     OUT_MD.write_text(markdown(report), encoding="utf-8")
     _say(f"wrote {OUT_JSON.relative_to(REPO)} and {OUT_MD.relative_to(REPO)}")

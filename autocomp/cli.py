@@ -72,7 +72,9 @@ def _parser() -> argparse.ArgumentParser:
 
     cal = sub.add_parser("calibrate", help="correct a predicted device target from measurements on the real device")
     cal.add_argument("--target", required=True, help="predicted target to correct, e.g. jetson-orin-nano")
-    cal.add_argument("--agent", required=True, metavar="URL", help="agent running on that device")
+    cal.add_argument("--agent", default=None, metavar="URL", help="agent running on that device (predicted targets)")
+    cal.add_argument("--threads", type=int, default=1, help="cpu: thread count to calibrate the predictor for")
+    cal.add_argument("--count", type=int, default=100, help="cpu: candidates to measure (about 5 s each)")
     cal.add_argument("--token-file", default=None, metavar="FILE")
     cal.add_argument("--models", choices=["standard", "tiny"], default="standard", help="reference model sizes")
     cal.add_argument("--json", action="store_true")
@@ -254,6 +256,13 @@ def _cmd_calibrate(args) -> int:
 
     registry = get_registry()
     target = registry.target(args.target)
+    if target.name == "cpu":
+        return _calibrate_cpu(args)
+    if not args.agent:
+        from autocomp.errors import ConfigError
+
+        raise ConfigError(f"calibrating {target.name!r} needs measurements from the real device: pass --agent URL "
+                          "of `autocomp agent serve` running there")
     options = {"agent": args.agent, **({"token_file": args.token_file} if args.token_file else {})}
     measuring = registry.target("remote").configure(options)
     console = _console()
@@ -267,6 +276,22 @@ def _cmd_calibrate(args) -> int:
         console.print(f"{result.target}: predictions were off by {result.report['error_before_pct']:.1f} % "
                       f"(mean absolute) before, {result.report['error_after_pct']:.1f} % after correction; "
                       f"stored in {result.path} and used by later searches on this target")
+    return EXIT_OK
+
+
+def _calibrate_cpu(args) -> int:
+    """Fit the cpu target's latency predictor on this host (run it on a quiet machine)."""
+    from autocomp_plugins.cpu_predictor import calibrate_cpu
+
+    console = _console()
+    console.print(f"Measuring {args.count} candidates on this host at {args.threads} thread(s); keep the machine quiet ...")
+    calibration = calibrate_cpu(threads=args.threads, count=args.count, progress=lambda line: console.print(line))
+    summary = {"target": "cpu", "threads": calibration.threads, "host": dict(calibration.host),
+               "fit": dict(calibration.fit), "stored": calibration.source}
+    if args.json:
+        _print_json(summary)
+    else:
+        console.print("cpu predictor calibrated for this host; later searches use it")
     return EXIT_OK
 
 

@@ -43,5 +43,10 @@ def test_calibrate_stores_a_correction_that_later_searches_use(tmp_path, monkeyp
 
 def test_calibrating_a_measured_target_is_a_usage_error(tmp_path, monkeypatch, registry, agent, capsys):
     monkeypatch.setenv("AUTOCOMP_CACHE_DIR", str(tmp_path))
-    assert main(["calibrate", "--target", "cpu", "--agent", agent.url, "--models", "tiny"]) == 2
+    assert main(["calibrate", "--target", "remote", "--agent", agent.url, "--models", "tiny"]) == 2
     assert "is measured, not predicted" in capsys.readouterr().err
+
+
+def test_calibrating_a_predicted_target_without_an_agent_is_a_usage_error(registry, capsys):
+    assert main(["calibrate", "--target", "jetson"]) == 2
+    assert "pass --agent URL" in " ".join(capsys.readouterr().err.split())

@@ -18,7 +18,7 @@ from autocomp.space import CandidateSpec, ConcreteSpace
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["build_structure", "recover", "build_model", "build_artifact", "recalibrate_batchnorm"]
+__all__ = ["build_structure", "recover", "build_model", "build_artifact", "recalibrate_batchnorm", "count_macs"]
 
 logger = logging.getLogger("autocomp")
 
@@ -88,3 +88,11 @@ def build_artifact(fp32_onnx: Path, spec: CandidateSpec, space: ConcreteSpace, c
             ctx.notes.pop(EVALUATION_ARTIFACT, None)  # the twin belongs to the last method that ran
             path = Path(method.apply(path, spec.settings.get(method.name, {}), config, ctx))
     return path
+
+
+def count_macs(model: "torch.nn.Module", example_input: "torch.Tensor") -> tuple[int, int]:
+    """(MACs, parameters) of ``model`` for ``example_input``, counted by torch-pruning."""
+    import torch_pruning as tp
+
+    macs, params = tp.utils.count_ops_and_params(model, example_input)
+    return int(macs), int(params)

@@ -16,6 +16,7 @@ Stages run in this order for every candidate:
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import typing
 from dataclasses import dataclass, field
@@ -122,8 +123,11 @@ class CandidateContext:
         self.skipped.append((method, what, why))
 
 
-class Method:
-    """Base class of a compression method plugin. See the module docstring for the stages."""
+class Method(abc.ABC):
+    """Base class of a compression method plugin. See the module docstring for the stages.
+
+    :meth:`parameters` and :meth:`apply` are abstract: a subclass lacking one cannot be
+    instantiated, so a plugin registering it is reported and skipped."""
 
     name: ClassVar[str]
     stage: ClassVar[Stage]
@@ -142,10 +146,11 @@ class Method:
         """
         return parse_dataclass(self.config_type, table, source=source, section=self.name)
 
+    @abc.abstractmethod
     def parameters(self, config: Any, base: BaseModelInfo) -> Sequence[Param]:
         """The concrete parameters this method adds for ``base`` (names unique within the method)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def apply(self, subject: Any, setting: Mapping[str, Any], config: Any, ctx: CandidateContext) -> Any:
         """Apply the sampled ``setting`` (parameter name -> value) to ``subject`` and return the result.
 
@@ -153,7 +158,6 @@ class Method:
         file for post-export methods. Raise :class:`autocomp.errors.CandidateError` when this
         candidate cannot be built; call ``ctx.skip`` for parts the method leaves alone.
         """
-        raise NotImplementedError
 
 
 def parse_range(value: Any, *, key: str, source: str, section: str, kind: type = float,

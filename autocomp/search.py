@@ -156,10 +156,8 @@ def _evaluate(onnx_path: Path, workload: Workload) -> float:
 
 
 def _model_stats(model, example_input) -> dict[str, int]:
-    try:
-        from autocomp_plugins.prune import count_macs  # torch-pruning's counter
-    except ImportError:  # pragma: no cover - built-ins always ship together
-        return {"params": sum(p.numel() for p in model.parameters())}
+    from autocomp.candidate import count_macs
+
     macs, params = count_macs(model, example_input)
     return {"macs": macs, "params": params}
 

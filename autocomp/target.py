@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import abc
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -42,7 +43,7 @@ class LatencyStats:
                    facts=dict(data.get("facts", {})))
 
 
-class Target:
+class Target(abc.ABC):
     """Base class of a device target. Subclass it in a plugin and register an instance.
 
     Class attributes a subclass sets:
@@ -73,6 +74,7 @@ class Target:
             )
         return self
 
+    @abc.abstractmethod
     def latency(self, onnx_path: Path, input_shapes: Mapping[str, Sequence[int]]) -> LatencyStats:
         """Latency statistics of the ONNX model at ``onnx_path`` fed inputs of ``input_shapes``.
 
@@ -80,7 +82,6 @@ class Target:
         (the trial fails, the search goes on) and :class:`autocomp.errors.InfrastructureError`
         when the device itself is unreachable.
         """
-        raise NotImplementedError
 
     def predict_latency(self, onnx_path: Path, input_shapes: Mapping[str, Sequence[int]]) -> float | None:
         """A cheap prediction of the p50 latency in ms, or None when the target has no predictor.

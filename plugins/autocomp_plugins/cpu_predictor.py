@@ -130,24 +130,12 @@ def _analyze(graph_or_path: Any, input_shapes: Mapping[str, Sequence[int]]) -> _
     """:func:`autocomp_plugins.edge.costmodel.analyze`, keeping the shapes it infers on the way.
 
     The CPU features need the sizes of tensors the edge model treats as fused away (an activation
-    after a convolution, a Q/DQ pair between int8 layers), which :class:`GraphSummary` drops; this
-    runs the same steps as ``analyze`` once, rather than inferring shapes twice. A test checks the
-    node work agrees with ``analyze``.
+    after a convolution, a Q/DQ pair between int8 layers), which :class:`GraphSummary` drops;
+    :func:`~autocomp_plugins.edge.costmodel.analyze_graph` keeps them.
     """
-    from autocomp.errors import CandidateError
     from autocomp_plugins.edge import costmodel as cm
 
-    try:
-        original = cm._load(graph_or_path)
-    except Exception as exc:
-        raise CandidateError(f"cannot read ONNX model {graph_or_path}: {exc}") from exc
-    g = cm._Graph(*cm._prepare(original, input_shapes))
-    labels = cm._label(g)
-    written: dict[int, set[str]] = {}
-    for tensor, host in labels.chain.items():
-        if tensor in g.outputs or any(labels.host[r] != host for r in g.readers(tensor)):
-            written.setdefault(host, set()).add(tensor)
-    work = [cm._work(g, labels, i, written) for i in range(len(g.nodes))]
+    original, g, labels, work = cm.analyze_graph(graph_or_path, input_shapes)
     runs = sum(1 for n in original.graph.node if n.op_type not in _NOT_RUN and n.op_type not in _QDQ)
     return _Analysis(g, labels, work, runs)
 

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 from autocomp.errors import CandidateError, SpaceError
+from autocomp.candidate import count_macs  # noqa: F401 - re-exported for callers of this module
 from autocomp.hookspecs import hookimpl
 from autocomp.method import BaseModelInfo, CandidateContext, ChoiceParam, FloatParam, Method, Param, parse_range
 
@@ -632,14 +633,6 @@ def prune_model(model, example_input, ratios: Mapping[str, float] | float, impor
     live = {g.name: g for g in groups}  # their layers are the pruned model's own
     return {name: (original[name][0], live[name].current_channels())
             for name in wanted if name not in failed and name in live}
-
-
-def count_macs(model, example_input) -> tuple[int, int]:
-    """(MACs, parameters) of ``model`` for ``example_input``, counted by torch-pruning."""
-    import torch_pruning as tp
-
-    macs, params = tp.utils.count_ops_and_params(model, example_input)
-    return int(macs), int(params)
 
 
 class PruneMethod(Method):

@@ -555,14 +555,10 @@ def _work(g: _Graph, labels: _Labels, i: int, written: Mapping[int, set[str]]) -
                     weight_elements=weights, activation_elements=activations)
 
 
-def analyze(graph_or_path: "onnx.ModelProto | str | Path",
-            input_shapes: Mapping[str, Sequence[int]]) -> GraphSummary:
-    """The per-node work of an ONNX model (path or loaded ``ModelProto``) at ``input_shapes``.
-
-    ``input_shapes`` maps input names to shapes; inputs whose shapes are static in the model may be
-    left out. Raises :class:`autocomp.errors.CandidateError` when the file cannot be read, an input
-    shape is missing or does not fit the model, or shape inference fails.
-    """
+def analyze_graph(graph_or_path: "onnx.ModelProto | str | Path",
+                  input_shapes: Mapping[str, Sequence[int]]) -> tuple[Any, "_Graph", "_Labels", list[NodeWork]]:
+    """:func:`analyze`'s steps with what it drops kept: (loaded model, shape-inferred graph, fusion
+    labels, per-node work), for predictors that need tensor sizes inside fused chains."""
     from autocomp.errors import CandidateError
 
     try:
@@ -576,7 +572,19 @@ def analyze(graph_or_path: "onnx.ModelProto | str | Path",
     for tensor, host in labels.chain.items():
         if tensor in g.outputs or any(labels.host[r] != host for r in g.readers(tensor)):
             written.setdefault(host, set()).add(tensor)
-    return GraphSummary(nodes=tuple(_work(g, labels, i, written) for i in range(len(g.nodes))),
+    return original, g, labels, [_work(g, labels, i, written) for i in range(len(g.nodes))]
+
+
+def analyze(graph_or_path: "onnx.ModelProto | str | Path",
+            input_shapes: Mapping[str, Sequence[int]]) -> GraphSummary:
+    """The per-node work of an ONNX model (path or loaded ``ModelProto``) at ``input_shapes``.
+
+    ``input_shapes`` maps input names to shapes; inputs whose shapes are static in the model may be
+    left out. Raises :class:`autocomp.errors.CandidateError` when the file cannot be read, an input
+    shape is missing or does not fit the model, or shape inference fails.
+    """
+    _, _, _, work = analyze_graph(graph_or_path, input_shapes)
+    return GraphSummary(nodes=tuple(work),
                         input_shapes={k: tuple(int(d) for d in v) for k, v in input_shapes.items()})
 
 

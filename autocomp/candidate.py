@@ -10,10 +10,10 @@ from __future__ import annotations
 import copy
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from autocomp.method import CandidateContext
-from autocomp.space import CandidateSpec, ConcreteSpace
+from autocomp.method import CandidateContext, Method
+from autocomp.space import GATE, CandidateSpec, ConcreteSpace
 
 if TYPE_CHECKING:
     import torch
@@ -53,15 +53,24 @@ def build_model(base_model: "torch.nn.Module", spec: CandidateSpec, space: Concr
     return recover(build_structure(base_model, spec, space, ctx), spec, space, ctx)
 
 
+def _setting(spec: CandidateSpec, method: Method, space: ConcreteSpace) -> dict[str, Any] | None:
+    """The setting ``method`` is applied with, without its on/off parameter; None when the trial
+    leaves an optional method out."""
+    setting = dict(spec.settings.get(method.name, {}))
+    if method.name in space.gated and setting.pop(GATE, True) is False:
+        return None
+    return setting
+
+
 def build_structure(base_model: "torch.nn.Module", spec: CandidateSpec, space: ConcreteSpace,
                     ctx: CandidateContext) -> "torch.nn.Module":
     """A deep copy of ``base_model`` with the structural methods of ``spec`` applied (untrained)."""
     model = copy.deepcopy(base_model).eval()
     structural = False
     for method, config, params in space.entries:
-        if method.stage != "structural":
+        setting = _setting(spec, method, space)
+        if method.stage != "structural" or setting is None:
             continue
-        setting = spec.settings.get(method.name, {})
         model = method.apply(model, setting, config, ctx)
         structural = True
     if structural:
@@ -73,8 +82,9 @@ def recover(model: "torch.nn.Module", spec: CandidateSpec, space: ConcreteSpace,
             ctx: CandidateContext) -> "torch.nn.Module":
     """Run the recovery methods of ``spec`` (fine-tuning, distillation) on ``model``."""
     for method, config, params in space.entries:
-        if method.stage == "recovery":
-            model = method.apply(model, spec.settings.get(method.name, {}), config, ctx)
+        setting = _setting(spec, method, space)
+        if method.stage == "recovery" and setting is not None:
+            model = method.apply(model, setting, config, ctx)
     return model.eval()
 
 
@@ -84,9 +94,10 @@ def build_artifact(fp32_onnx: Path, spec: CandidateSpec, space: ConcreteSpace, c
 
     path = fp32_onnx
     for method, config, params in space.entries:
-        if method.stage == "post_export":
+        setting = _setting(spec, method, space)
+        if method.stage == "post_export" and setting is not None:
             ctx.notes.pop(EVALUATION_ARTIFACT, None)  # the twin belongs to the last method that ran
-            path = Path(method.apply(path, spec.settings.get(method.name, {}), config, ctx))
+            path = Path(method.apply(path, setting, config, ctx))
     return path
 
 

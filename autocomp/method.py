@@ -66,6 +66,11 @@ class _ParamBase:
     module: str | None = field(default=None, kw_only=True)
     #: For a parameter that removes a module when it takes the value ``True``: that module's path.
     removes: str | None = field(default=None, kw_only=True)
+    #: The value that compresses least (for a range, one of its ends; for a choice, one of the
+    #: choices), when the parameter has a direction: a pruning ratio's low end, a rank ratio's high
+    #: end, ``False`` for a block removal, the highest precision offered. The search's anchor trials
+    #: move away from it; ``None`` for parameters with no direction (a temperature, an importance).
+    neutral: Any = field(default=None, kw_only=True)
 
 
 @dataclass(frozen=True)
@@ -136,6 +141,11 @@ class Method(abc.ABC):
     #: Frozen dataclass of this method's table in a search-space file.
     config_type: ClassVar[type]
     description: ClassVar[str] = ""
+    #: Whether the search's first, 'uniform' anchor trials apply this method at every strength
+    #: they try. ``False`` leaves its parameters at their ``neutral`` value there, for methods that
+    #: are too blunt applied everywhere at once (removing every block the cap allows, factorizing
+    #: every layer); the sampler still explores them afterwards.
+    in_anchors: ClassVar[bool] = True
 
     def parse_config(self, table: Mapping[str, Any], source: str) -> Any:
         """Turn this method's table of a search-space file into ``config_type``.

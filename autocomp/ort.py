@@ -108,7 +108,9 @@ def measure_latency(onnx_path: Path | str, input_shapes: Mapping[str, Sequence[i
         runs=len(times),
         measured=True,
         target=target,
-        facts={"threads": policy.threads, "providers": list(session.get_providers())},
+        # the fastest run: on a shared machine far steadier between repeats than the p50 (measured
+        # in benchmarks/cpu_predictor.md), kept for comparison
+        facts={"threads": policy.threads, "providers": list(session.get_providers()), "min_ms": float(arr.min())},
     )
 
 

@@ -19,7 +19,11 @@ from autocomp.method import STAGES, BaseModelInfo, ChoiceParam, FixedParam, Floa
 if TYPE_CHECKING:
     import optuna
 
-__all__ = ["SearchSpace", "ConcreteSpace", "CandidateSpec", "load_space", "default_space_path"]
+__all__ = ["SearchSpace", "ConcreteSpace", "CandidateSpec", "load_space", "default_space_path", "GATE"]
+
+#: Name of the on/off parameter of a method marked ``optional = true`` in a space file. When it
+#: samples ``False`` the method is not applied and none of its other parameters are sampled.
+GATE = "enabled"
 
 
 def default_space_path() -> Path:
@@ -34,6 +38,8 @@ class SearchSpace:
     source: str
     methods: tuple[tuple[Method, Any], ...]  # (method, its parsed config)
     text: str = ""
+    #: Methods the search may also leave out (``optional = true``): they get a :data:`GATE` parameter.
+    optional: frozenset[str] = frozenset()
 
     def names(self) -> list[str]:
         return [m.name for m, _ in self.methods]
@@ -47,8 +53,14 @@ class SearchSpace:
                 if p.name in seen:
                     raise SpaceError(f"method declared parameter {p.name!r} twice", key=method.name)
                 seen.add(p.name)
+            if method.name in self.optional:
+                if GATE in seen:
+                    raise SpaceError(f"method has a parameter named {GATE!r}, which 'optional = true' needs for its "
+                                     "on/off choice; drop 'optional' from this table", source=self.source,
+                                     key=method.name)
+                declared = (ChoiceParam(GATE, (False, True), neutral=False),) + declared
             params.append((method, config, declared))
-        return ConcreteSpace(tuple(params))
+        return ConcreteSpace(tuple(params), gated=frozenset(self.optional))
 
 
 @dataclass(frozen=True)
@@ -69,6 +81,8 @@ class ConcreteSpace:
     """The parameters of every method for one base model."""
 
     entries: tuple[tuple[Method, Any, tuple[Param, ...]], ...]
+    #: Methods whose first parameter is the :data:`GATE` on/off choice (``optional = true``).
+    gated: frozenset[str] = frozenset()
 
     def size(self) -> int:
         return sum(len(p) for _, _, p in self.entries)
@@ -77,10 +91,12 @@ class ConcreteSpace:
         """One row per parameter, for ``autocomp space show``."""
         rows = []
         for method, _, params in self.entries:
+            gate = (f"{method.name}.{GATE}", True) if method.name in self.gated else None
             for p in params:
+                only_if = p.only_if or (gate if p.name != GATE else None)
                 rows.append({"method": method.name, "stage": method.stage, "name": p.name,
                              "kind": type(p).__name__.removesuffix("Param").lower(),
-                             "values": _describe(p), "only_if": p.only_if, "module": p.module,
+                             "values": _describe(p), "only_if": only_if, "module": p.module,
                              "removes": p.removes})
         return rows
 
@@ -107,6 +123,8 @@ class ConcreteSpace:
                     v = p.value
                 values[p.name] = v
                 taken[key] = v
+                if p.name == GATE and method.name in self.gated and v is False:
+                    break  # the method is left out: none of its other parameters are sampled
                 if p.removes is not None and v is True:
                     removed.append(p.removes)
             settings[method.name] = values
@@ -151,8 +169,17 @@ def parse_space(data: Mapping[str, Any], methods: Mapping[str, Method], *, sourc
     if not data:
         raise SpaceError("the space enables no method; add at least one table such as [prune]", source=source)
     parsed = []
+    optional = set()
     for name, table in data.items():
         method = methods[name]
+        if not isinstance(table, Mapping):
+            raise SpaceError(f"must be a table ([{name}]), got {table!r}", source=source, key=name)
+        table = dict(table)
+        flag = table.pop("optional", False)
+        if not isinstance(flag, bool):
+            raise SpaceError(f"must be true or false, got {flag!r}", source=source, key=f"{name}.optional")
+        if flag:
+            optional.add(name)
         parsed.append((method, method.parse_config(table, source)))
     parsed.sort(key=lambda mc: (STAGES.index(mc[0].stage), mc[0].order, mc[0].name))
-    return SearchSpace(source=source, methods=tuple(parsed), text=text)
+    return SearchSpace(source=source, methods=tuple(parsed), text=text, optional=frozenset(optional))

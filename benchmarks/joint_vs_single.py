@@ -63,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--max-drop", type=float, default=0.02)
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "bench-joint")
+    parser.add_argument("--reuse", nargs="*", choices=sorted(SPACES), default=[], metavar="SEARCH",
+                        help="reuse these finished searches from --out instead of running them again "
+                             "(their fronts are still re-measured side by side with the others)")
     args = parser.parse_args(argv)
 
     from autocomp.ort import TimingPolicy, host_facts, measure_latency
@@ -70,6 +73,15 @@ def main(argv: list[str] | None = None) -> int:
     runs = {}
     for name, space in SPACES.items():
         out = args.out / name
+        if name in args.reuse:
+            summary = out / "pareto.json"
+            if not summary.exists():
+                parser.error(f"--reuse {name}: {summary} does not exist; run without --reuse {name} first")
+            wall = out / "benchmark_wall_s.json"
+            runs[name] = {"summary": json.loads(summary.read_text()), "reused": True,
+                          "wall_s": json.loads(wall.read_text()) if wall.exists() else float("nan")}
+            print(f"{name}: reused {out}", flush=True)
+            continue
         if out.exists():
             shutil.rmtree(out)
         command = [sys.executable, "-m", "autocomp.cli", "search", "--target", "cpu", "--max-drop", str(args.max_drop),
@@ -80,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
             sys.stderr.write(proc.stderr)
             return proc.returncode
         runs[name] = {"summary": json.loads(proc.stdout), "wall_s": round(time.perf_counter() - start, 1)}
+        (out / "benchmark_wall_s.json").write_text(json.dumps(runs[name]["wall_s"]))
         print(f"{name}: {runs[name]['wall_s']} s, {len(runs[name]['summary']['pareto'])} Pareto members", flush=True)
 
     base = runs["joint"]["summary"]["baseline"]
@@ -110,7 +123,9 @@ def main(argv: list[str] | None = None) -> int:
     dominance = {name: {"points": len(fronts[name]), "dominated_by_joint": sum(dominated_by_joint(p) for p in fronts[name])}
                  for name in ("prune", "quantize")}
     record = {
-        "command": f"python benchmarks/joint_vs_single.py --trials {args.trials} --rounds {args.rounds}",
+        "command": f"python benchmarks/joint_vs_single.py --trials {args.trials} --rounds {args.rounds}"
+                   + (f" --reuse {' '.join(args.reuse)}" if args.reuse else ""),
+        "reused_searches": args.reuse,
         "trials_per_search": args.trials,
         "max_drop": args.max_drop,
         "host": host_facts(1),
@@ -129,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"Command: `{record['command']}`; each search: `autocomp search --target cpu --max-drop {args.max_drop} "
         f"--trials {args.trials} --space SPACE` on the built-in digits workload.",
+        *([f"The {', '.join(args.reuse)} search(es) were reused from an earlier run of this command in the same "
+           f"directory (same trial budget); their wall times are from that run."] if args.reuse else []),
         f"Pareto members of the three runs and the base model re-measured side by side: {args.rounds} interleaved "
         f"rounds, median of the round p50s (1 thread, ONNX Runtime). Load average during re-measurement: "
         f"{[round(x, 2) for x in load_before]} -> {[round(x, 2) for x in load_after]}.",

@@ -151,7 +151,7 @@ def test_skipped_layers_are_listed_with_a_reason(tmp_path):
     config = LowRankConfig(rank_ratio=(0.5, 1.0), min_size=100, round_to=1)
     ctx = _context(model, x, tmp_path)
     params = LowRankMethod().parameters(config, BaseModelInfo(model, x, Path("unused.onnx"), None))
-    assert params == [FloatParam("conv", 0.5, 1.0, module="conv")]
+    assert params == [FloatParam("conv", 0.5, 1.0, module="conv", neutral=1.0)]
     candidate = LowRankMethod().apply(copy.deepcopy(model), {"conv": 0.5}, config, ctx)
     assert isinstance(candidate.conv, nn.Sequential) and candidate.conv[0].out_channels == 8
     assert ctx.notes["lowrank_ranks"] == {"conv": [16, 8]}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from autocomp.errors import SpaceError
+from autocomp.method import FloatParam
 from autocomp.space import default_space_path, load_space
 
 
@@ -133,6 +134,116 @@ def test_shipped_spaces_load_and_give_parameters(tmp_path, registry, space_name,
     assert counts["prune"] > 0 and counts["quantize"] > 0
     if "remove_blocks" in counts:
         assert counts["remove_blocks"] > 0
+
+
+def test_anchor_trials_compress_uniformly_and_leave_blunt_methods_alone(tmp_path, registry, torch_threads):
+    """The enqueued anchors of the joint space: pruning moves away from its neutral end as the
+    quantile grows, every precision is the strongest offered, and block removal and low-rank
+    factorization (not in anchors) stay at their neutral values."""
+    import torch
+
+    from autocomp import zoo
+    from autocomp.export import export_onnx
+    from autocomp.method import BaseModelInfo
+    from autocomp.search import _anchor_params, _anchors, _compresses
+
+    torch.manual_seed(0)
+    model = zoo.build("resnet20", **zoo.tiny_kwargs("resnet20")).eval()
+    x = zoo.example_input("resnet20", tiny=True)
+    onnx_path = export_onnx(model, x, tmp_path / "m.onnx")
+    space = load_space(default_space_path().with_name("joint.toml"), registry.methods)
+    concrete = space.concrete(BaseModelInfo(model, x, onnx_path, registry.target("jetson")))
+    params = {m.name: p for m, _, p in concrete.entries}
+    mild, strong = _anchor_params(concrete, 0.5), _anchor_params(concrete, 0.85)
+    for anchor in (mild, strong):
+        # optional and not in anchors: switched off, and every parameter at its neutral value
+        assert anchor["remove_blocks.enabled"] is False and anchor["lowrank.enabled"] is False
+        assert all(anchor[f"remove_blocks.{p.name}"] is False for p in params["remove_blocks"])
+        assert all(anchor[f"lowrank.{p.name}"] == (False if p.name == "enabled" else 1.0) for p in params["lowrank"])
+        # optional and in anchors: switched on, every layer at the strongest precision
+        assert anchor["quantize.enabled"] is True
+        assert {anchor[f"quantize.{p.name}"] for p in params["quantize"] if p.name != "enabled"} == {"int8"}
+        assert anchor["prune.importance"] == "l2"  # no direction: the space's first choice
+    ratios = [p for p in params["prune"] if isinstance(p, FloatParam)]
+    assert ratios and all(p.neutral == p.low for p in ratios)
+    # a space whose methods all stay out of the anchors gets none (it would enqueue the base model)
+    assert _compresses(mild, concrete)
+    only_lowrank = load_space(_write(tmp_path, "[lowrank]\nrank_ratio = [0.25, 1.0]\n"), registry.methods)
+    lowrank_concrete = only_lowrank.concrete(BaseModelInfo(model, x, onnx_path, registry.target("jetson")))
+    assert lowrank_concrete.size() > 0
+    assert not _compresses(_anchor_params(lowrank_concrete, 0.85), lowrank_concrete)
+    assert _anchors(lowrank_concrete) == []
+    assert _anchors(concrete) == [mild, _anchor_params(concrete, 0.67), strong]
+    for p in ratios:
+        assert p.low < mild[f"prune.{p.name}"] < strong[f"prune.{p.name}"] <= p.high
+
+
+def test_an_optional_method_is_switched_off_as_a_whole(tmp_path, registry, tiny_workload):
+    """``optional = true`` adds one on/off parameter, sampled first; when off, no other parameter
+    of the method is sampled and the candidate is built without it."""
+    import optuna
+
+    from autocomp.candidate import build_structure
+    from autocomp.export import export_onnx
+    from autocomp.method import BaseModelInfo, CandidateContext
+
+    path = _write(tmp_path, "[prune]\noptional = true\nratio = [0.2, 0.6]\nround_to = 8\n")
+    space = load_space(path, registry.methods)
+    assert space.optional == {"prune"}
+    onnx_path = export_onnx(tiny_workload.model, tiny_workload.example_input, tmp_path / "m.onnx")
+    target = registry.target("cpu")
+    concrete = space.concrete(BaseModelInfo(tiny_workload.model, tiny_workload.example_input, onnx_path, target))
+    (_, _, params), = concrete.entries
+    assert params[0].name == "enabled" and params[0].choices == (False, True)
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    study.enqueue_trial({"prune.enabled": False})
+    study.enqueue_trial({"prune.enabled": True})
+    off, on = concrete.sample(study.ask()), concrete.sample(study.ask())
+    assert off.settings["prune"] == {"enabled": False}
+    assert on.settings["prune"]["enabled"] is True and len(on.settings["prune"]) == len(params)
+    ctx = CandidateContext(workload=tiny_workload, teacher=tiny_workload.model, target=target, work_dir=tmp_path, seed=0)
+    unpruned = build_structure(tiny_workload.model, off, concrete, ctx)
+    pruned = build_structure(tiny_workload.model, on, concrete, ctx)
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(unpruned) == count(tiny_workload.model) > count(pruned)
+
+
+def test_a_parameter_named_enabled_is_only_a_switch_for_optional_methods(tmp_path):
+    """A method's own parameter called ``enabled`` is an ordinary parameter unless the space marks
+    the method optional, in which case the clash is an error naming the table."""
+    import optuna
+
+    from autocomp.method import BaseModelInfo, ChoiceParam, FloatParam, Method
+    from autocomp.space import parse_space
+
+    class Toggle(Method):
+        name, stage, config_type = "toggle", "structural", dict
+
+        def parse_config(self, table, source):
+            return dict(table)
+
+        def parameters(self, config, base):
+            return [ChoiceParam("enabled", (False, True)), FloatParam("ratio", 0.1, 0.9)]
+
+        def apply(self, model, setting, config, ctx):
+            return model
+
+    base = BaseModelInfo(None, None, tmp_path / "m.onnx", None)
+    concrete = parse_space({"toggle": {}}, {"toggle": Toggle()}, source="s.toml").concrete(base)
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    study.enqueue_trial({"toggle.enabled": False, "toggle.ratio": 0.5})
+    assert concrete.sample(study.ask()).settings["toggle"] == {"enabled": False, "ratio": 0.5}
+    with pytest.raises(SpaceError, match=r"s.toml: \[toggle\] method has a parameter named 'enabled'"):
+        parse_space({"toggle": {"optional": True}}, {"toggle": Toggle()}, source="s.toml").concrete(base)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("[prune]\noptional = 1\n", r"\[prune.optional\] must be true or false, got 1"),
+    ("prune = 3\n", r"\[prune\] must be a table"),
+])
+def test_bad_optional_flags_are_named(tmp_path, registry, text, expected):
+    with pytest.raises(SpaceError, match=expected):
+        load_space(_write(tmp_path, text), registry.methods)
 
 
 def test_benchmark_hypervolume_against_hand_computed_areas():

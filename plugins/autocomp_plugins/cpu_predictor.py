@@ -589,8 +589,8 @@ def measure_candidates(paths: Sequence[Path], input_shapes: Sequence[Mapping[str
 
     policy = TimingPolicy(threads=threads)
     rng = random.Random(seed)
-    results: list[dict[str, Any]] = [{"round_p50_ms": [], "round_load": [], "round_cpu_share": []}
-                                     for _ in paths]
+    results: list[dict[str, Any]] = [{"round_p50_ms": [], "round_min_ms": [], "round_load": [],
+                                      "round_cpu_share": []} for _ in paths]
     for r in range(rounds):
         order = list(range(len(paths)))
         rng.shuffle(order)
@@ -600,6 +600,7 @@ def measure_candidates(paths: Sequence[Path], input_shapes: Sequence[Mapping[str
             stats = measure_latency(paths[i], input_shapes[i], policy)
             share = (time.process_time() - cpu) / max(time.perf_counter() - wall, 1e-9) / threads
             results[i]["round_p50_ms"].append(stats.p50_ms)
+            results[i]["round_min_ms"].append(stats.facts["min_ms"])
             results[i]["round_load"].append(load)
             results[i]["round_cpu_share"].append(round(share, 3))
             if progress and done % 20 == 0:

@@ -265,6 +265,7 @@ class LowRankMethod(Method):
     order = 20  # after pruning: ranks follow the pruned shapes
     config_type = LowRankConfig
     description = "low-rank factorization (truncated SVD) of Linear and Conv2d layers, one rank ratio per layer"
+    in_anchors = False  # factorizing every layer at once is rarely a good first guess
 
     def parameters(self, config: LowRankConfig, base: BaseModelInfo) -> Sequence[FloatParam]:
         lo, hi = config.rank_ratio
@@ -272,7 +273,7 @@ class LowRankMethod(Method):
             return []
         eligible, _ = lowrank_layers(base.model, base.example_input, config.layers, config.min_size,
                                      lowest_ratio=lo, round_to=config.round_to)
-        return [FloatParam(path, lo, hi, module=path) for path in eligible]
+        return [FloatParam(path, lo, hi, module=path, neutral=hi) for path in eligible]
 
     def apply(self, model, setting: Mapping[str, Any], config: LowRankConfig, ctx: CandidateContext):
         done = factorize_model(model, ctx.workload.example_input, setting, config,

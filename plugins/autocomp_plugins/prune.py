@@ -648,7 +648,7 @@ class PruneMethod(Method):
         step = config.step if hi > lo else None
         if step is not None:
             # Optuna needs (high - low) to be a multiple of step
-            hi = lo + step * math.floor((hi - lo) / step + 1e-9)
+            hi = round(lo + step * math.floor((hi - lo) / step + 1e-9), 10)
         try:
             dg = _dependency_graph(base.model, base.example_input)
         except _UntraceableModel as exc:
@@ -665,11 +665,11 @@ class PruneMethod(Method):
         if choose_scope:
             params.append(ChoiceParam("scope", config.scope))
         if "global" in config.scope:
-            params.append(FloatParam("global_ratio", lo, hi, step=step,
+            params.append(FloatParam("global_ratio", lo, hi, step=step, neutral=lo,
                                      only_if=("prune.scope", "global") if choose_scope else None))
         if "group" in config.scope:
             only_if = ("prune.scope", "group") if choose_scope else None
-            params += [FloatParam(g.name, lo, hi, step=step, module=g.name, only_if=only_if)
+            params += [FloatParam(g.name, lo, hi, step=step, module=g.name, only_if=only_if, neutral=lo)
                        for g in groups if g.unsupported is None and g.name not in _RESERVED]
         return params
 

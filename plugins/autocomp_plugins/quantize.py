@@ -199,7 +199,7 @@ class QuantizeMethod(Method):
             # int4 is weight-only: only for a MatMul/Gemm with a constant weight
             choices = tuple(p for p in offered if p != "int4" or layer.int4_unsupported is None)
             if len(choices) > 1:
-                params.append(ChoiceParam(name, choices, module=layer.module))
+                params.append(ChoiceParam(name, choices, module=layer.module, neutral=choices[0]))
         return params
 
     def _plan(self, layers: Mapping[str, Layer], setting: Mapping[str, Any], ctx: CandidateContext

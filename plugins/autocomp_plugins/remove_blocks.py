@@ -303,6 +303,7 @@ class RemoveBlocksMethod(Method):
     order = 0  # before pruning and factorization, which then see the smaller model
     config_type = RemoveBlocksConfig
     description = "removal of whole residual blocks, one flag per removable block (capped by max_removed)"
+    in_anchors = False  # removing as many blocks as the cap allows is rarely a good first guess
 
     def parameters(self, config: RemoveBlocksConfig, base: BaseModelInfo) -> Sequence[ChoiceParam]:
         if config.max_removed == 0:
@@ -318,7 +319,7 @@ class RemoveBlocksMethod(Method):
                     )
             found = [b for b in found if any(b == e or b.startswith(e + ".") for e in config.blocks)]
         # choices are ordered least compressed first: keep the block, then remove it
-        return [ChoiceParam(b, (False, True), removes=b, module=b) for b in found]
+        return [ChoiceParam(b, (False, True), removes=b, module=b, neutral=False) for b in found]
 
     def apply(self, model, setting: Mapping[str, Any], config: RemoveBlocksConfig, ctx: CandidateContext):
         chosen = [path for path, remove in setting.items() if remove is True]

@@ -354,7 +354,7 @@ def verdict(report: dict) -> str:
     if repeat_met:
         parts.append(f"Measurements repeat within the 5 % bar (median spread {_pct(r['median_spread'])}).")
     else:
-        parts.append(f"**Measurements do not repeat within 5 % on this loaded machine** (median spread "
+        parts.append(f"**Measurements do not repeat within 5 % on this machine** (median spread "
                      f"{_pct(r['median_spread'])}, 90th percentile {_pct(r['p90_spread'])}): the reference the "
                      "predictor is scored against moves by about as much as the 10 % tolerance, so part of the error "
                      "above is measurement noise, not model error.")

@@ -8,6 +8,7 @@ writes the run directory. It never prints; progress goes to the ``on_event`` cal
 
 from __future__ import annotations
 
+import json
 import logging
 import platform
 import shutil
@@ -476,7 +477,14 @@ def _summary(prep: Prepared, study, baseline: dict[str, Any], status: str) -> di
 
     trials = [t for t in study.get_trials(deepcopy=False) if t.state.is_finished()]  # not enqueued ones
     members = []
-    for t in sorted(study.best_trials, key=lambda t: t.values[1]):
+    # the sampler can draw the same setting twice (common with categorical parameters); the same
+    # candidate is listed once, under its first trial, with the repeats in ``same_as``
+    first: dict[str, dict[str, Any]] = {}
+    for t in sorted(study.best_trials, key=lambda t: (t.values[1], t.number)):
+        setting = json.dumps(t.params, sort_keys=True, default=str)
+        if setting in first and first[setting]["metric"] == t.values[0]:
+            first[setting].setdefault("same_as", []).append(t.number)
+            continue
         artifact = prep.run.trial_dir(t.number) / "model.onnx"
         metrics = read_json(prep.run.trial_dir(t.number) / "metrics.json")
         members.append({
@@ -494,6 +502,7 @@ def _summary(prep: Prepared, study, baseline: dict[str, Any], status: str) -> di
             "spec": read_json(prep.run.trial_dir(t.number) / "spec.json"),
             "skipped": metrics.get("skipped", []),
         })
+        first.setdefault(setting, members[-1])
     skipped: dict[str, int] = {}
     for t in trials:
         for method, what, why in t.user_attrs.get("skipped", []):

@@ -198,3 +198,17 @@ def test_candidates_predicted_too_slow_are_rejected_before_training(tmp_path, re
     assert summary["trials"]["rejected_before_training"] == 2 and summary["trials"]["complete"] == 0
     metrics = json.loads((out / "trials" / "0000" / "metrics.json").read_text())
     assert metrics["status"] == "rejected" and "before training" in metrics["reason"]
+
+
+def test_a_candidate_drawn_twice_is_listed_once(tmp_path, registry, tiny_workload):
+    """With nothing left to sample every trial builds the same model; the Pareto set lists it
+    once, under its first trial, with the repeats in ``same_as``."""
+    space = tmp_path / "fixed.toml"
+    space.write_text("[prune]\nratio = 0.3\nround_to = 8\n")
+    config = SearchConfig(workload="digits-tiny", target="cpu", target_options=FAST_TIMING, space=space,
+                          max_drop=0.5, trials=3, out=tmp_path / "run", final_rounds=1)
+    result = run_search(config, registry)
+    assert result.summary["trials"]["total"] == 3
+    (member,) = result.summary["pareto"]
+    assert member["trial"] == 0 and member["same_as"] == [1, 2]
+    assert Path(member["artifact"]).exists()

@@ -87,7 +87,8 @@ class PruneConfig:
     importance_batches: int = 4
 
     def __post_init__(self) -> None:
-        lo, hi = parse_range(list(self.ratio), key="ratio", source="", section="prune", low=0.0, high=0.95)
+        ratio = list(self.ratio) if isinstance(self.ratio, (tuple, list)) else self.ratio  # one number: fixed
+        lo, hi = parse_range(ratio, key="ratio", source="", section="prune", low=0.0, high=0.95)
         object.__setattr__(self, "ratio", (lo, hi))
         object.__setattr__(self, "importance", _choices(self.importance, IMPORTANCES, "importance"))
         object.__setattr__(self, "scope", _choices(self.scope, SCOPES, "scope"))

@@ -40,7 +40,6 @@ __all__ = ["SearchConfig", "SearchResult", "run_search", "prepare"]
 logger = logging.getLogger("autocomp")
 
 STUDY_NAME = "autocomp"
-
 Event = Callable[[str, Mapping[str, Any]], None]
 
 
@@ -234,16 +233,13 @@ def _anchor_params(space: ConcreteSpace, quantile: float) -> dict[str, Any]:
             if not method.in_anchors:
                 if p.neutral is not None:
                     params[key] = p.neutral
-            elif isinstance(p, FloatParam) and p.low != p.high:
-                from_high = p.neutral is not None and p.neutral == p.high
-                value = p.high - quantile * (p.high - p.low) if from_high else p.low + quantile * (p.high - p.low)
+            elif isinstance(p, (FloatParam, IntParam)) and p.low != p.high:
+                # the fraction ``quantile`` of the way from the neutral end (the low end when none)
+                start, end = (p.high, p.low) if p.neutral is not None and p.neutral == p.high else (p.low, p.high)
+                value = start + quantile * (end - start)
                 if p.step:
                     value = p.low + round((value - p.low) / p.step) * p.step
                 params[key] = min(p.high, max(p.low, value))
-            elif isinstance(p, IntParam) and p.low != p.high:
-                from_high = p.neutral is not None and p.neutral == p.high
-                value = p.high - quantile * (p.high - p.low) if from_high else p.low + quantile * (p.high - p.low)
-                params[key] = min(p.high, max(p.low, p.low + round((value - p.low) / p.step) * p.step))
             elif isinstance(p, ChoiceParam) and len(p.choices) > 1:
                 if p.neutral is None:
                     params[key] = p.choices[0]
@@ -270,12 +266,13 @@ class _Objective:
         from autocomp.latency import LatencyCache
 
         self.cache = LatencyCache(prep.run.root / "latency_cache.sqlite")
+        self.can_predict: bool | None = None  # found out on the first candidate checked against --max-latency
 
     def margin(self) -> float:
         """Slack on predictions of measured targets: a candidate is dropped only when clearly too slow.
 
-        30 %: the cpu predictor's 90th-percentile error measured on this project's hosts
-        (benchmarks/cpu_predictor.md); a predicted target's prediction is its latency, no slack."""
+        30 %: above the cpu predictor's 90th-percentile error in every run of
+        benchmarks/cpu_predictor.md (18-30 %); a predicted target's prediction is its latency, no slack."""
         return 0.0 if not self.prep.target.measured else 0.30
 
     def latency_bound(self) -> float:
@@ -298,7 +295,9 @@ class _Objective:
         probe_ctx = CandidateContext(workload=wl, teacher=wl.model, target=self.prep.target, work_dir=probe_dir,
                                      seed=ctx.seed)
         fp32 = export_onnx(model, wl.example_input, probe_dir / "fp32.onnx")
-        if self.prep.target.predict_latency(fp32, input_shapes_of(wl.example_input)) is None:
+        if self.can_predict is None:  # asked once per search: whether the target predicts at all
+            self.can_predict = self.prep.target.predict_latency(fp32, input_shapes_of(wl.example_input)) is not None
+        if not self.can_predict:
             return None
         artifact = build_artifact(fp32, spec, self.concrete, probe_ctx)
         predicted = self.prep.target.predict_latency(artifact, input_shapes_of(wl.example_input))
@@ -481,9 +480,9 @@ def _summary(prep: Prepared, study, baseline: dict[str, Any], status: str) -> di
     # candidate is listed once, under its first trial, with the repeats in ``same_as``
     first: dict[str, dict[str, Any]] = {}
     for t in sorted(study.best_trials, key=lambda t: (t.values[1], t.number)):
-        setting = json.dumps(t.params, sort_keys=True, default=str)
-        if setting in first and first[setting]["metric"] == t.values[0]:
-            first[setting].setdefault("same_as", []).append(t.number)
+        candidate = json.dumps([t.params, t.values[0]], sort_keys=True, default=str)
+        if candidate in first:
+            first[candidate].setdefault("same_as", []).append(t.number)
             continue
         artifact = prep.run.trial_dir(t.number) / "model.onnx"
         metrics = read_json(prep.run.trial_dir(t.number) / "metrics.json")
@@ -502,7 +501,7 @@ def _summary(prep: Prepared, study, baseline: dict[str, Any], status: str) -> di
             "spec": read_json(prep.run.trial_dir(t.number) / "spec.json"),
             "skipped": metrics.get("skipped", []),
         })
-        first.setdefault(setting, members[-1])
+        first[candidate] = members[-1]
     skipped: dict[str, int] = {}
     for t in trials:
         for method, what, why in t.user_attrs.get("skipped", []):

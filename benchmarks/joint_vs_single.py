@@ -48,12 +48,14 @@ def hypervolume(points: list[tuple[float, float]], ref_accuracy: float, ref_late
     return area
 
 
+def weakly_dominates(q: dict, p: dict) -> bool:
+    """``q`` is at least as accurate and at least as fast as ``p``."""
+    return q["accuracy"] >= p["accuracy"] and q["latency_ms"] <= p["latency_ms"]
+
+
 def pareto_front(points: list[dict]) -> list[dict]:
-    front = []
-    for p in points:
-        if not any(q["accuracy"] >= p["accuracy"] and q["latency_ms"] <= p["latency_ms"]
-                   and (q["accuracy"] > p["accuracy"] or q["latency_ms"] < p["latency_ms"]) for q in points):
-            front.append(p)
+    # p leaves the front when some q is at least as good in both and strictly better in one
+    front = [p for p in points if not any(weakly_dominates(q, p) and not weakly_dominates(p, q) for q in points)]
     return sorted(front, key=lambda p: p["latency_ms"])
 
 
@@ -118,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
                for name, f in fronts.items()}
 
     def dominated_by_joint(p: dict) -> bool:
-        return any(q["accuracy"] >= p["accuracy"] and q["latency_ms"] <= p["latency_ms"] for q in fronts["joint"])
+        return any(weakly_dominates(q, p) for q in fronts["joint"])
 
     dominance = {name: {"points": len(fronts[name]), "dominated_by_joint": sum(dominated_by_joint(p) for p in fronts[name])}
                  for name in ("prune", "quantize")}

@@ -11,6 +11,17 @@ import pytest
 BUILTIN_PLUGINS = ("remove_blocks", "prune", "lowrank", "distill", "quantize", "cpu_target", "digits", "edge", "remote_target")
 
 
+def unmeasured_target(name: str = "device", precisions=("fp32",), aliases=()):
+    """A target that declares its precisions but is never timed (tests of spaces, methods, plugins)."""
+    from autocomp.target import Target
+
+    def latency(self, onnx_path, input_shapes):
+        raise AssertionError("latency is never measured in these tests")
+
+    attrs = {"name": name, "precisions": frozenset(precisions), "aliases": tuple(aliases), "latency": latency}
+    return type(f"Unmeasured[{name}]", (Target,), attrs)()
+
+
 def builtin_plugins():
     import importlib
 

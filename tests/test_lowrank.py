@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from autocomp.candidate import recalibrate_batchnorm
+from autocomp.candidate import count_macs, recalibrate_batchnorm
 from autocomp.errors import SpaceError
 from autocomp.method import BaseModelInfo, CandidateContext, FloatParam
 from autocomp.workload import Split, Workload
@@ -24,7 +24,6 @@ from autocomp_plugins.lowrank import (
     lowrank_layers,
     rank_for,
 )
-from autocomp_plugins.prune import count_macs
 
 
 @pytest.fixture(autouse=True, scope="module")

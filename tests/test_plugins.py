@@ -11,7 +11,8 @@ import pytest
 from autocomp import hookimpl, hookspecs
 from autocomp.errors import PluginError
 from autocomp.plugins import load_registry
-from autocomp.target import Target
+
+from .conftest import unmeasured_target
 
 
 def _entry_point(name, package, load):
@@ -19,18 +20,11 @@ def _entry_point(name, package, load):
 
 
 def _target_plugin(target_name, aliases=()):
-    class T(Target):
-        name = target_name
-
-        def latency(self, onnx_path, input_shapes):
-            raise AssertionError("not measured in these tests")
-
-    T.aliases = tuple(aliases)
     module = types.ModuleType(f"plugin_{target_name}")
 
     @hookimpl
     def register_targets(register):
-        register(T())
+        register(unmeasured_target(target_name, aliases=aliases))
 
     module.register_targets = register_targets
     return module

@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from autocomp_plugins.prune import count_macs, prunable_groups, prune_model
+from autocomp.candidate import count_macs
+from autocomp_plugins.prune import prunable_groups, prune_model
 
 pytestmark = pytest.mark.usefixtures("torch_threads")
 

@@ -14,11 +14,12 @@ import torch
 from onnx import TensorProto, helper
 
 from autocomp.errors import SpaceError
-from autocomp.method import BaseModelInfo, CandidateContext
+from autocomp.method import EVALUATION_ARTIFACT, BaseModelInfo, CandidateContext
 from autocomp.ort import run_batches
-from autocomp.target import Target
 from autocomp_plugins._precision import convert_float16, layer_table
-from autocomp_plugins.quantize import EVALUATION_ARTIFACT, QuantizeConfig, QuantizeMethod
+from autocomp_plugins.quantize import QuantizeConfig, QuantizeMethod
+
+from .conftest import unmeasured_target
 
 ALL = frozenset({"fp32", "fp16", "int8", "int4"})
 #: Relative L2 error of the output against fp32 allowed per setting, on random-weight tiny models
@@ -26,20 +27,9 @@ ALL = frozenset({"fp32", "fp16", "int8", "int4"})
 TOLERANCE = {"fp16": 0.005, "int8": 0.08, "int4": 0.25, "mixed": 0.15}
 
 
-def _target(precisions) -> Target:
-    class _Device(Target):
-        name = "device"
-
-        def latency(self, onnx_path, input_shapes):
-            raise AssertionError("not measured in these tests")
-
-    _Device.precisions = frozenset(precisions)
-    return _Device()
-
-
 def _ctx(tmp_path: Path, inputs: torch.Tensor, precisions=ALL) -> CandidateContext:
     work = SimpleNamespace(train=SimpleNamespace(inputs=inputs))
-    return CandidateContext(workload=work, teacher=None, target=_target(precisions), work_dir=tmp_path, seed=0)
+    return CandidateContext(workload=work, teacher=None, target=unmeasured_target(precisions=precisions), work_dir=tmp_path, seed=0)
 
 
 def _export(model: torch.nn.Module, example: torch.Tensor, path: Path) -> Path:
@@ -158,7 +148,7 @@ def test_choices_are_intersected_with_the_target(zoo_models, precisions, bits, c
     path, inputs = zoo_models["vit"]
     method = QuantizeMethod()
     config = method.parse_config({} if bits is None else {"bits": bits}, "file.toml")
-    info = BaseModelInfo(model=None, example_input=inputs[:1], onnx_path=path, target=_target(precisions))
+    info = BaseModelInfo(model=None, example_input=inputs[:1], onnx_path=path, target=unmeasured_target(precisions=precisions))
     params = {p.name: p for p in method.parameters(config, info)}
     expected = {
         "patch_embed.proj": conv,  # Conv: no int4

@@ -13,13 +13,12 @@ import torch
 from torch import nn
 
 from autocomp import zoo
-from autocomp.candidate import recalibrate_batchnorm
+from autocomp.candidate import count_macs, recalibrate_batchnorm
 from autocomp.errors import SpaceError
 from autocomp.method import BaseModelInfo, CandidateContext
 from autocomp.workload import Split, Workload
 from autocomp_plugins import remove_blocks as rb
 from autocomp_plugins.digits import DigitsResNet
-from autocomp_plugins.prune import count_macs
 from autocomp_plugins.remove_blocks import RemoveBlocksConfig, RemoveBlocksMethod, removable_blocks
 
 

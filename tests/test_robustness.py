@@ -121,7 +121,7 @@ def test_sigterm_leaves_an_interrupted_resumable_run(tmp_path, tiny_workload, _c
     assert json.loads((out / "run.json").read_text())["resumed"] == 1
 
 
-def test_builtin_model_training_is_deterministic(tmp_path, monkeypatch, torch_threads):
+def test_builtin_model_training_is_deterministic(torch_threads):
     import torch
 
     from autocomp_plugins.digits import DigitsConfig, digits_workload

@@ -6,6 +6,8 @@ import pytest
 
 from autocomp.errors import SpaceError
 from autocomp.method import FloatParam
+
+from .conftest import unmeasured_target
 from autocomp.space import default_space_path, load_space
 
 
@@ -13,6 +15,35 @@ def _write(tmp_path, text):
     path = tmp_path / "space.toml"
     path.write_text(text)
     return path
+
+
+@pytest.fixture(scope="module")
+def tiny_onnx(tiny_workload, tmp_path_factory):
+    """The built-in tiny digits model's fp32 export, shared by the tests of this module."""
+    from autocomp.export import export_onnx
+
+    return export_onnx(tiny_workload.model, tiny_workload.example_input, tmp_path_factory.mktemp("digits") / "m.onnx")
+
+
+@pytest.fixture(scope="module")
+def tiny_zoo(tmp_path_factory, torch_threads):
+    """``arch -> (model, example input, fp32 export)`` at tiny size, each built and exported once."""
+    built = {}
+
+    def get(arch):
+        if arch not in built:
+            import torch
+
+            from autocomp import zoo
+            from autocomp.export import export_onnx
+
+            torch.manual_seed(0)
+            model = zoo.build(arch, **zoo.tiny_kwargs(arch)).eval()
+            x = zoo.example_input(arch, tiny=True)
+            built[arch] = (model, x, export_onnx(model, x, tmp_path_factory.mktemp(arch) / "m.onnx"))
+        return built[arch]
+
+    return get
 
 
 def test_default_space_loads(registry):
@@ -46,13 +77,11 @@ def test_missing_file(tmp_path, registry):
         load_space(tmp_path / "nope.toml", registry.methods)
 
 
-def test_concrete_parameters_follow_the_model(tmp_path, registry, tiny_workload):
-    from autocomp.export import export_onnx
-    from autocomp.method import BaseModelInfo, ChoiceParam, FloatParam
+def test_concrete_parameters_follow_the_model(registry, tiny_workload, tiny_onnx):
+    from autocomp.method import BaseModelInfo, ChoiceParam
 
-    onnx_path = export_onnx(tiny_workload.model, tiny_workload.example_input, tmp_path / "m.onnx")
     space = load_space(default_space_path(), registry.methods)
-    concrete = space.concrete(BaseModelInfo(tiny_workload.model, tiny_workload.example_input, onnx_path,
+    concrete = space.concrete(BaseModelInfo(tiny_workload.model, tiny_workload.example_input, tiny_onnx,
                                             registry.target("cpu")))
     by_method = {m.name: params for m, _, params in concrete.entries}
     # digits has 7 prunable groups (the classifier is never a root) and 12 quantizable layers: 11 convs (stem, 4 in layer1, 3 each in layer2 and layer3 with their shortcuts) and fc
@@ -62,21 +91,12 @@ def test_concrete_parameters_follow_the_model(tmp_path, registry, tiny_workload)
     assert len(by_method["quantize"]) == 12
 
 
-def test_quantize_parameters_intersect_target_precisions(tmp_path, registry, tiny_workload):
-    from autocomp.export import export_onnx
+def test_quantize_parameters_intersect_target_precisions(registry, tiny_workload, tiny_onnx):
     from autocomp.method import BaseModelInfo
-    from autocomp.target import Target
 
-    class Fp32Only(Target):
-        name = "fp32-only"
-        precisions = frozenset({"fp32"})
-
-        def latency(self, onnx_path, input_shapes):
-            raise AssertionError("not measured in this test")
-
-    onnx_path = export_onnx(tiny_workload.model, tiny_workload.example_input, tmp_path / "m.onnx")
     space = load_space(default_space_path(), registry.methods)
-    concrete = space.concrete(BaseModelInfo(tiny_workload.model, tiny_workload.example_input, onnx_path, Fp32Only()))
+    target = unmeasured_target("fp32-only")
+    concrete = space.concrete(BaseModelInfo(tiny_workload.model, tiny_workload.example_input, tiny_onnx, target))
     assert {m.name: len(p) for m, _, p in concrete.entries}["quantize"] == 0
 
 
@@ -84,7 +104,7 @@ def test_parameters_of_a_removed_module_are_not_sampled(registry):
     """A parameter that removes a module hides later parameters concerning it or its children."""
     import optuna
 
-    from autocomp.method import ChoiceParam, FloatParam, Method
+    from autocomp.method import ChoiceParam, Method
     from autocomp.space import ConcreteSpace
 
     class _Declared(Method):
@@ -116,18 +136,11 @@ def test_parameters_of_a_removed_module_are_not_sampled(registry):
 
 @pytest.mark.parametrize("space_name", ["default", "joint", "cnn", "transformer"])
 @pytest.mark.parametrize("arch", ["resnet20", "vit"])
-def test_shipped_spaces_load_and_give_parameters(tmp_path, registry, space_name, arch, torch_threads):
+def test_shipped_spaces_load_and_give_parameters(registry, space_name, arch, tiny_zoo):
     """Every shipped space validates and yields parameters for a CNN and a transformer of the zoo."""
-    import torch
-
-    from autocomp import zoo
-    from autocomp.export import export_onnx
     from autocomp.method import BaseModelInfo
 
-    torch.manual_seed(0)
-    model = zoo.build(arch, **zoo.tiny_kwargs(arch)).eval()
-    x = zoo.example_input(arch, tiny=True)
-    onnx_path = export_onnx(model, x, tmp_path / "m.onnx")
+    model, x, onnx_path = tiny_zoo(arch)
     space = load_space(default_space_path().with_name(f"{space_name}.toml"), registry.methods)
     concrete = space.concrete(BaseModelInfo(model, x, onnx_path, registry.target("jetson")))
     counts = {m.name: len(p) for m, _, p in concrete.entries}
@@ -136,21 +149,14 @@ def test_shipped_spaces_load_and_give_parameters(tmp_path, registry, space_name,
         assert counts["remove_blocks"] > 0
 
 
-def test_anchor_trials_compress_uniformly_and_leave_blunt_methods_alone(tmp_path, registry, torch_threads):
+def test_anchor_trials_compress_uniformly_and_leave_blunt_methods_alone(tmp_path, registry, tiny_zoo):
     """The enqueued anchors of the joint space: pruning moves away from its neutral end as the
     quantile grows, every precision is the strongest offered, and block removal and low-rank
     factorization (not in anchors) stay at their neutral values."""
-    import torch
-
-    from autocomp import zoo
-    from autocomp.export import export_onnx
     from autocomp.method import BaseModelInfo
     from autocomp.search import _anchor_params, _anchors, _compresses
 
-    torch.manual_seed(0)
-    model = zoo.build("resnet20", **zoo.tiny_kwargs("resnet20")).eval()
-    x = zoo.example_input("resnet20", tiny=True)
-    onnx_path = export_onnx(model, x, tmp_path / "m.onnx")
+    model, x, onnx_path = tiny_zoo("resnet20")
     space = load_space(default_space_path().with_name("joint.toml"), registry.methods)
     concrete = space.concrete(BaseModelInfo(model, x, onnx_path, registry.target("jetson")))
     params = {m.name: p for m, _, p in concrete.entries}
@@ -178,21 +184,19 @@ def test_anchor_trials_compress_uniformly_and_leave_blunt_methods_alone(tmp_path
         assert p.low < mild[f"prune.{p.name}"] < strong[f"prune.{p.name}"] <= p.high
 
 
-def test_an_optional_method_is_switched_off_as_a_whole(tmp_path, registry, tiny_workload):
+def test_an_optional_method_is_switched_off_as_a_whole(tmp_path, registry, tiny_workload, tiny_onnx):
     """``optional = true`` adds one on/off parameter, sampled first; when off, no other parameter
     of the method is sampled and the candidate is built without it."""
     import optuna
 
     from autocomp.candidate import build_structure
-    from autocomp.export import export_onnx
     from autocomp.method import BaseModelInfo, CandidateContext
 
     path = _write(tmp_path, "[prune]\noptional = true\nratio = [0.2, 0.6]\nround_to = 8\n")
     space = load_space(path, registry.methods)
     assert space.optional == {"prune"}
-    onnx_path = export_onnx(tiny_workload.model, tiny_workload.example_input, tmp_path / "m.onnx")
     target = registry.target("cpu")
-    concrete = space.concrete(BaseModelInfo(tiny_workload.model, tiny_workload.example_input, onnx_path, target))
+    concrete = space.concrete(BaseModelInfo(tiny_workload.model, tiny_workload.example_input, tiny_onnx, target))
     (_, _, params), = concrete.entries
     assert params[0].name == "enabled" and params[0].choices == (False, True)
     study = optuna.create_study(directions=["maximize", "minimize"])
@@ -213,7 +217,7 @@ def test_a_parameter_named_enabled_is_only_a_switch_for_optional_methods(tmp_pat
     the method optional, in which case the clash is an error naming the table."""
     import optuna
 
-    from autocomp.method import BaseModelInfo, ChoiceParam, FloatParam, Method
+    from autocomp.method import BaseModelInfo, ChoiceParam, Method
     from autocomp.space import parse_space
 
     class Toggle(Method):

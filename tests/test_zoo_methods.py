@@ -18,13 +18,13 @@ import pytest
 import torch
 
 from autocomp import zoo
-from autocomp.candidate import build_model, recalibrate_batchnorm
+from autocomp.candidate import build_model, count_macs, recalibrate_batchnorm
 from autocomp.export import check_parity, export_onnx
 from autocomp.method import BaseModelInfo, CandidateContext, ChoiceParam, FloatParam
 from autocomp.space import parse_space
 from autocomp.workload import Split, Workload
 from autocomp_plugins.lowrank import LowRankMethod
-from autocomp_plugins.prune import PruneMethod, count_macs
+from autocomp_plugins.prune import PruneMethod
 from autocomp_plugins.remove_blocks import RemoveBlocksMethod
 
 NAMES = list(zoo.ARCHITECTURES)

@@ -53,6 +53,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+from autocomp.results import write_json
+from autocomp_plugins.edge.costmodel import _QDQ_OPS
+
 __all__ = [
     "FEATURES",
     "SHIPPED_CALIBRATION",
@@ -99,7 +102,7 @@ FEATURES: dict[str, str] = {
     "shape.kernels": "shape arithmetic and reshape-like nodes (free in the cost model, run by ONNX Runtime)",
 }
 
-_QDQ = ("QuantizeLinear", "DequantizeLinear")
+_QDQ = _QDQ_OPS
 #: Activations ONNX Runtime's CPU provider folds into an fp32 Conv/Gemm/MatMul (ConvActivationFusion,
 #: batch-norm and constant folding, NCHWc "Sum" for residual Adds, FusedMatMul scaling).
 _ORT_FUSES = {"Relu", "Clip", "Sigmoid", "Tanh", "LeakyRelu", "HardSigmoid", "BatchNormalization",
@@ -165,8 +168,8 @@ def _qdq_kernels(g: Any) -> list[int]:
     def runs_int8(node: Any) -> bool:
         if node is None or node.op_type not in _QLINEAR_OPS:
             return False
-        ins = [t for t in node.input if t and t not in g.constant]
-        if not ins or not all((p := producer(t)) is not None and p.op_type == "DequantizeLinear" for t in ins):
+        ins = g.activations(node)
+        if not ins or not all(g.from_dequantize(t) for t in ins):
             return False
         readers = consumers(node.output[0])
         if len(readers) == 1 and dropped_activation(readers[0]):
@@ -226,7 +229,7 @@ def graph_features(graph_or_path: Any, input_shapes: Mapping[str, Sequence[int]]
             continue
         if work.fused_into is not None:
             costed_or_fused += 1
-            kernel = _unfused_kernel(node, g.nodes[labels.host[i]], _precision_of(labels.precision[labels.host[i]]))
+            kernel = _unfused_kernel(node, g.nodes[labels.host[i]], p)  # a fused node has its host's precision
             if kernel is not None:
                 moved = (sum(g.numel(t) for t in g.activations(node)) + g.numel(node.output[0])) / 1e6
                 feature, kind = kernel
@@ -346,11 +349,7 @@ def _read_calibrations(path: Path) -> list[CpuCalibration]:
 
 def write_calibrations(path: Path, calibrations: Sequence[CpuCalibration]) -> Path:
     """Write ``calibrations`` to ``path`` atomically (temporary file, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"format": FORMAT_VERSION, "calibrations": [c.to_dict() for c in calibrations]},
-                              indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_json(path, {"format": FORMAT_VERSION, "calibrations": [c.to_dict() for c in calibrations]})
     return path
 
 
@@ -481,7 +480,7 @@ def _sample_architecture(rng: random.Random) -> tuple[str, dict[str, Any], tuple
 def candidate_specs(count: int, seed: int = 0) -> list[CandidateSpec]:
     """``count`` random calibration candidates, like the ones a search produces (deterministic in ``seed``).
 
-    Sizes span roughly 0.05 to 30 ms on one thread of a current x86 core: from heavily pruned
+    The 100 of benchmarks/cpu_predictor.md measured 0.09 to 12.4 ms on one thread here: from heavily pruned
     versions of the built-in digits model to models several times its size, so the fit sees both
     overhead-bound and compute-bound graphs.
     """

@@ -7,6 +7,7 @@ measurements of this host) so the search can drop one that cannot meet ``--max-l
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import replace
 from pathlib import Path
@@ -30,8 +31,6 @@ class CpuTarget(Target):
 
     def __init__(self, policy=None):
         self._policy = policy
-        self._calibration = None  # loaded on the first prediction, for this target's thread count
-        self._no_calibration = False
 
     @property
     def policy(self):
@@ -63,17 +62,23 @@ class CpuTarget(Target):
         Returns None when no calibration is available. Raises
         :class:`autocomp.errors.CandidateError` when the graph cannot be analysed.
         """
-        from autocomp_plugins.cpu_predictor import load_calibration, predict_latency_ms
+        from autocomp_plugins.cpu_predictor import predict_latency_ms
 
-        if self._calibration is None and not self._no_calibration:
-            try:
-                self._calibration = load_calibration(self.policy.threads)
-            except (OSError, ValueError, KeyError) as exc:
-                logger.warning("cpu target: no latency predictor (%s); candidates are only measured", exc)
-                self._no_calibration = True
         if self._calibration is None:
             return None
         return predict_latency_ms(onnx_path, input_shapes, self._calibration)
+
+    @functools.cached_property
+    def _calibration(self):
+        """This host's predictor calibration at this target's thread count, loaded on the first
+        prediction; None (after one warning) when there is none."""
+        from autocomp_plugins.cpu_predictor import load_calibration
+
+        try:
+            return load_calibration(self.policy.threads)
+        except (OSError, ValueError, KeyError) as exc:
+            logger.warning("cpu target: no latency predictor (%s); candidates are only measured", exc)
+            return None
 
     def facts(self) -> dict[str, Any]:
         from autocomp.ort import host_facts

@@ -37,11 +37,10 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 from autocomp.errors import CandidateError, SpaceError
-from autocomp.candidate import count_macs  # noqa: F401 - re-exported for callers of this module
 from autocomp.hookspecs import hookimpl
 from autocomp.method import BaseModelInfo, CandidateContext, ChoiceParam, FloatParam, Method, Param, parse_range
 
-__all__ = ["PruneConfig", "PruneMethod", "prunable_groups", "prune_model", "count_macs"]
+__all__ = ["PruneConfig", "PruneMethod", "prunable_groups", "prune_model"]
 
 logger = logging.getLogger("autocomp")
 

@@ -10,7 +10,8 @@ target's precisions. One candidate's graph is assembled in three passes over the
 2. int8: ONNX Runtime static quantization of the chosen nodes, QDQ format, uint8 activations and
    int8 (per-channel) weights, calibrated on workload training data. Measured on this project's
    CPUs, that is the combination ONNX Runtime runs faster than fp32 (int8 activations ran slower;
-   the digits ResNet at batch 1: 1.44 ms int8, 1.96 ms fp32). It runs after int4 so calibration
+   the digits ResNet at batch 1, all int8: 1.37x fp32, benchmarks/joint_vs_single.md, quantization
+   alone). It runs after int4 so calibration
    sees the int4 weights' outputs. Layers not chosen int8 keep reading unquantized activations.
 3. fp16: the chosen nodes (and the ReLU/Add/reshape nodes between them) in float16, with Casts at
    the region boundaries (:mod:`autocomp_plugins._precision`). It runs last, on the quantized graph,
@@ -43,7 +44,6 @@ from autocomp_plugins._precision import Layer, layer_name, layer_table, name_nod
 __all__ = [
     "QuantizeConfig",
     "QuantizeMethod",
-    "EVALUATION_ARTIFACT",
     "PRECISION_BITS",
     "quantizable_layers",
     "layer_name",

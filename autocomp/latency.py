@@ -98,7 +98,8 @@ class MeasuredThroughAgent(Target):
 
     def latency(self, onnx_path: Path, input_shapes: Mapping[str, Sequence[int]]) -> LatencyStats:
         stats = self._remote.latency(onnx_path, input_shapes)
-        return LatencyStats(stats.p50_ms, stats.p90_ms, stats.mean_ms, stats.runs, True, self.name, stats.facts)
+        return LatencyStats(stats.p50_ms, stats.p90_ms, stats.mean_ms, stats.runs, True, self.name, stats.facts,
+                            min_ms=stats.min_ms)
 
     def facts(self) -> dict[str, Any]:
         return {"device": self._device.name, "agent": getattr(self._remote, "agent_url", None), **self._remote.facts()}

@@ -8,15 +8,24 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Mapping, Sequence
 
-__all__ = ["LatencyStats", "Target", "PRECISIONS"]
+__all__ = ["LatencyStats", "Target", "PRECISIONS", "STATISTICS"]
 
 #: Numeric precisions a target may declare. Methods intersect what they offer with these.
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
 
+#: Statistics a search can optimise (``--latency-statistic``): the fastest timed run, the median,
+#: the 90th percentile, the mean.
+STATISTICS = ("min", "p50", "p90", "mean")
+
 
 @dataclass(frozen=True)
 class LatencyStats:
-    """Latency of one model on one target, in milliseconds, batch as given by the input shape."""
+    """Latency of one model on one target, in milliseconds, batch as given by the input shape.
+
+    ``min_ms`` is the fastest timed run; None where it is not known (a prediction, whose single
+    figure is ``p50_ms``, or a record from before autocomp kept it). :meth:`value` picks one
+    statistic by name.
+    """
 
     p50_ms: float
     p90_ms: float
@@ -25,12 +34,24 @@ class LatencyStats:
     measured: bool  # False when a cost model predicted the figure
     target: str
     facts: Mapping[str, Any] = field(default_factory=dict)
+    min_ms: float | None = None
 
     def __post_init__(self) -> None:
-        for name in ("p50_ms", "p90_ms", "mean_ms"):
+        for name in ("p50_ms", "p90_ms", "mean_ms", "min_ms"):
             value = getattr(self, name)
+            if name == "min_ms" and value is None:
+                continue
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be a finite, non-negative number, got {value!r}")
+
+    def value(self, statistic: str) -> float:
+        """The statistic named ``statistic`` (one of :data:`STATISTICS`), in ms. ``"min"`` falls
+        back to the p50 where the fastest run is not known (a prediction)."""
+        if statistic not in STATISTICS:
+            raise ValueError(f"unknown latency statistic {statistic!r}; choose one of {', '.join(STATISTICS)}")
+        if statistic == "min":
+            return self.p50_ms if self.min_ms is None else self.min_ms
+        return getattr(self, f"{statistic}_ms")
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -39,8 +60,11 @@ class LatencyStats:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "LatencyStats":
+        facts = dict(data.get("facts", {}))
+        # records from before min_ms was a field kept it in the facts
+        min_ms = data.get("min_ms", facts.get("min_ms"))
         return cls(**{k: data[k] for k in ("p50_ms", "p90_ms", "mean_ms", "runs", "measured", "target")},
-                   facts=dict(data.get("facts", {})))
+                   facts=facts, min_ms=min_ms)
 
 
 class Target(abc.ABC):
@@ -84,7 +108,7 @@ class Target(abc.ABC):
         """
 
     def predict_latency(self, onnx_path: Path, input_shapes: Mapping[str, Sequence[int]]) -> float | None:
-        """A cheap prediction of the p50 latency in ms, or None when the target has no predictor.
+        """A cheap prediction of the latency in ms, or None when the target has no predictor.
 
         The search calls this before any training is spent on a candidate, to drop one that cannot
         meet ``--max-latency``. Predicted targets return their prediction; measured targets may

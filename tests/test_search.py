@@ -13,6 +13,7 @@ import onnx
 import pytest
 
 from autocomp.cli import main
+from autocomp.errors import ConfigError
 from autocomp.ort import run_batches
 from autocomp.results import sha256_of
 from autocomp.search import SearchConfig, run_search
@@ -81,7 +82,12 @@ def test_pareto_members_are_the_deployed_artifacts(finished_run, tiny_workload):
         accuracy = float(np.mean(outputs.argmax(1) == tiny_workload.val.targets.numpy()))
         assert accuracy == pytest.approx(member["metric"], abs=1e-12)
         assert member["drop"] == pytest.approx(pareto["baseline"]["metric"] - member["metric"])
-        assert member["speedup"] == pytest.approx(pareto["baseline"]["latency_p50_ms"] / member["latency_p50_ms"])
+        # the search minimises each measurement's fastest run (the default statistic) and keeps the p50
+        assert pareto["latency_statistic"] == "min" and member["latency_ms"] <= member["latency_p50_ms"]
+        assert member["speedup"] == pytest.approx(pareto["baseline"]["latency_ms"] / member["latency_ms"])
+        assert member["final_speedup"] == pytest.approx(pareto["baseline"]["final_latency_ms"] / member["final_latency_ms"])
+        metrics = json.loads((result.run_dir / "trials" / f"{member['trial']:04d}" / "metrics.json").read_text())
+        assert metrics["latency_ms"] == metrics["latency"]["min_ms"] == member["latency_ms"]
 
 
 def test_quantized_artifact_accuracy_is_what_is_reported(finished_run, tiny_workload):
@@ -105,6 +111,28 @@ def test_resume_adds_trials_to_the_same_study(finished_run):
     resumed = run_search(replace(config, trials=4, resume=True), registry)
     assert resumed.summary["trials"]["total"] == 4
     assert json.loads((result.run_dir / "run.json").read_text())["resumed"] == 1
+
+
+def test_resume_refuses_another_latency_statistic(finished_run):
+    registry, config, result, _ = finished_run
+    from dataclasses import replace
+
+    from autocomp.errors import ConfigError
+
+    before = sorted(p.name for p in (result.run_dir / "trials").iterdir())
+    with pytest.raises(ConfigError, match="searched on the min latency .* pass --latency-statistic min"):
+        run_search(replace(config, trials=9, resume=True, latency_statistic="p50"), registry)
+    assert sorted(p.name for p in (result.run_dir / "trials").iterdir()) == before  # nothing lost or added
+
+
+def test_latency_statistic_p50_is_what_the_search_minimises(tmp_path, registry, space_file):
+    config = SearchConfig(workload="digits-tiny", target="cpu", target_options=FAST_TIMING, space=space_file,
+                          max_drop=0.5, trials=1, out=tmp_path / "run", final_rounds=0, latency_statistic="p50")
+    result = run_search(config, registry)
+    member = result.pareto[0]
+    assert result.summary["latency_statistic"] == "p50" and member["latency_ms"] == member["latency_p50_ms"]
+    with pytest.raises(ConfigError, match="--latency-statistic must be one of min, p50, p90, mean"):
+        SearchConfig(latency_statistic="fastest")
 
 
 def _cli(*args: str) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from autocomp.ort import TimingPolicy, measure_latency
+from autocomp.target import LatencyStats
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +23,23 @@ def test_runs_and_order_statistics(small_onnx):
     policy = TimingPolicy(warmup_runs=1, warmup_s=0.0, min_runs=9, min_s=0.0)
     stats = measure_latency(small_onnx, {"input": (1, 16)}, policy)
     assert stats.runs == 9 and stats.measured
-    assert 0 < stats.facts["min_ms"] <= stats.p50_ms <= stats.p90_ms
+    assert 0 < stats.min_ms <= stats.p50_ms <= stats.p90_ms
+    assert stats.value("min") == stats.min_ms and stats.value("p90") == stats.p90_ms
+    # the fastest run survives the trip through the latency cache and the agent's JSON
+    assert LatencyStats.from_dict(stats.to_dict()) == stats
+
+
+def test_statistics_of_records_without_a_fastest_run():
+    # a prediction (one figure) and a record written before min_ms was a field (it sat in the facts)
+    predicted = LatencyStats(2.0, 2.0, 2.0, 0, False, "jetson")
+    assert predicted.min_ms is None and predicted.value("min") == 2.0
+    old = {"p50_ms": 3.0, "p90_ms": 4.0, "mean_ms": 3.2, "runs": 50, "measured": True, "target": "cpu",
+           "facts": {"min_ms": 2.5}}
+    assert LatencyStats.from_dict(old).value("min") == 2.5
+    with pytest.raises(ValueError, match="unknown latency statistic 'p99'"):
+        predicted.value("p99")
+    with pytest.raises(ValueError, match="min_ms must be a finite"):
+        LatencyStats(1.0, 1.0, 1.0, 1, True, "cpu", min_ms=float("nan"))
 
 
 def test_max_runs_caps_the_total(small_onnx):

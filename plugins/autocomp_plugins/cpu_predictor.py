@@ -319,7 +319,8 @@ class CpuCalibration:
             raise ValueError(f"calibration coefficients must be finite and >= 0, got {bad}")
 
     def predict(self, features: Mapping[str, float]) -> float:
-        """Estimated p50 latency in ms for a graph's :func:`graph_features`."""
+        """Estimated latency (the fastest run, as the search measures by default) in ms for a graph's
+        :func:`graph_features`."""
         return sum(self.coefficients.get(name, 0.0) * value for name, value in features.items())
 
     def matches(self, host: Mapping[str, str]) -> bool:
@@ -394,7 +395,7 @@ def load_calibration(threads: int = 1, host: Mapping[str, str] | None = None,
 
 def predict_latency_ms(onnx_path: Path | str, input_shapes: Mapping[str, Sequence[int]],
                        calibration: CpuCalibration) -> float:
-    """Estimated p50 latency (ms) of an ONNX model on the calibrated host.
+    """Estimated latency (ms; the fastest timed run) of an ONNX model on the calibrated host.
 
     An estimate from the graph's structure, not a measurement. Raises
     :class:`autocomp.errors.CandidateError` when the graph cannot be analysed.
@@ -409,7 +410,7 @@ def fit_coefficients(rows: Sequence[Mapping[str, float]], latencies_ms: Sequence
                      features: Sequence[str] = tuple(FEATURES)) -> dict[str, float]:
     """Non-negative coefficients minimising the squared *relative* error of the linear model.
 
-    ``rows`` are :func:`graph_features` of the measured graphs, ``latencies_ms`` their measured p50.
+    ``rows`` are :func:`graph_features` of the measured graphs, ``latencies_ms`` their measured latency.
     Features no row uses get coefficient 0. Raises ``ValueError`` for mismatched or empty input.
     """
     import numpy as np
@@ -576,8 +577,10 @@ def measure_candidates(paths: Sequence[Path], input_shapes: Sequence[Mapping[str
                        progress: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
     """Measure every model ``rounds`` times, interleaved (shuffled order each round), with the cpu
     target's harness (:func:`autocomp.ort.measure_latency`, default :class:`TimingPolicy` but for
-    ``threads``). Returns per model ``{"round_p50_ms": [...], "round_load": [...], "p50_ms": median}``
-    where ``round_load`` is the 1-minute load average when that round's measurement started and
+    ``threads``). Returns per model ``{"round_min_ms": [...], "round_p50_ms": [...], "round_load": [...],
+    "min_ms": median of the round minima, "p50_ms": median of the round p50s}``, where ``round_min_ms``
+    holds each measurement's fastest run, ``round_load`` the 1-minute load average when that round's
+    measurement started and
     ``round_cpu_share`` the share of one core this process got while measuring (CPU time over wall
     time; below 1 when other jobs took the core away).
     """
@@ -599,12 +602,13 @@ def measure_candidates(paths: Sequence[Path], input_shapes: Sequence[Mapping[str
             stats = measure_latency(paths[i], input_shapes[i], policy)
             share = (time.process_time() - cpu) / max(time.perf_counter() - wall, 1e-9) / threads
             results[i]["round_p50_ms"].append(stats.p50_ms)
-            results[i]["round_min_ms"].append(stats.facts["min_ms"])
+            results[i]["round_min_ms"].append(stats.min_ms)
             results[i]["round_load"].append(load)
             results[i]["round_cpu_share"].append(round(share, 3))
             if progress and done % 20 == 0:
                 progress(f"round {r + 1}/{rounds}: {done}/{len(paths)} measured, load {load:.2f}")
     for result in results:
+        result["min_ms"] = statistics.median(result["round_min_ms"])
         result["p50_ms"] = statistics.median(result["round_p50_ms"])
     return results
 
@@ -645,7 +649,7 @@ def calibrate_cpu(threads: int = 1, count: int = 100, rounds: int = 3, seed: int
             raise ValueError(f"only {len(paths)} calibration candidates could be built; need at least 10")
         load_before = os.getloadavg()
         measured = measure_candidates(paths, shapes, threads=threads, rounds=rounds, seed=seed, progress=progress)
-    latencies = [m["p50_ms"] for m in measured]
+    latencies = [m["min_ms"] for m in measured]
     coefficients = fit_coefficients(rows, latencies)
     host = host_identity()
     calibration = CpuCalibration(host=host, threads=threads, coefficients=coefficients)
@@ -653,7 +657,7 @@ def calibrate_cpu(threads: int = 1, count: int = 100, rounds: int = 3, seed: int
     fit = {
         "models": len(rows),
         "rounds": rounds,
-        "target": "median of round p50s, TimingPolicy() defaults",
+        "target": "median of the rounds' fastest runs, TimingPolicy() defaults",
         "in_sample_within_10pct": sum(e <= 0.10 for e in errors) / len(errors),
         "in_sample_median_error": statistics.median(errors),
         "load_1min_before": load_before[0],

@@ -1,4 +1,4 @@
-"""Target ``cpu``: this host, measured with ONNX Runtime (fixed threads, warm-up, p50/p90).
+"""Target ``cpu``: this host, measured with ONNX Runtime (fixed threads, warm-up; fastest run, p50, p90).
 
 Every final artifact is measured. Before training, :meth:`CpuTarget.predict_latency` estimates a
 candidate's latency from its graph (:mod:`autocomp_plugins.cpu_predictor`, calibrated on
@@ -53,7 +53,8 @@ class CpuTarget(Target):
         return measure_latency(onnx_path, input_shapes, self.policy, target=self.name)
 
     def predict_latency(self, onnx_path: Path, input_shapes: Mapping[str, Sequence[int]]) -> float | None:
-        """An *estimate* of the p50 latency in ms, from the graph alone, in milliseconds of CPU time.
+        """An *estimate* of the latency in ms (the fastest timed run, the search's default statistic),
+        from the graph alone.
 
         Linear in per-operator work (MACs, elements moved, kernels) with coefficients fitted on
         measurements of this host at this target's thread count (see

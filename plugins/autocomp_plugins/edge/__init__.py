@@ -98,7 +98,7 @@ class EdgeTarget(Target):
         return type(self)(spec)
 
     def latency(self, onnx_path: Path, input_shapes: Mapping[str, Sequence[int]]) -> LatencyStats:
-        """Predicted latency of the model; p50, p90 and mean are the same single prediction.
+        """Predicted latency of the model; min, p50, p90 and mean are the same single prediction.
 
         Raises :class:`autocomp.errors.CandidateError` when the model cannot be analysed or uses a
         precision the device does not run (int8 on a Jetson Nano, fp16 on a Raspberry Pi 4).
@@ -118,7 +118,7 @@ class EdgeTarget(Target):
             "overhead_ms": round(sum(c.overhead_ms for c in costs), 4),
         }
         return LatencyStats(p50_ms=total, p90_ms=total, mean_ms=total, runs=0, measured=False,
-                            target=self.name, facts=facts)
+                            target=self.name, facts=facts, min_ms=total)
 
     @property
     def validation(self) -> str:

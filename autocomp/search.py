@@ -156,14 +156,38 @@ def prepare(config: SearchConfig, registry: Registry) -> Prepared:
     return Prepared(config, target, space, workload, run)
 
 
-def _evaluate(onnx_path: Path, workload: Workload) -> float:
+def _evaluate(onnx_path: Path, workload: Workload, split: str = "val") -> float:
     from autocomp.ort import run_batches
 
-    outputs = run_batches(onnx_path, workload.val.inputs.numpy())
-    value = float(workload.metric(outputs, workload.val.targets.numpy()))
+    data = getattr(workload, split)
+    outputs = run_batches(onnx_path, data.inputs.numpy())
+    value = float(workload.metric(outputs, data.targets.numpy()))
     if value != value:  # NaN
-        raise CandidateError("the metric is NaN on the validation split")
+        raise CandidateError(f"the metric is NaN on the {split} split")
     return value
+
+
+def _test_metrics(prep: Prepared, members: list[dict[str, Any]], baseline: dict[str, Any]) -> None:
+    """The metric of the base model and every Pareto member on the workload's held-out test split,
+    when it has one: ``test_metric`` and ``test_drop``.
+
+    The Pareto set is chosen on the validation split, so its validation metrics are the best of
+    many noisy draws and flatter the members; the test split, never seen by the search, does not.
+    A member whose artifact this host cannot run (fp16 kernels ONNX Runtime's CPU provider lacks)
+    gets None."""
+    wl = prep.workload
+    if wl.test is None:
+        return
+    for record in (baseline, *members):
+        try:
+            record["test_metric"] = _evaluate(Path(record["artifact"]), wl, "test")
+        except CandidateError as exc:
+            logger.warning("no test metric for %s: %s", record["artifact"], exc)
+            record["test_metric"] = None
+    for member in members:
+        if member["test_metric"] is not None and baseline["test_metric"] is not None:
+            drop = baseline["test_metric"] - member["test_metric"]
+            member["test_drop"] = drop / baseline["test_metric"] if prep.config.relative_drop else drop
 
 
 def _model_stats(model, example_input) -> dict[str, int]:
@@ -638,6 +662,7 @@ def run_search(config: SearchConfig, registry: Registry, on_event: Event | None 
     summary = _summary(prep, study, baseline, status)
     if status == "complete":
         _final_measurements(prep, summary["pareto"], summary["baseline"])
+        _test_metrics(prep, summary["pareto"], summary["baseline"])
         if not config.keep_all:
             keep = {m["trial"] for m in summary["pareto"]}
             for t in study.get_trials(deepcopy=False):

@@ -202,6 +202,25 @@ def test_setting_gives_runnable_artifact_close_to_fp32(zoo_models, tmp_path, mod
         assert twin_precisions == {n: ("fp16 emulated" if p == "fp16" else p) for n, p in setting.items()}
 
 
+def test_one_precision_for_the_whole_model(zoo_models, tmp_path):
+    """per_layer = false: a single choice, among the precisions every layer can take (the ViT's
+    convolution and attention products cannot be int4), applied to every layer."""
+    path, inputs = zoo_models["vit"]
+    method = QuantizeMethod()
+    config = method.parse_config({"per_layer": False}, "file.toml")
+    info = BaseModelInfo(model=None, example_input=inputs[:1], onnx_path=path, target=unmeasured_target(precisions=ALL))
+    (param,) = method.parameters(config, info)
+    assert (param.name, param.choices, param.neutral) == ("all_layers", ("fp32", "fp16", "int8"), "fp32")
+    ctx = _ctx(tmp_path, inputs)
+    out = method.apply(path, {"all_layers": "int8"}, config, ctx)
+    table = layer_table(onnx.load(str(path)))
+    graph = onnx.load(str(out))
+    assert {_precision_of(graph, layer.node) for layer in table.values()} == {"int8"}
+    assert ctx.notes["int8_layers"] == len(table) and ctx.skipped == []
+    with pytest.raises(SpaceError, match="per_layer"):
+        method.parse_config({"per_layer": "no"}, "file.toml")
+
+
 def test_all_fp32_returns_the_export_unchanged(zoo_models, tmp_path):
     path, inputs = zoo_models["resnet20"]
     ctx = _ctx(tmp_path, inputs)

@@ -86,6 +86,10 @@ def test_pareto_members_are_the_deployed_artifacts(finished_run, tiny_workload):
         assert pareto["latency_statistic"] == "min" and member["latency_ms"] <= member["latency_p50_ms"]
         assert member["speedup"] == pytest.approx(pareto["baseline"]["latency_ms"] / member["latency_ms"])
         assert member["final_speedup"] == pytest.approx(pareto["baseline"]["final_latency_ms"] / member["final_latency_ms"])
+        # the held-out test split, never seen by the search, scores the same artifact
+        test = run_batches(artifact, tiny_workload.test.inputs.numpy())
+        assert member["test_metric"] == pytest.approx(float(np.mean(test.argmax(1) == tiny_workload.test.targets.numpy())))
+        assert member["test_drop"] == pytest.approx(pareto["baseline"]["test_metric"] - member["test_metric"])
         metrics = json.loads((result.run_dir / "trials" / f"{member['trial']:04d}" / "metrics.json").read_text())
         assert metrics["latency_ms"] == metrics["latency"]["min_ms"] == member["latency_ms"]
 

@@ -66,9 +66,14 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+#: The parameter name of the whole-model precision (``per_layer = false``).
+ALL_LAYERS = "all_layers"
+
+
 @dataclass(frozen=True)
 class QuantizeConfig:
-    """``[quantize]`` table. ``bits`` lists the precisions to choose from per layer."""
+    """``[quantize]`` table. ``bits`` lists the precisions to choose from per layer (or for the whole
+    model, with ``per_layer = false``)."""
 
     #: Drawn from 4 (int4 weight-only), 8 (int8), 16 (fp16), 32 (fp32); a list of choices, not a range.
     bits: tuple[int, ...] = (4, 8, 16, 32)
@@ -79,6 +84,12 @@ class QuantizeConfig:
     reduce_range: bool | str = "auto"
     #: Weights per int4 block (one scale and zero point each) along the input dimension.
     int4_block_size: int = 32
+    #: One precision per layer (true) or one for the whole model (false: a single choice,
+    #: ``quantize.all_layers``, among the precisions every layer can take). On a CPU every fp32/int8
+    #: boundary costs a QuantizeLinear or DequantizeLinear kernel, and independent per-layer draws
+    #: are almost never all int8 (12 layers at 80 % each: 7 %). Tried in ``joint.toml`` on the
+    #: digits benchmark it did worse than per-layer choices (benchmarks/joint_vs_single.md).
+    per_layer: bool = True
 
     def __post_init__(self) -> None:
         bits = tuple(self.bits) if isinstance(self.bits, (list, tuple)) else (self.bits,)
@@ -89,6 +100,8 @@ class QuantizeConfig:
         object.__setattr__(self, "bits", tuple(sorted(set(bits), reverse=True)))
         if not _is_int(self.calibration_samples) or self.calibration_samples < 1:
             raise _error("calibration_samples", f"expected a whole number >= 1, got {self.calibration_samples!r}")
+        if not isinstance(self.per_layer, bool):
+            raise _error("per_layer", f"expected true or false, got {self.per_layer!r}")
         if not isinstance(self.per_channel, bool):
             raise _error("per_channel", f"expected true or false, got {self.per_channel!r}")
         if not (isinstance(self.reduce_range, bool) or self.reduce_range == "auto"):
@@ -174,7 +187,9 @@ def quantize_int8(onnx_in: Path, onnx_out: Path, node_names: Sequence[str], cali
 
 def _expand_to_factors(setting: Mapping[str, Any], layers: Mapping[str, Layer]) -> dict[str, Any]:
     """A layer replaced by several (low-rank factors ``fc.0``, ``fc.1`` of ``fc``) takes the
-    precision sampled for the layer it replaced."""
+    precision sampled for the layer it replaced; :data:`ALL_LAYERS` gives every layer its value."""
+    if ALL_LAYERS in setting:
+        return {name: setting[ALL_LAYERS] for name in layers}
     expanded = dict(setting)
     for name in setting:
         if name in layers:
@@ -195,11 +210,16 @@ class QuantizeMethod(Method):
     def parameters(self, config: QuantizeConfig, base: BaseModelInfo) -> Sequence[ChoiceParam]:
         offered = tuple(p for p in config.precisions() if p in base.target.precisions)
         params = []
-        for name, layer in layer_table(_load(base.onnx_path)).items():
+        layers = layer_table(_load(base.onnx_path))
+        for name, layer in layers.items():
             # int4 is weight-only: only for a MatMul/Gemm with a constant weight
             choices = tuple(p for p in offered if p != "int4" or layer.int4_unsupported is None)
             if len(choices) > 1:
                 params.append(ChoiceParam(name, choices, module=layer.module, neutral=choices[0]))
+        if not config.per_layer and params:
+            # one choice for every layer, among the precisions all of them can take
+            common = tuple(p for p in offered if all(p in param.choices for param in params))
+            return [ChoiceParam(ALL_LAYERS, common, neutral=common[0])] if len(common) > 1 else []
         return params
 
     def _plan(self, layers: Mapping[str, Layer], setting: Mapping[str, Any], ctx: CandidateContext

@@ -54,10 +54,12 @@ def main(argv: list[str] | None = None) -> int:
         "exit_code": proc.returncode,
         "trials": summary["trials"],
         "latency_statistic": summary.get("latency_statistic", "p50"),
-        "baseline": {"accuracy": base["metric"], "latency_ms": base.get("latency_ms"), "latency_p50_ms": base["latency_p50_ms"],
+        "baseline": {"accuracy": base["metric"], "test_accuracy": base.get("test_metric"),
+                     "latency_ms": base.get("latency_ms"), "latency_p50_ms": base["latency_p50_ms"],
                      "final_latency_ms": base.get("final_latency_ms"), "final_latency_p50_ms": base.get("final_latency_p50_ms"),
                      "size_bytes": base["size_bytes"], "macs": base.get("macs")},
-        "pareto": [{k: m.get(k) for k in ("trial", "metric", "drop", "latency_ms", "latency_p50_ms", "speedup",
+        "pareto": [{k: m.get(k) for k in ("trial", "metric", "drop", "test_metric", "test_drop", "latency_ms",
+                                          "latency_p50_ms", "speedup",
                                           "final_latency_ms", "final_latency_p50_ms", "final_speedup", "size_bytes",
                                           "macs")}
                    for m in members],
@@ -69,6 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     }
     (HERE / "default_search.json").write_text(json.dumps(record, indent=2) + "\n")
     stat = record["latency_statistic"]
+
+    def _pct(x: float | None) -> str:
+        return "-" if x is None else f"{100 * x:.2f}"
 
     def _ms(record: dict, which: str = "") -> float:
         """The side-by-side figure where there is one, else the search's (``which="p50"``: the p50)."""
@@ -84,14 +89,15 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"Latency statistic: **{stat}** (`--latency-statistic`; `min` is each measurement's fastest run). "
         f"Base model: accuracy {100 * base['metric']:.2f} %, {stat} {_ms(base):.3f} ms, p50 {_ms(base, 'p50'):.3f} ms "
-        f"(single thread, ONNX Runtime), {base.get('macs', 0) / 1e6:.1f} M MACs.",
+        f"(single thread, ONNX Runtime), {base.get('macs', 0) / 1e6:.1f} M MACs; accuracy on the held-out test "
+        f"split {_pct(base.get('test_metric'))} %.",
         "",
-        f"| trial | accuracy % | drop (pts) | {stat} ms (side by side) | p50 ms (side by side) | speedup (side by side) "
-        "| speedup (in search) | MACs (M) | size KiB |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"| trial | accuracy % | drop (pts) | test accuracy % | {stat} ms (side by side) | p50 ms (side by side) "
+        "| speedup (side by side) | speedup (in search) | MACs (M) | size KiB |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for m in members:
-        lines.append(f"| {m['trial']} | {100 * m['metric']:.2f} | {100 * m['drop']:.2f} | "
+        lines.append(f"| {m['trial']} | {100 * m['metric']:.2f} | {100 * m['drop']:.2f} | {_pct(m.get('test_metric'))} | "
                      f"{_ms(m):.3f} | {_ms(m, 'p50'):.3f} | "
                      f"{m.get('final_speedup') or m['speedup']:.2f}x | {m['speedup']:.2f}x | "
                      f"{(m.get('macs') or 0) / 1e6:.1f} | {m['size_bytes'] / 1024:.0f} |")

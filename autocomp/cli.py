@@ -124,17 +124,19 @@ def _print_summary(console, summary: dict[str, Any]) -> None:
     statistic = summary.get("latency_statistic", "p50")
     table = Table(title=f"Pareto set — {summary['workload']} on {summary['target']['name']}", title_justify="left")
     has_test = base.get("test_metric") is not None
+    also_p50 = statistic != "p50"
     for col in ("trial", f"{metric_name} %", "drop (pts)", *((f"test {metric_name} %",) if has_test else ()),
-                f"{statistic} ms", "p50 ms", "speedup", "size KiB", "artifact"):
+                f"{statistic} ms", *(("p50 ms",) if also_p50 else ()), "speedup", "size KiB", "artifact"):
         table.add_column(col, justify="right" if col != "artifact" else "left")
 
     def test(record: dict[str, Any]) -> tuple[str, ...]:
         return (_fmt_pct(record.get("test_metric")),) if has_test else ()
 
-    def latencies(record: dict[str, Any]) -> tuple[str, str]:
+    def latencies(record: dict[str, Any]) -> tuple[str, ...]:
         # the side-by-side re-measurement where there is one, else the search's own
         ms = record.get("final_latency_ms", record.get("latency_ms", record["latency_p50_ms"]))
-        return f"{ms:.3f}", f"{record.get('final_latency_p50_ms', record['latency_p50_ms']):.3f}"
+        p50 = record.get("final_latency_p50_ms", record["latency_p50_ms"])
+        return (f"{ms:.3f}", f"{p50:.3f}") if also_p50 else (f"{ms:.3f}",)
 
     table.add_row("base", _fmt_pct(base["metric"]), "-", *test(base), *latencies(base), "1.00x",
                   f"{base['size_bytes'] / 1024:.0f}", base["artifact"])

@@ -5,11 +5,10 @@ thread count, sequential execution, full graph optimisation, a warm-up, then tim
 minimum count and a minimum time are reached. The fastest run, p50, p90 and mean are over all
 timed runs.
 
-Which of them to trust depends on the machine. On a quiet, dedicated board the p50 repeats to a
-few percent. On a shared machine (a cloud VM, a laptop with a browser open) the p50 of the same
-model moved 17-26 % between repeats in ``benchmarks/cpu_predictor.md``, while the fastest run moved
-about 1 %: interference only ever adds time, so the fastest run is the best estimate of what the
-model itself costs. The search optimises the fastest run by default (``--latency-statistic``).
+Which of them to trust depends on the machine. On this project's shared 2-core VM the p50 of the
+same model moved 17-26 % between repeats (median model, ``benchmarks/cpu_predictor.md``), while
+the fastest run moved about 1 %: interference only ever adds time, so the fastest run is the best
+estimate of what the model itself costs. The search optimises the fastest run by default (``--latency-statistic``).
 """
 
 from __future__ import annotations

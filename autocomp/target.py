@@ -22,9 +22,9 @@ STATISTICS = ("min", "p50", "p90", "mean")
 class LatencyStats:
     """Latency of one model on one target, in milliseconds, batch as given by the input shape.
 
-    ``min_ms`` is the fastest timed run; None where it is not known (a prediction, whose single
-    figure is ``p50_ms``, or a record from before autocomp kept it). :meth:`value` picks one
-    statistic by name.
+    ``min_ms`` is the fastest timed run. A prediction may leave it None (its single figure is
+    ``p50_ms``); a measurement from an agent older than this field has none either. :meth:`value`
+    picks one statistic by name.
     """
 
     p50_ms: float
@@ -45,12 +45,18 @@ class LatencyStats:
                 raise ValueError(f"{name} must be a finite, non-negative number, got {value!r}")
 
     def value(self, statistic: str) -> float:
-        """The statistic named ``statistic`` (one of :data:`STATISTICS`), in ms. ``"min"`` falls
-        back to the p50 where the fastest run is not known (a prediction)."""
+        """The statistic named ``statistic`` (one of :data:`STATISTICS`), in ms. For a prediction
+        without ``min_ms``, ``"min"`` is its single figure; a measurement without it raises
+        ``ValueError`` rather than mixing statistics in one search."""
         if statistic not in STATISTICS:
             raise ValueError(f"unknown latency statistic {statistic!r}; choose one of {', '.join(STATISTICS)}")
         if statistic == "min":
-            return self.p50_ms if self.min_ms is None else self.min_ms
+            if self.min_ms is not None:
+                return self.min_ms
+            if self.measured:
+                raise ValueError(f"this measurement on {self.target!r} has no fastest run (an agent older than "
+                                 "autocomp's min_ms?); update the agent or pass --latency-statistic p50")
+            return self.p50_ms
         return getattr(self, f"{statistic}_ms")
 
     def to_dict(self) -> dict[str, Any]:

@@ -187,6 +187,16 @@ def test_cached_calibration_for_this_host_is_preferred(digits_models):
     assert CpuTarget().predict_latency(digits_models[8], SHAPE) == pytest.approx(7.0)
 
 
+def test_a_cached_calibration_fitted_on_the_p50_gives_way_to_the_shipped_one(caplog):
+    host = cp.host_identity()
+    old = cp.CpuCalibration(host=host, threads=1, coefficients={"run": 7.0},
+                            fit={"target": "median of round p50s, TimingPolicy() defaults"})
+    cp.write_calibrations(cp.cache_path(host, 1), [old])
+    with caplog.at_level(logging.WARNING, logger="autocomp"):
+        loaded = cp.load_calibration(threads=1)
+    assert loaded.source == str(cp.SHIPPED_CALIBRATION) and "fitted on the p50" in caplog.text
+
+
 def test_other_host_logs_a_warning_and_still_predicts(digits_models, caplog):
     host = {**cp.host_identity(), "cpu_model": "Imaginary CPU 9000"}
     with caplog.at_level(logging.WARNING, logger="autocomp"):

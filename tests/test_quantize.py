@@ -217,6 +217,8 @@ def test_one_precision_for_the_whole_model(zoo_models, tmp_path):
     graph = onnx.load(str(out))
     assert {_precision_of(graph, layer.node) for layer in table.values()} == {"int8"}
     assert ctx.notes["int8_layers"] == len(table) and ctx.skipped == []
+    # int4 or fp32 only: the convolution cannot take int4, so no whole-model choice remains
+    assert method.parameters(method.parse_config({"per_layer": False, "bits": [4, 32]}, "file.toml"), info) == []
     with pytest.raises(SpaceError, match="per_layer"):
         method.parse_config({"per_layer": "no"}, "file.toml")
 

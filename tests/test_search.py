@@ -129,6 +129,23 @@ def test_resume_refuses_another_latency_statistic(finished_run):
     assert sorted(p.name for p in (result.run_dir / "trials").iterdir()) == before  # nothing lost or added
 
 
+def test_a_run_from_before_the_latency_statistic_resumes_on_the_p50(tmp_path, registry, space_file):
+    from dataclasses import replace
+
+    config = SearchConfig(workload="digits-tiny", target="cpu", target_options=FAST_TIMING, space=space_file,
+                          max_drop=0.5, trials=1, out=tmp_path / "run", final_rounds=0, latency_statistic="p50")
+    run_search(config, registry)
+    baseline = tmp_path / "run" / "baseline" / "metrics.json"
+    old = json.loads(baseline.read_text())
+    del old["latency_statistic"], old["latency_ms"]  # as written before --latency-statistic existed
+    baseline.write_text(json.dumps(old))
+    with pytest.raises(ConfigError, match="searched on the p50 latency"):
+        run_search(replace(config, trials=2, resume=True, latency_statistic="min"), registry)
+    resumed = run_search(replace(config, trials=2, resume=True), registry)
+    assert resumed.summary["trials"]["total"] == 2
+    assert resumed.summary["baseline"]["latency_ms"] == old["latency_p50_ms"]
+
+
 def test_latency_statistic_p50_is_what_the_search_minimises(tmp_path, registry, space_file):
     config = SearchConfig(workload="digits-tiny", target="cpu", target_options=FAST_TIMING, space=space_file,
                           max_drop=0.5, trials=1, out=tmp_path / "run", final_rounds=0, latency_statistic="p50")

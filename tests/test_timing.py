@@ -30,9 +30,12 @@ def test_runs_and_order_statistics(small_onnx):
 
 
 def test_statistics_of_records_without_a_fastest_run():
-    # a prediction (one figure) and a record written before min_ms was a field (it sat in the facts)
+    # a prediction with one figure, and a record written before min_ms was a field (it sat in the facts)
     predicted = LatencyStats(2.0, 2.0, 2.0, 0, False, "jetson")
     assert predicted.min_ms is None and predicted.value("min") == 2.0
+    # a measurement without its fastest run is refused, not silently read as its p50
+    with pytest.raises(ValueError, match="no fastest run .* --latency-statistic p50"):
+        LatencyStats(2.0, 2.5, 2.1, 50, True, "remote").value("min")
     old = {"p50_ms": 3.0, "p90_ms": 4.0, "mean_ms": 3.2, "runs": 50, "measured": True, "target": "cpu",
            "facts": {"min_ms": 2.5}}
     assert LatencyStats.from_dict(old).value("min") == 2.5

@@ -369,6 +369,12 @@ def load_calibration(threads: int = 1, host: Mapping[str, str] | None = None,
         try:
             for calibration in _read_calibrations(cached):
                 if calibration.matches(host) and calibration.threads == threads:
+                    if "p50" in str(calibration.fit.get("target", "")):
+                        # fitted before the search measured the fastest run: it predicts the p50
+                        logger.warning("cpu predictor: the calibration in %s was fitted on the p50, not on the "
+                                       "fastest run the search measures; using the shipped one. Re-run "
+                                       "calibrate_cpu() to calibrate this host again", cached)
+                        break
                     return calibration
         except (OSError, ValueError, KeyError) as exc:
             logger.warning("cpu predictor: ignoring unreadable calibration %s (%s)", cached, exc)

@@ -209,18 +209,15 @@ class QuantizeMethod(Method):
 
     def parameters(self, config: QuantizeConfig, base: BaseModelInfo) -> Sequence[ChoiceParam]:
         offered = tuple(p for p in config.precisions() if p in base.target.precisions)
-        params = []
+        # int4 is weight-only: only for a MatMul/Gemm with a constant weight
         layers = layer_table(_load(base.onnx_path))
-        for name, layer in layers.items():
-            # int4 is weight-only: only for a MatMul/Gemm with a constant weight
-            choices = tuple(p for p in offered if p != "int4" or layer.int4_unsupported is None)
-            if len(choices) > 1:
-                params.append(ChoiceParam(name, choices, module=layer.module, neutral=choices[0]))
-        if not config.per_layer and params:
+        choices = {name: tuple(p for p in offered if p != "int4" or layer.int4_unsupported is None)
+                   for name, layer in layers.items()}
+        if not config.per_layer:
             # one choice for every layer, among the precisions all of them can take
-            common = tuple(p for p in offered if all(p in param.choices for param in params))
+            common = tuple(p for p in offered if all(p in c for c in choices.values()))
             return [ChoiceParam(ALL_LAYERS, common, neutral=common[0])] if len(common) > 1 else []
-        return params
+        return [ChoiceParam(name, c, module=layers[name].module, neutral=c[0]) for name, c in choices.items() if len(c) > 1]
 
     def _plan(self, layers: Mapping[str, Layer], setting: Mapping[str, Any], ctx: CandidateContext
               ) -> dict[str, list[Layer]]:

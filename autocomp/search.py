@@ -246,9 +246,9 @@ def _anchors(space: ConcreteSpace) -> list[dict[str, Any]]:
     """The trials enqueued before the sampler takes over, mildest first: the uniform recipe at each
     of :data:`ANCHOR_QUANTILES`, dropping any that compresses nothing or repeats an earlier one.
 
-    (Tried and measured: adding, at each quantile, the recipe with each optional anchored method
-    left out. On the digits benchmark at 40 trials it did not help the joint front, and it spends
-    twice the trials; see benchmarks/joint_vs_single.md.)
+    (Tried and measured twice, with the p50 and with the fastest run: adding, at each quantile, the
+    recipe with each optional anchored method left out. On the digits benchmark at 40 trials it did
+    not help the joint front either time; see benchmarks/joint_vs_single.md.)
     """
     anchors: list[dict[str, Any]] = []
     for quantile in ANCHOR_QUANTILES:

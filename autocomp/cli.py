@@ -126,8 +126,8 @@ def _print_summary(console, summary: dict[str, Any]) -> None:
     has_test = base.get("test_metric") is not None
     also_p50 = statistic != "p50"
     for col in ("trial", f"{metric_name} %", "drop (pts)", *((f"test {metric_name} %",) if has_test else ()),
-                f"{statistic} ms", *(("p50 ms",) if also_p50 else ()), "speedup", "size KiB", "artifact"):
-        table.add_column(col, justify="right" if col != "artifact" else "left")
+                f"{statistic} ms", *(("p50 ms",) if also_p50 else ()), "speedup", "size KiB"):
+        table.add_column(col, justify="right")
 
     def test(record: dict[str, Any]) -> tuple[str, ...]:
         return (_fmt_pct(record.get("test_metric")),) if has_test else ()
@@ -139,12 +139,15 @@ def _print_summary(console, summary: dict[str, Any]) -> None:
         return (f"{ms:.3f}", f"{p50:.3f}") if also_p50 else (f"{ms:.3f}",)
 
     table.add_row("base", _fmt_pct(base["metric"]), "-", *test(base), *latencies(base), "1.00x",
-                  f"{base['size_bytes'] / 1024:.0f}", base["artifact"])
+                  f"{base['size_bytes'] / 1024:.0f}")
     for m in summary["pareto"]:
         speedup = m.get("final_speedup", m["speedup"])
         table.add_row(str(m["trial"]), _fmt_pct(m["metric"]), f"{100 * m['drop']:.2f}", *test(m), *latencies(m),
-                      f"{speedup:.2f}x", f"{m['size_bytes'] / 1024:.0f}", m["artifact"])
+                      f"{speedup:.2f}x", f"{m['size_bytes'] / 1024:.0f}")
     console.print(table)
+    # the paths below the table, where a narrow terminal cannot cut them
+    for m in summary["pareto"]:
+        console.print(f"trial {m['trial']}: {m['artifact']}", highlight=False, soft_wrap=True)
     t = summary["trials"]
     console.print(f"{t['complete']} trials complete, {t['failed']} failed, "
                   f"{t.get('rejected_before_training', 0)} rejected before training, {t['feasible']} feasible; "

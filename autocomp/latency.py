@@ -13,11 +13,29 @@ import json
 import sqlite3
 import threading
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 from autocomp.target import LatencyStats, Target
 
-__all__ = ["graph_hash", "LatencyCache", "MeasuredThroughAgent", "target_identity"]
+__all__ = ["graph_hash", "LatencyCache", "MeasuredThroughAgent", "target_identity", "interleaved"]
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def interleaved(items: Sequence[T], measure: Callable[[T], R], rounds: int, rng: Any = None) -> list[list[R]]:
+    """``measure`` every item once per round, round after round, so all items see the same machine
+    load; with ``rng`` (a :class:`random.Random`) each round goes in a new shuffled order. Returns,
+    per item, its ``rounds`` results in round order. Used wherever models are compared side by side:
+    the search's final re-measurement and the benchmarks."""
+    results: list[list[R]] = [[] for _ in items]
+    for _ in range(rounds):
+        order = list(range(len(items)))
+        if rng is not None:
+            rng.shuffle(order)
+        for i in order:
+            results[i].append(measure(items[i]))
+    return results
 
 
 def graph_hash(onnx_path: Path) -> str:

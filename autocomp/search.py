@@ -503,16 +503,15 @@ def _final_measurements(prep: Prepared, members: list[dict[str, Any]], baseline:
     the median of the rounds' p50s, from the same measurements."""
     from statistics import median
 
+    from autocomp.latency import interleaved
     from autocomp.ort import input_shapes_of
 
     if not prep.target.measured or prep.config.final_rounds < 1:
         return
     shapes = input_shapes_of(prep.workload.example_input)
     records = [baseline, *members]
-    rounds: list[list[Any]] = [[] for _ in records]
-    for _ in range(prep.config.final_rounds):
-        for i, record in enumerate(records):
-            rounds[i].append(prep.target.latency(Path(record["artifact"]), shapes))
+    rounds = interleaved(records, lambda record: prep.target.latency(Path(record["artifact"]), shapes),
+                         prep.config.final_rounds)
     for record, samples in zip(records, rounds):
         record["final_latency_ms"] = median(s.value(prep.config.latency_statistic) for s in samples)
         record["final_latency_p50_ms"] = median(s.p50_ms for s in samples)

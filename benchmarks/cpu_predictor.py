@@ -439,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
     calibration = cp.CpuCalibration(host=host, threads=threads, coefficients=coefficients, fit={
         "models": len(models),
         "rounds": report["repeatability"]["rounds"],
-        "target": "median of the rounds' fastest runs, TimingPolicy() defaults",
+        "target": cp.FIT_TARGET,
         "in_sample_within_10pct": float(np.mean(in_sample <= BAR_ERROR)),
         "in_sample_median_error": float(np.median(in_sample)),
         "cross_validated_within_10pct": report["validation"]["predictor"]["within_10pct"],

@@ -130,26 +130,24 @@ def main(argv: list[str] | None = None) -> int:
             artifacts.append((name, m["trial"], Path(m["artifact"]), m["metric"]))
     # each measurement's fastest run, the statistic the searches optimise (their default); the p50s
     # of the same measurements are recorded beside it
-    samples: list[list[float]] = [[] for _ in artifacts]
-    p50s: list[list[float]] = [[] for _ in artifacts]
+    from autocomp.latency import interleaved
+
     load_before = os.getloadavg()
-    for _ in range(args.rounds):
-        for i, (_, _, path, _) in enumerate(artifacts):
-            stats = measure_latency(path, shapes, TimingPolicy())
-            samples[i].append(stats.value("min"))
-            p50s[i].append(stats.p50_ms)
+    measured = interleaved(artifacts, lambda a: measure_latency(a[2], shapes, TimingPolicy()), args.rounds)
     load_after = os.getloadavg()
+    samples = [[s.value("min") for s in row] for row in measured]
+    p50s = [[s.p50_ms for s in row] for row in measured]
     base_ms = median(samples[0])
     ref_accuracy = base["metric"] - args.max_drop
     # the held-out test split, which no search saw: the validation accuracies that picked each front
     # are the best of many noisy draws (one validation image is 0.28 points), the test accuracies are not
-    from autocomp.ort import run_batches
+    from autocomp.search import _evaluate
     from autocomp_plugins.digits import digits_workload
 
     workload = digits_workload()
 
     def test_accuracy(path: Path) -> float:
-        return float(workload.metric(run_batches(path, workload.test.inputs.numpy()), workload.test.targets.numpy()))
+        return _evaluate(path, workload, "test")  # the metric the searches report as test_metric
 
     base_test = test_accuracy(Path(base["artifact"]))
     points: dict[str, list[dict]] = {name: [] for name in runs}

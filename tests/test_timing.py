@@ -53,3 +53,17 @@ def test_max_runs_caps_the_total(small_onnx):
 def test_bad_policy_is_refused():
     with pytest.raises(ValueError, match="min_runs >= 1"):
         TimingPolicy(min_runs=0)
+
+
+def test_interleaved_measures_every_item_once_per_round():
+    import random
+
+    from autocomp.latency import interleaved
+
+    seen = []
+    rows = interleaved("abc", lambda item: (seen.append(item), f"{item}{len(seen)}")[1], rounds=2)
+    assert seen == list("abcabc") and rows == [["a1", "a4"], ["b2", "b5"], ["c3", "c6"]]
+    seen.clear()
+    shuffled = interleaved("abcd", lambda item: (seen.append(item), item)[1], rounds=3, rng=random.Random(0))
+    assert shuffled == [[c] * 3 for c in "abcd"] and sorted(seen) == sorted("abcd" * 3)
+    assert seen[:4] != list("abcd") or seen[4:8] != list("abcd")  # a new order each round

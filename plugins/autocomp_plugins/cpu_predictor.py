@@ -81,6 +81,10 @@ SHIPPED_CALIBRATION = Path(__file__).with_name("cpu_calibration.json")
 
 FORMAT_VERSION = 1
 
+#: What a calibration is fitted to (its ``fit["target"]``): the statistic the search measures by
+#: default. Calibrations written before that (fitted on the p50) say otherwise and are passed over.
+FIT_TARGET = "median of the rounds' fastest runs, TimingPolicy() defaults"
+
 _PRECISIONS = ("fp32", "int8")
 _CONV_KINDS = ("conv", "pointwise", "depthwise", "gemm")
 
@@ -369,7 +373,7 @@ def load_calibration(threads: int = 1, host: Mapping[str, str] | None = None,
         try:
             for calibration in _read_calibrations(cached):
                 if calibration.matches(host) and calibration.threads == threads:
-                    if "p50" in str(calibration.fit.get("target", "")):
+                    if calibration.fit.get("target", FIT_TARGET) != FIT_TARGET:
                         # fitted before the search measured the fastest run: it predicts the p50
                         logger.warning("cpu predictor: the calibration in %s was fitted on the p50, not on the "
                                        "fastest run the search measures; using the shipped one. Re-run "
@@ -487,7 +491,8 @@ def _sample_architecture(rng: random.Random) -> tuple[str, dict[str, Any], tuple
 def candidate_specs(count: int, seed: int = 0) -> list[CandidateSpec]:
     """``count`` random calibration candidates, like the ones a search produces (deterministic in ``seed``).
 
-    The 100 of benchmarks/cpu_predictor.md measured 0.09 to 12.4 ms on one thread here: from heavily pruned
+    The 100 of benchmarks/cpu_predictor.md ran in 0.07 to 10.9 ms (fastest run; p50 0.08 to 12.5 ms)
+    on one thread here: from heavily pruned
     versions of the built-in digits model to models several times its size, so the fit sees both
     overhead-bound and compute-bound graphs.
     """
@@ -590,32 +595,34 @@ def measure_candidates(paths: Sequence[Path], input_shapes: Sequence[Mapping[str
     ``round_cpu_share`` the share of one core this process got while measuring (CPU time over wall
     time; below 1 when other jobs took the core away).
     """
+    import itertools
     import statistics
     import time
 
+    from autocomp.latency import interleaved
     from autocomp.ort import TimingPolicy, measure_latency
 
     policy = TimingPolicy(threads=threads)
-    rng = random.Random(seed)
-    results: list[dict[str, Any]] = [{"round_p50_ms": [], "round_min_ms": [], "round_load": [],
-                                      "round_cpu_share": []} for _ in paths]
-    for r in range(rounds):
-        order = list(range(len(paths)))
-        rng.shuffle(order)
-        for done, i in enumerate(order):
-            load = os.getloadavg()[0]
-            wall, cpu = time.perf_counter(), time.process_time()
-            stats = measure_latency(paths[i], input_shapes[i], policy)
-            share = (time.process_time() - cpu) / max(time.perf_counter() - wall, 1e-9) / threads
-            results[i]["round_p50_ms"].append(stats.p50_ms)
-            results[i]["round_min_ms"].append(stats.min_ms)
-            results[i]["round_load"].append(load)
-            results[i]["round_cpu_share"].append(round(share, 3))
-            if progress and done % 20 == 0:
-                progress(f"round {r + 1}/{rounds}: {done}/{len(paths)} measured, load {load:.2f}")
-    for result in results:
+    calls = itertools.count()
+
+    def measure(i: int) -> tuple[Any, float, float]:
+        done = next(calls)
+        load = os.getloadavg()[0]
+        if progress and done % len(paths) % 20 == 0:
+            progress(f"round {done // len(paths) + 1}/{rounds}: {done % len(paths)}/{len(paths)} measured, "
+                     f"load {load:.2f}")
+        wall, cpu = time.perf_counter(), time.process_time()
+        stats = measure_latency(paths[i], input_shapes[i], policy)
+        share = (time.process_time() - cpu) / max(time.perf_counter() - wall, 1e-9) / threads
+        return stats, load, round(share, 3)
+
+    results = []
+    for row in interleaved(range(len(paths)), measure, rounds, random.Random(seed)):
+        result = {"round_p50_ms": [s.p50_ms for s, _, _ in row], "round_min_ms": [s.min_ms for s, _, _ in row],
+                  "round_load": [load for _, load, _ in row], "round_cpu_share": [share for _, _, share in row]}
         result["min_ms"] = statistics.median(result["round_min_ms"])
         result["p50_ms"] = statistics.median(result["round_p50_ms"])
+        results.append(result)
     return results
 
 
@@ -663,7 +670,7 @@ def calibrate_cpu(threads: int = 1, count: int = 100, rounds: int = 3, seed: int
     fit = {
         "models": len(rows),
         "rounds": rounds,
-        "target": "median of the rounds' fastest runs, TimingPolicy() defaults",
+        "target": FIT_TARGET,
         "in_sample_within_10pct": sum(e <= 0.10 for e in errors) / len(errors),
         "in_sample_median_error": statistics.median(errors),
         "load_1min_before": load_before[0],

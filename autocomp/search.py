@@ -35,8 +35,9 @@ from autocomp.errors import (
     InfrastructureError,
     Interrupted,
 )
-from autocomp.method import EVALUATION_ARTIFACT, BaseModelInfo, CandidateContext, ChoiceParam, FloatParam, IntParam
+from autocomp.method import EVALUATION_ARTIFACT, BaseModelInfo, CandidateContext
 from autocomp.plugins import Registry
+from autocomp.proposals import ABLATED, ABLATION_OF, Ablations, anchors
 from autocomp.results import RunDir, copy_atomic, read_json, sha256_of, write_json
 from autocomp.space import ConcreteSpace, SearchSpace, default_space_path, load_space
 from autocomp.target import STATISTICS
@@ -237,64 +238,6 @@ def _versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             pass
     return versions
-
-
-ANCHOR_QUANTILES = (0.5, 0.67, 0.85)
-
-
-def _anchors(space: ConcreteSpace) -> list[dict[str, Any]]:
-    """The trials enqueued before the sampler takes over, mildest first: the uniform recipe at each
-    of :data:`ANCHOR_QUANTILES`, dropping any that compresses nothing or repeats an earlier one.
-
-    (Tried and measured twice, with the p50 and with the fastest run: adding, at each quantile, the
-    recipe with each optional anchored method left out. On the digits benchmark at 40 trials it did
-    not help the joint front either time; see benchmarks/joint_vs_single.md.)
-    """
-    anchors: list[dict[str, Any]] = []
-    for quantile in ANCHOR_QUANTILES:
-        anchor = _anchor_params(space, quantile)
-        if _compresses(anchor, space) and anchor not in anchors:
-            anchors.append(anchor)
-    return anchors
-
-
-def _anchor_params(space: ConcreteSpace, quantile: float) -> dict[str, Any]:
-    """A 'uniform' trial: every range at the same strength, every choice at its strongest.
-
-    Enqueued first so the front always contains the simple uniform recipes users would try by hand
-    (uniform pruning, every layer at its strongest precision). A parameter with a ``neutral`` value
-    is moved away from it by ``quantile`` of its range (a choice goes to the choice farthest from
-    it); one without is set at ``quantile`` of its range, or to its first choice (the space's
-    default). Methods that are not ``in_anchors`` stay at their neutral values (switched off if
-    optional).
-    """
-    params: dict[str, Any] = {}
-    for method, _, declared in space.entries:
-        for p in declared:
-            key = f"{method.name}.{p.name}"
-            if not method.in_anchors:
-                if p.neutral is not None:
-                    params[key] = p.neutral
-            elif isinstance(p, (FloatParam, IntParam)) and p.low != p.high:
-                # the fraction ``quantile`` of the way from the neutral end (the low end when none)
-                start, end = (p.high, p.low) if p.neutral is not None and p.neutral == p.high else (p.low, p.high)
-                value = start + quantile * (end - start)
-                if p.step:
-                    value = p.low + round((value - p.low) / p.step) * p.step
-                params[key] = min(p.high, max(p.low, value))
-            elif isinstance(p, ChoiceParam) and len(p.choices) > 1:
-                if p.neutral is None:
-                    params[key] = p.choices[0]
-                else:
-                    params[key] = p.choices[0] if p.choices[-1] == p.neutral else p.choices[-1]
-    return params
-
-
-def _compresses(anchor: dict[str, Any], space: ConcreteSpace) -> bool:
-    """Whether ``anchor`` moves some parameter away from its neutral value (a space of methods that
-    all stay out of the anchors would otherwise enqueue the base model)."""
-    return any(p.neutral is not None and f"{m.name}.{p.name}" in anchor and anchor[f"{m.name}.{p.name}"] != p.neutral
-               for m, _, params in space.entries for p in params)
 
 
 class _Objective:
@@ -550,6 +493,8 @@ def _summary(prep: Prepared, study, baseline: dict[str, Any], status: str) -> di
             "spec": read_json(prep.run.trial_dir(t.number) / "spec.json"),
             "skipped": metrics.get("skipped", []),
         })
+        if ABLATION_OF in t.user_attrs:  # proposed by the search: this trial's setting less one method
+            members[-1].update({k: t.user_attrs[k] for k in (ABLATION_OF, ABLATED)})
         first[candidate] = members[-1]
     skipped: dict[str, int] = {}
     for t in trials:
@@ -642,7 +587,7 @@ def run_search(config: SearchConfig, registry: Registry, on_event: Event | None 
     study = _open_study(prep)
     done = [t for t in study.get_trials(deepcopy=False) if t.state.is_finished()]
     if not study.get_trials(deepcopy=False):
-        for anchor in _anchors(concrete):
+        for anchor in anchors(concrete):
             study.enqueue_trial(anchor, skip_if_exists=True)
     # trials left RUNNING by a process that died are closed so the count below is honest
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
@@ -657,7 +602,7 @@ def run_search(config: SearchConfig, registry: Registry, on_event: Event | None 
         with stop:
             if remaining:
                 study.optimize(objective, n_trials=remaining, timeout=config.timeout_s, catch=(Exception,),
-                               gc_after_trial=True, callbacks=[stop.after_trial])
+                               gc_after_trial=True, callbacks=[Ablations(concrete, config.trials), stop.after_trial])
     except KeyboardInterrupt:
         stop.requested = True
     if stop.requested:

@@ -261,3 +261,26 @@ def test_a_candidate_drawn_twice_is_listed_once(tmp_path, registry, tiny_workloa
     (member,) = result.summary["pareto"]
     assert member["trial"] == 0 and member["same_as"] == [1, 2]
     assert Path(member["artifact"]).exists()
+
+
+def test_a_front_member_is_tried_without_its_optional_method(tmp_path, registry, tiny_workload):
+    """The first trial (the uniform anchor, with quantization on) is alone on the front, so the
+    search tries the same pruning without quantization once the anchors have run, and records where
+    that trial came from."""
+    import optuna
+
+    space = tmp_path / "optional.toml"
+    space.write_text("[prune]\nratio = [0.2, 0.4]\nround_to = 8\n\n[quantize]\noptional = true\nbits = [8, 32]\n")
+    config = SearchConfig(workload="digits-tiny", target="cpu", target_options=FAST_TIMING, space=space,
+                          max_drop=0.5, trials=4, out=tmp_path / "run", final_rounds=0)
+    result = run_search(config, registry)
+    study = optuna.load_study(study_name="autocomp", storage=f"sqlite:///{result.run_dir / 'study.db'}")
+    first = study.trials[0]
+    assert first.params["quantize.enabled"] is True
+    (ablation,) = [t for t in study.trials if t.user_attrs.get("ablation_of") == 0]
+    assert ablation.user_attrs["ablated"] == "quantize"
+    assert ablation.params == {**{k: v for k, v in first.params.items() if not k.startswith("quantize.")},
+                               "quantize.enabled": False}
+    # the next trial after the enqueued anchors, so the sampler has it before it draws on its own
+    assert ablation.number == 1 + max(t.number for t in study.trials
+                                      if t.params.get("quantize.enabled") and t.number < ablation.number)

@@ -154,7 +154,7 @@ def test_anchor_trials_compress_uniformly_and_leave_blunt_methods_alone(tmp_path
     quantile grows, every precision is the strongest offered, and block removal and low-rank
     factorization (not in anchors) stay at their neutral values."""
     from autocomp.method import BaseModelInfo
-    from autocomp.search import _anchor_params, _anchors, _compresses
+    from autocomp.proposals import _anchor_params, _compresses, anchors
 
     model, x, onnx_path = tiny_zoo("resnet20")
     space = load_space(default_space_path().with_name("joint.toml"), registry.methods)
@@ -178,8 +178,8 @@ def test_anchor_trials_compress_uniformly_and_leave_blunt_methods_alone(tmp_path
     lowrank_concrete = only_lowrank.concrete(BaseModelInfo(model, x, onnx_path, registry.target("jetson")))
     assert lowrank_concrete.size() > 0
     assert not _compresses(_anchor_params(lowrank_concrete, 0.85), lowrank_concrete)
-    assert _anchors(lowrank_concrete) == []
-    assert _anchors(concrete) == [mild, _anchor_params(concrete, 0.67), strong]
+    assert anchors(lowrank_concrete) == []
+    assert anchors(concrete) == [mild, _anchor_params(concrete, 0.67), strong]
     for p in ratios:
         assert p.low < mild[f"prune.{p.name}"] < strong[f"prune.{p.name}"] <= p.high
 
@@ -266,3 +266,45 @@ def test_benchmark_hypervolume_against_hand_computed_areas():
     assert hv([(0.95, 5.0), (0.85, 1.0)], 0.8, 10.0) == pytest.approx(0.95)
     # a dominated point adds nothing; points beyond the reference add nothing
     assert hv([(0.95, 5.0), (0.85, 1.0), (0.84, 6.0), (0.7, 0.5), (0.99, 12.0)], 0.8, 10.0) == pytest.approx(0.95)
+
+
+def test_ablations_follow_the_front_leaving_out_one_method_each(registry, tiny_zoo):
+    """A real study on the joint space with a made-up objective: every trial that joined the feasible
+    front and used optional methods is tried again without each of them, everything else fixed, at most
+    the budget's share, never twice; infeasible trials and settings with nothing to leave out get none."""
+    import random
+
+    import optuna
+
+    from autocomp.method import BaseModelInfo
+    from autocomp.proposals import ABLATED, ABLATION_OF, Ablations
+
+    model, x, onnx_path = tiny_zoo("resnet20")
+    space = load_space(default_space_path().with_name("joint.toml"), registry.methods)
+    concrete = space.concrete(BaseModelInfo(model, x, onnx_path, registry.target("jetson")))
+    ablations = Ablations(concrete, trials=24)
+    assert ablations.gated == ["remove_blocks", "lowrank", "quantize"] and ablations.budget == 6
+    assert ablations.proposals({"prune.ratio": 0.5, "quantize.enabled": False}) == []
+
+    def objective(trial):
+        concrete.sample(trial)
+        rng = random.Random(trial.number)
+        trial.set_constraint("max_drop", -1.0 if trial.number % 4 else 1.0)  # every 4th infeasible
+        return rng.random(), rng.random()
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(directions=["maximize", "minimize"],
+                                sampler=optuna.samplers.RandomSampler(seed=0))
+    study.optimize(objective, n_trials=24, callbacks=[ablations])
+    trials = study.get_trials(deepcopy=False)
+    made = [t for t in trials if ABLATION_OF in t.user_attrs]
+    assert 1 <= len(made) <= ablations.budget
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in made)  # enqueued trials run next
+    for t in made:
+        source, method = trials[t.user_attrs[ABLATION_OF]], t.user_attrs[ABLATED]
+        assert source.number % 4 and source.params[f"{method}.enabled"] is True
+        assert t.params[f"{method}.enabled"] is False
+        assert not any(k.startswith(f"{method}.") and k != f"{method}.enabled" for k in t.params)
+        assert all(t.params[k] == v for k, v in source.params.items() if not k.startswith(f"{method}."))
+    settings = [sorted(t.params.items(), key=str) for t in made]
+    assert len(settings) == len({str(s) for s in settings})

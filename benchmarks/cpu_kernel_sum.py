@@ -175,10 +175,20 @@ def main(argv: list[str] | None = None) -> int:
         "p90_error": float(np.percentile(np.abs(errors), 90)),
         "rows": rows,
     }
-    OUT_JSON.write_text(json.dumps(report, indent=1) + "\n")
+    OUT_JSON.write_text(to_json(report))
     OUT_MD.write_text(markdown(report))
     print(f"oracle kernel sum: {100 * report['within_10pct']:.1f} % within 10 % of measured", file=sys.stderr)
     return 0
+
+
+def to_json(report: dict) -> str:
+    """The report with one model per line (kernel times to 4 significant digits)."""
+    def compact(row: dict) -> str:
+        kernels = [{**k, **{f: float(f"{k[f]:.4g}") for f in ("ms", "single_ms")}} for k in row["kernels"]]
+        return json.dumps({**row, "kernels": kernels}, separators=(",", ":"))
+
+    head = json.dumps({k: v for k, v in report.items() if k != "rows"}, indent=1)
+    return head[:-2] + ',\n "rows": [\n' + ",\n".join(compact(r) for r in report["rows"]) + "\n ]\n}\n"
 
 
 def markdown(report: dict) -> str:

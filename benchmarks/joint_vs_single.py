@@ -13,7 +13,7 @@ rounds (median of rounds), so the fronts are compared under the same machine loa
 once with the validation accuracy each search selected its front on and once with the accuracy of
 the same artifacts on the workload's held-out test split, which no search saw.
 
-    python benchmarks/joint_vs_single.py [--trials 20] [--rounds 5]
+    python benchmarks/joint_vs_single.py [--trials 20] [--rounds 5] [--seed 0]
 
 Writes benchmarks/joint_vs_single.json and .md.
 """
@@ -89,6 +89,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trials", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--max-drop", type=float, default=0.02)
+    parser.add_argument("--seed", type=int, default=0, help="every search's --seed (sampler and fine-tuning)")
+    parser.add_argument("--target", default="cpu",
+                        help="every search's --target; a predicted one (jetson ...) is not re-measured, its "
+                             "predictions are deterministic (results go to joint_vs_single_TARGET.md/.json)")
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "bench-joint")
     parser.add_argument("--reuse", nargs="*", choices=sorted(SPACES), default=[], metavar="SEARCH",
                         help="reuse these finished searches from --out instead of running them again "
@@ -111,8 +115,9 @@ def main(argv: list[str] | None = None) -> int:
             continue
         if out.exists():
             shutil.rmtree(out)
-        command = [sys.executable, "-m", "autocomp.cli", "search", "--target", "cpu", "--max-drop", str(args.max_drop),
-                   "--trials", str(args.trials), "--space", str(space), "--out", str(out), "--json"]
+        command = [sys.executable, "-m", "autocomp.cli", "search", "--target", args.target, "--max-drop", str(args.max_drop),
+                   "--trials", str(args.trials), "--seed", str(args.seed), "--space", str(space), "--out", str(out),
+                   "--json"]
         start = time.perf_counter()
         proc = subprocess.run(command, capture_output=True, text=True)
         if proc.returncode not in (0, 1):
@@ -124,19 +129,24 @@ def main(argv: list[str] | None = None) -> int:
 
     base = runs["joint"]["summary"]["baseline"]
     shapes = {"input": [1, 1, 32, 32]}
-    artifacts = [("base", None, Path(base["artifact"]), base["metric"])]
+    artifacts = [("base", None, Path(base["artifact"]), base["metric"], base)]
     for name, run in runs.items():
         for m in run["summary"]["pareto"]:
-            artifacts.append((name, m["trial"], Path(m["artifact"]), m["metric"]))
-    # each measurement's fastest run, the statistic the searches optimise (their default); the p50s
-    # of the same measurements are recorded beside it
-    from autocomp.latency import interleaved
+            artifacts.append((name, m["trial"], Path(m["artifact"]), m["metric"], m))
+    measured_target = runs["joint"]["summary"]["target"]["measured"]
+    load_before = load_after = os.getloadavg()
+    if measured_target:
+        # each measurement's fastest run, the statistic the searches optimise (their default); the p50s
+        # of the same measurements are recorded beside it
+        from autocomp.latency import interleaved
 
-    load_before = os.getloadavg()
-    measured = interleaved(artifacts, lambda a: measure_latency(a[2], shapes, TimingPolicy()), args.rounds)
-    load_after = os.getloadavg()
-    samples = [[s.value("min") for s in row] for row in measured]
-    p50s = [[s.p50_ms for s in row] for row in measured]
+        measured = interleaved(artifacts, lambda a: measure_latency(a[2], shapes, TimingPolicy()), args.rounds)
+        load_after = os.getloadavg()
+        samples = [[s.value("min") for s in row] for row in measured]
+        p50s = [[s.p50_ms for s in row] for row in measured]
+    else:  # a prediction is the same every time: the searches' own figures
+        samples = [[a[4]["latency_ms"]] for a in artifacts]
+        p50s = [[a[4]["latency_p50_ms"]] for a in artifacts]
     base_ms = median(samples[0])
     ref_accuracy = base["metric"] - args.max_drop
     # the held-out test split, which no search saw: the validation accuracies that picked each front
@@ -151,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
 
     base_test = test_accuracy(Path(base["artifact"]))
     points: dict[str, list[dict]] = {name: [] for name in runs}
-    for (name, trial, path, accuracy), s, p50 in zip(artifacts[1:], samples[1:], p50s[1:]):
+    for (name, trial, path, accuracy, _), s, p50 in zip(artifacts[1:], samples[1:], p50s[1:]):
         points[name].append({"trial": trial, "accuracy": accuracy, "test_accuracy": test_accuracy(path),
                              "latency_ms": median(s), "p50_ms": median(p50),
                              "speedup": base_ms / median(s), "spread_pct": 100 * (max(s) - min(s)) / median(s)})
@@ -159,7 +169,12 @@ def main(argv: list[str] | None = None) -> int:
     test = compare(points, "test_accuracy", base_test - args.max_drop, base_ms)
     record = {
         "command": f"python benchmarks/joint_vs_single.py --trials {args.trials} --rounds {args.rounds}"
+                   + (f" --seed {args.seed}" if args.seed else "")
+                   + (f" --target {args.target}" if args.target != "cpu" else "")
                    + (f" --reuse {' '.join(args.reuse)}" if args.reuse else ""),
+        "seed": args.seed,
+        "target": args.target,
+        "latency": ("re-measured side by side" if measured_target else "predicted by the target (deterministic)"),
         "reused_searches": args.reuse,
         "trials_per_search": args.trials,
         "max_drop": args.max_drop,
@@ -172,18 +187,21 @@ def main(argv: list[str] | None = None) -> int:
         **{k: v for k, v in val.items() if k != "accuracy"},
         "test_split": test,
     }
-    (HERE / "joint_vs_single.json").write_text(json.dumps(record, indent=2) + "\n")
+    stem = "joint_vs_single" if args.target == "cpu" else f"joint_vs_single_{args.target}"
+    (HERE / f"{stem}.json").write_text(json.dumps(record, indent=2) + "\n")
     lines = [
         "# Joint search vs single-method searches",
         "",
-        f"Command: `{record['command']}`; each search: `autocomp search --target cpu --max-drop {args.max_drop} "
-        f"--trials {args.trials} --space SPACE` on the built-in digits workload.",
+        f"Command: `{record['command']}`; each search: `autocomp search --target {args.target} --max-drop {args.max_drop} "
+        f"--trials {args.trials} --seed {args.seed} --space SPACE` on the built-in digits workload.",
         *([f"The {', '.join(args.reuse)} search(es) were reused from an earlier run of this command in the same "
            f"directory (same trial budget); their wall times are from that run."] if args.reuse else []),
-        f"Pareto members of the three runs and the base model re-measured side by side: {args.rounds} interleaved "
-        f"rounds, each measurement's fastest run, median over rounds (the statistic the searches optimise; the "
-        f"p50s are in the JSON; 1 thread, ONNX Runtime). Load average during re-measurement: "
-        f"{[round(x, 2) for x in load_before]} -> {[round(x, 2) for x in load_after]}.",
+        (f"Pareto members of the three runs and the base model re-measured side by side: {args.rounds} interleaved "
+         f"rounds, each measurement's fastest run, median over rounds (the statistic the searches optimise; the "
+         f"p50s are in the JSON; 1 thread, ONNX Runtime). Load average during re-measurement: "
+         f"{[round(x, 2) for x in load_before]} -> {[round(x, 2) for x in load_after]}." if measured_target else
+         f"Latencies are the target's predictions (`{args.target}` is a predicted device: the same graph always gets "
+         "the same figure), as each search recorded them; nothing is re-measured."),
         "",
         f"Base: {base_ms:.3f} ms; accuracy {100 * base['metric']:.2f} % on the validation split the searches "
         f"select on, {100 * base_test:.2f} % on the held-out test split none of them saw. Hypervolume in "
@@ -207,10 +225,10 @@ def main(argv: list[str] | None = None) -> int:
                                                   f"{p['speedup']:.2f}x" for p in result["fronts"][name]))
     lines.append("")
     # the hand-written reading of the figures and the table of earlier runs stay
-    previous = (HERE / "joint_vs_single.md").read_text() if (HERE / "joint_vs_single.md").exists() else ""
+    previous = (HERE / f"{stem}.md").read_text() if (HERE / f"{stem}.md").exists() else ""
     if KEEP in previous:
         lines.append(previous[previous.index(KEEP):].rstrip("\n") + "\n")
-    (HERE / "joint_vs_single.md").write_text("\n".join(lines))
+    (HERE / f"{stem}.md").write_text("\n".join(lines))
     print("\n".join(lines))
     return 0
 

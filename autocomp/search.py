@@ -43,7 +43,7 @@ from autocomp.space import ConcreteSpace, SearchSpace, default_space_path, load_
 from autocomp.target import STATISTICS
 from autocomp.workload import Workload, resolve_workload
 
-__all__ = ["SearchConfig", "SearchResult", "run_search", "prepare"]
+__all__ = ["SearchConfig", "SearchResult", "run_search", "prepare", "evaluate"]
 
 logger = logging.getLogger("autocomp")
 
@@ -157,7 +157,10 @@ def prepare(config: SearchConfig, registry: Registry) -> Prepared:
     return Prepared(config, target, space, workload, run)
 
 
-def _evaluate(onnx_path: Path, workload: Workload, split: str = "val") -> float:
+def evaluate(onnx_path: Path, workload: Workload, split: str = "val") -> float:
+    """The workload's metric of the ONNX file at ``onnx_path`` on one of its splits (``val``, or
+    ``test`` when it has one), run through ONNX Runtime: how every trial and the base model are scored.
+    Raises :class:`CandidateError` when the metric is NaN."""
     from autocomp.ort import run_batches
 
     data = getattr(workload, split)
@@ -181,7 +184,7 @@ def _test_metrics(prep: Prepared, members: list[dict[str, Any]], baseline: dict[
         return
     for record in (baseline, *members):
         try:
-            record["test_metric"] = _evaluate(Path(record["artifact"]), wl, "test")
+            record["test_metric"] = evaluate(Path(record["artifact"]), wl, "test")
         except Exception as exc:  # noqa: BLE001 - a report figure; the finished search must still be written
             logger.warning("no test metric for %s: %s", record["artifact"], exc)
             record["test_metric"] = None
@@ -212,7 +215,7 @@ def _measure_baseline(prep: Prepared) -> dict[str, Any]:
         parity = check_parity(wl.model, path, wl.val.inputs[:32])
     except CandidateError as exc:
         raise ExportError(f"the exported base model does not run in ONNX Runtime: {exc}") from exc
-    metric = _evaluate(path, wl)
+    metric = evaluate(path, wl)
     latency = prep.target.latency(path, input_shapes_of(wl.example_input))
     return {
         "metric": metric,
@@ -327,7 +330,7 @@ class _Objective:
             # A method may leave an evaluation twin: the same numerics in ops this host can run
             # (fp16 layers emulated in fp32 with fp16 rounding). The target still times the artifact.
             evaluation = ctx.notes.pop(EVALUATION_ARTIFACT, None)
-            metric = _evaluate(Path(evaluation) if evaluation else artifact, wl)
+            metric = evaluate(Path(evaluation) if evaluation else artifact, wl)
             if evaluation:
                 ctx.notes["metric_from"] = "evaluation twin (fp16 rounding emulated)"
             latency, cached = self.cache.latency(prep.target, artifact, input_shapes_of(wl.example_input))

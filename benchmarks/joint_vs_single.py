@@ -151,13 +151,13 @@ def main(argv: list[str] | None = None) -> int:
     ref_accuracy = base["metric"] - args.max_drop
     # the held-out test split, which no search saw: the validation accuracies that picked each front
     # are the best of many noisy draws (one validation image is 0.28 points), the test accuracies are not
-    from autocomp.search import _evaluate
+    from autocomp.search import evaluate
     from autocomp_plugins.digits import digits_workload
 
     workload = digits_workload()
 
     def test_accuracy(path: Path) -> float:
-        return _evaluate(path, workload, "test")  # the metric the searches report as test_metric
+        return evaluate(path, workload, "test")  # the metric the searches report as test_metric
 
     base_test = test_accuracy(Path(base["artifact"]))
     points: dict[str, list[dict]] = {name: [] for name in runs}

@@ -85,8 +85,9 @@ def _compresses(anchor: dict[str, Any], space: ConcreteSpace) -> bool:
 #: Most of the trial budget ablations may take (rounded down); the sampler keeps the rest.
 ABLATION_SHARE = 0.25
 
-#: User attributes of an enqueued ablation: the trial it ablates and the method it leaves out.
-ABLATION_OF, ABLATED = "ablation_of", "ablated"
+#: User attributes of an enqueued ablation: the trial it ablates, the method it leaves out, and the
+#: trial whose fine-tuning seed it reuses (so an ablation and its source differ only in that method).
+ABLATION_OF, ABLATED, SEED_OF = "ablation_of", "ablated", "seed_of"
 
 
 class Ablations:
@@ -94,23 +95,49 @@ class Ablations:
     optional method it used (see the module's docs), within ``share`` of ``trials``.
 
     Counts what it has enqueued from the study itself (the user attributes of every trial), so a
-    resumed run or several workers on one storage keep to the same cap; a setting already tried or
-    waiting is not enqueued again.
+    resumed run keeps to the same cap (several workers on one storage may pass it by one or two when
+    their trials finish at once); a setting already tried or waiting is not enqueued again. An
+    ablation a stopped run did not finish is enqueued again on resume (:meth:`requeue_interrupted`).
     """
 
     def __init__(self, space: ConcreteSpace, trials: int, share: float = ABLATION_SHARE):
         self.gated = [m.name for m, _, _ in space.entries if m.name in space.gated]
         self.budget = int(trials * share)
+        #: per optional method, its parameters' neutral values (those that have one)
+        self.neutral = {m.name: {f"{m.name}.{p.name}": p.neutral for p in params if p.name != GATE}
+                        for m, _, params in space.entries if m.name in space.gated}
 
     def proposals(self, params: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
-        """``(method, params)`` for each optional method ``params`` switches on, with it left out."""
+        """``(method, params)`` for each optional method ``params`` switches on and that changes
+        something (a parameter away from its neutral value), with that method left out."""
         out = []
         for method in self.gated:
-            if params.get(f"{method}.{GATE}") is True:
-                ablated = {k: v for k, v in params.items() if not k.startswith(f"{method}.")}
-                ablated[f"{method}.{GATE}"] = False
-                out.append((method, ablated))
+            if params.get(f"{method}.{GATE}") is not True:
+                continue
+            own = {k: v for k, v in params.items() if k.startswith(f"{method}.") and k != f"{method}.{GATE}"}
+            neutral = self.neutral.get(method, {})
+            if own and all(neutral.get(k) is not None and v == neutral[k] for k, v in own.items()):
+                continue  # switched on but doing nothing (no block removed, every layer at fp32)
+            ablated = {k: v for k, v in params.items() if not k.startswith(f"{method}.")}
+            ablated[f"{method}.{GATE}"] = False
+            out.append((method, ablated))
         return out
+
+    def requeue_interrupted(self, study) -> int:
+        """Enqueue again every ablation a stopped run left unfinished (failed by the interruption,
+        or closed as failed on resume); returns how many."""
+        existing = study.get_trials(deepcopy=False)
+        seen = [_setting(t) for t in existing if not _interrupted(t)]
+        requeued = 0
+        for t in existing:
+            if ABLATION_OF in t.user_attrs and _interrupted(t):
+                params = t.system_attrs.get("fixed_params", {})
+                if params and not any(_agrees(params, other) for other in seen):
+                    study.enqueue_trial(params, user_attrs={k: t.user_attrs[k] for k in (ABLATION_OF, ABLATED, SEED_OF)
+                                                            if k in t.user_attrs})
+                    seen.append(params)
+                    requeued += 1
+        return requeued
 
     def __call__(self, study, trial) -> None:
         from optuna.trial import TrialState
@@ -119,19 +146,33 @@ class Ablations:
             return
         if trial.number not in {t.number for t in study.best_trials}:
             return
-        existing = study.get_trials(deepcopy=False)
+        existing = [t for t in study.get_trials(deepcopy=False) if not _interrupted(t)]
         used = sum(ABLATION_OF in t.user_attrs for t in existing)
-        # a waiting (enqueued, not yet run) trial has no params yet, only the ones it was enqueued with
-        seen = [{**t.system_attrs.get("fixed_params", {}), **t.params} for t in existing]
+        seen = [_setting(t) for t in existing]
         for method, params in self.proposals(trial.params):
             if used >= self.budget:
                 return
             if any(_agrees(params, other) for other in seen):
                 continue
-            study.enqueue_trial(params, user_attrs={ABLATION_OF: trial.number, ABLATED: method})
+            study.enqueue_trial(params, user_attrs={ABLATION_OF: trial.number, ABLATED: method,
+                                                    SEED_OF: trial.user_attrs.get(SEED_OF, trial.number)})
             logger.info("trial %d is on the front: trying it without %s next", trial.number, method)
             seen.append(params)
             used += 1
+
+
+def _setting(trial) -> dict[str, Any]:
+    # a waiting (enqueued, not yet run) trial has no params yet, only the ones it was enqueued with
+    return {**trial.system_attrs.get("fixed_params", {}), **trial.params}
+
+
+def _interrupted(trial) -> bool:
+    """A trial that failed because the run stopped, not because of its candidate: failed by a signal
+    or Ctrl-C, or closed as failed on resume (no reason recorded)."""
+    from optuna.trial import TrialState
+
+    reason = trial.user_attrs.get("failure_reason")
+    return trial.state == TrialState.FAIL and (reason is None or reason.startswith(("KeyboardInterrupt", "SystemExit")))
 
 
 def _agrees(fixed: dict[str, Any], params: dict[str, Any]) -> bool:

@@ -13,9 +13,12 @@ rounds (median of rounds), so the fronts are compared under the same machine loa
 once with the validation accuracy each search selected its front on and once with the accuracy of
 the same artifacts on the workload's held-out test split, which no search saw.
 
-    python benchmarks/joint_vs_single.py [--trials 20] [--rounds 5] [--seed 0]
+    python benchmarks/joint_vs_single.py [--trials 20] [--rounds 5] [--seed 0] [--target cpu]
 
-Writes benchmarks/joint_vs_single.json and .md.
+Writes benchmarks/joint_vs_single.json and .md (``joint_vs_single_TARGET.*`` for another target).
+With a predicted target (``jetson`` ...) nothing is re-measured: a prediction is the same every time,
+so each search's own latencies are compared. Measured targets other than ``cpu`` are refused (the
+re-measurement runs on this host).
 """
 
 from __future__ import annotations
@@ -93,23 +96,38 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target", default="cpu",
                         help="every search's --target; a predicted one (jetson ...) is not re-measured, its "
                              "predictions are deterministic (results go to joint_vs_single_TARGET.md/.json)")
-    parser.add_argument("--out", type=Path, default=ROOT / "results" / "bench-joint")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="where the searches go (default results/bench-joint, or results/bench-joint-TARGET)")
     parser.add_argument("--reuse", nargs="*", choices=sorted(SPACES), default=[], metavar="SEARCH",
-                        help="reuse these finished searches from --out instead of running them again "
-                             "(their fronts are still re-measured side by side with the others)")
+                        help="reuse these finished searches from --out instead of running them again (they "
+                             "must have the same target, seed and trials; a measured target's fronts are still "
+                             "re-measured side by side with the others)")
     args = parser.parse_args(argv)
+    if args.out is None:
+        args.out = ROOT / "results" / ("bench-joint" if args.target == "cpu" else f"bench-joint-{args.target}")
+    from autocomp.plugins import load_registry
+
+    if args.target != "cpu" and load_registry().target(args.target).measured:
+        parser.error(f"--target {args.target} is measured, and the side-by-side re-measurement runs on this host; "
+                     "use cpu or a predicted target")
 
     from autocomp.ort import TimingPolicy, host_facts, measure_latency
 
+    wanted = {"target": args.target, "seed": args.seed, "trials": args.trials}
+    for name in args.reuse:  # all checked before any search runs (a search replaces its directory)
+        manifest = args.out / name / "run.json"
+        if not (args.out / name / "pareto.json").exists() or not manifest.exists():
+            parser.error(f"--reuse {name}: no finished search in {args.out / name}; run without --reuse {name} first")
+        config = json.loads(manifest.read_text())["config"]
+        if {k: config.get(k) for k in wanted} != wanted:
+            parser.error(f"--reuse {name}: {args.out / name} was searched with "
+                         f"{ {k: config.get(k) for k in wanted} }, not {wanted}; run without --reuse {name}")
     runs = {}
     for name, space in SPACES.items():
         out = args.out / name
         if name in args.reuse:
-            summary = out / "pareto.json"
-            if not summary.exists():
-                parser.error(f"--reuse {name}: {summary} does not exist; run without --reuse {name} first")
             wall = out / "benchmark_wall_s.json"
-            runs[name] = {"summary": json.loads(summary.read_text()), "reused": True,
+            runs[name] = {"summary": json.loads((out / "pareto.json").read_text()), "reused": True,
                           "wall_s": json.loads(wall.read_text()) if wall.exists() else float("nan")}
             print(f"{name}: reused {out}", flush=True)
             continue
@@ -168,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     val = compare(points, "accuracy", ref_accuracy, base_ms)
     test = compare(points, "test_accuracy", base_test - args.max_drop, base_ms)
     record = {
-        "command": f"python benchmarks/joint_vs_single.py --trials {args.trials} --rounds {args.rounds}"
+        "command": f"python benchmarks/joint_vs_single.py --trials {args.trials}"
+                   + (f" --rounds {args.rounds}" if measured_target else "")
                    + (f" --seed {args.seed}" if args.seed else "")
                    + (f" --target {args.target}" if args.target != "cpu" else "")
                    + (f" --reuse {' '.join(args.reuse)}" if args.reuse else ""),
@@ -179,8 +198,9 @@ def main(argv: list[str] | None = None) -> int:
         "trials_per_search": args.trials,
         "max_drop": args.max_drop,
         "host": host_facts(1),
-        "load_average_during_remeasure": [list(load_before), list(load_after)],
-        "latency_statistic": "min (each measurement's fastest run; median over rounds)",
+        "load_average_during_remeasure": [list(load_before), list(load_after)] if measured_target else None,
+        "latency_statistic": ("min (each measurement's fastest run; median over rounds)" if measured_target
+                              else "the target's prediction"),
         "base": {"accuracy": base["metric"], "test_accuracy": base_test, "latency_ms": base_ms,
                  "p50_ms": median(p50s[0])},
         "search_wall_s": {name: run["wall_s"] for name, run in runs.items()},

@@ -265,8 +265,8 @@ def test_a_candidate_drawn_twice_is_listed_once(tmp_path, registry, tiny_workloa
 
 def test_a_front_member_is_tried_without_its_optional_method(tmp_path, registry, tiny_workload):
     """The first trial (the uniform anchor, with quantization on) is alone on the front, so the
-    search tries the same pruning without quantization once the anchors have run, and records where
-    that trial came from."""
+    search tries the same pruning without quantization, with the same fine-tuning seed, and records
+    where that trial came from."""
     import optuna
 
     space = tmp_path / "optional.toml"
@@ -281,6 +281,8 @@ def test_a_front_member_is_tried_without_its_optional_method(tmp_path, registry,
     assert ablation.user_attrs["ablated"] == "quantize"
     assert ablation.params == {**{k: v for k, v in first.params.items() if not k.startswith("quantize.")},
                                "quantize.enabled": False}
-    # the next trial after the enqueued anchors, so the sampler has it before it draws on its own
-    assert ablation.number == 1 + max(t.number for t in study.trials
-                                      if t.params.get("quantize.enabled") and t.number < ablation.number)
+    assert ablation.user_attrs["seed_of"] == 0  # fine-tuned like the trial it ablates
+    # on this tiny model int8 is slower than fp32 at the same accuracy: the ablation joins the front
+    # and the summary says where it came from
+    (member,) = [m for m in result.summary["pareto"] if m["trial"] == ablation.number]
+    assert (member["ablation_of"], member["ablated"]) == (0, "quantize")

@@ -269,22 +269,22 @@ def test_benchmark_hypervolume_against_hand_computed_areas():
 
 
 def test_ablations_follow_the_front_leaving_out_one_method_each(registry, tiny_zoo):
-    """A real study on the joint space with a made-up objective: every trial that joined the feasible
-    front and used optional methods is tried again without each of them, everything else fixed, at most
-    the budget's share, never twice; infeasible trials and settings with nothing to leave out get none."""
+    """A real study on the joint space with a made-up objective: every trial on the feasible front
+    when it finished, and using optional methods, is tried again without each of them, everything else
+    fixed and with its fine-tuning seed, until the budget's share is used up, never twice; trials off the
+    front and infeasible ones get none."""
     import random
 
     import optuna
 
     from autocomp.method import BaseModelInfo
-    from autocomp.proposals import ABLATED, ABLATION_OF, Ablations
+    from autocomp.proposals import ABLATED, ABLATION_OF, SEED_OF, Ablations
 
     model, x, onnx_path = tiny_zoo("resnet20")
     space = load_space(default_space_path().with_name("joint.toml"), registry.methods)
     concrete = space.concrete(BaseModelInfo(model, x, onnx_path, registry.target("jetson")))
-    ablations = Ablations(concrete, trials=24)
-    assert ablations.gated == ["remove_blocks", "lowrank", "quantize"] and ablations.budget == 6
-    assert ablations.proposals({"prune.ratio": 0.5, "quantize.enabled": False}) == []
+    ablations = Ablations(concrete, trials=40, share=0.1)
+    assert ablations.gated == ["remove_blocks", "lowrank", "quantize"] and ablations.budget == 4
 
     def objective(trial):
         concrete.sample(trial)
@@ -292,19 +292,74 @@ def test_ablations_follow_the_front_leaving_out_one_method_each(registry, tiny_z
         trial.set_constraint("max_drop", -1.0 if trial.number % 4 else 1.0)  # every 4th infeasible
         return rng.random(), rng.random()
 
+    on_front_when_done = {}
+
+    def watch(study, trial):
+        on_front_when_done[trial.number] = trial.number in {t.number for t in study.best_trials}
+        ablations(study, trial)
+
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(directions=["maximize", "minimize"],
                                 sampler=optuna.samplers.RandomSampler(seed=0))
-    study.optimize(objective, n_trials=24, callbacks=[ablations])
+    study.optimize(objective, n_trials=40, callbacks=[watch])
     trials = study.get_trials(deepcopy=False)
     made = [t for t in trials if ABLATION_OF in t.user_attrs]
-    assert 1 <= len(made) <= ablations.budget
-    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in made)  # enqueued trials run next
+    assert len(made) == ablations.budget
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in made)  # enqueued trials run
     for t in made:
         source, method = trials[t.user_attrs[ABLATION_OF]], t.user_attrs[ABLATED]
-        assert source.number % 4 and source.params[f"{method}.enabled"] is True
-        assert t.params[f"{method}.enabled"] is False
+        assert on_front_when_done[source.number] and source.number % 4
+        assert source.params[f"{method}.enabled"] is True and t.params[f"{method}.enabled"] is False
         assert not any(k.startswith(f"{method}.") and k != f"{method}.enabled" for k in t.params)
         assert all(t.params[k] == v for k, v in source.params.items() if not k.startswith(f"{method}."))
+        assert t.user_attrs[SEED_OF] == source.user_attrs.get(SEED_OF, source.number)
     settings = [sorted(t.params.items(), key=str) for t in made]
     assert len(settings) == len({str(s) for s in settings})
+
+
+def test_no_ablation_of_a_method_that_changes_nothing(registry, tiny_zoo):
+    """Block removal switched on with no block removed builds the same model as switched off."""
+    from autocomp.method import BaseModelInfo
+    from autocomp.proposals import Ablations
+
+    model, x, onnx_path = tiny_zoo("resnet20")
+    space = load_space(default_space_path().with_name("joint.toml"), registry.methods)
+    concrete = space.concrete(BaseModelInfo(model, x, onnx_path, registry.target("jetson")))
+    blocks = [f"remove_blocks.{p.name}" for m, _, ps in concrete.entries if m.name == "remove_blocks"
+              for p in ps if p.name != "enabled"]
+    params = {"remove_blocks.enabled": True, **{b: False for b in blocks}, "prune.importance": "l2",
+              "quantize.enabled": True, "quantize.stem.0": "int8"}
+    assert [m for m, _ in Ablations(concrete, 20).proposals(params)] == ["quantize"]
+    params[blocks[0]] = True
+    assert [m for m, _ in Ablations(concrete, 20).proposals(params)] == ["remove_blocks", "quantize"]
+
+
+def test_an_ablation_a_stopped_run_left_is_enqueued_again(registry, tiny_zoo):
+    """An ablation failed by an interruption (or closed as failed on resume) does not use up the
+    budget and is enqueued again, once; one whose candidate failed is not."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from autocomp.method import BaseModelInfo
+    from autocomp.proposals import ABLATION_OF, Ablations
+
+    model, x, onnx_path = tiny_zoo("resnet20")
+    space = load_space(default_space_path().with_name("joint.toml"), registry.methods)
+    concrete = space.concrete(BaseModelInfo(model, x, onnx_path, registry.target("jetson")))
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    attrs = {ABLATION_OF: 0, "ablated": "quantize"}
+    for params, reason in (({"prune.importance": "l2", "quantize.enabled": False}, "KeyboardInterrupt: "),
+                           ({"prune.importance": "taylor", "quantize.enabled": False}, None),
+                           ({"prune.importance": "l2", "lowrank.enabled": False}, "CandidateError: no")):
+        study.enqueue_trial(params, user_attrs=attrs)
+        trial = study.ask()
+        if reason:
+            trial.set_user_attr("failure_reason", reason)
+        study.tell(trial, state=TrialState.FAIL)
+    ablations = Ablations(concrete, 20)
+    assert ablations.requeue_interrupted(study) == 2
+    assert ablations.requeue_interrupted(study) == 0  # already waiting
+    waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+    assert sorted(t.system_attrs["fixed_params"]["prune.importance"] for t in waiting) == ["l2", "taylor"]
+    assert all(t.user_attrs[ABLATION_OF] == 0 for t in waiting)

@@ -133,9 +133,9 @@ def _print_summary(console, summary: dict[str, Any]) -> None:
         return (_fmt_pct(record.get("test_metric")),) if has_test else ()
 
     def latencies(record: dict[str, Any]) -> tuple[str, ...]:
-        # the side-by-side re-measurement where there is one, else the search's own
-        ms = record.get("final_latency_ms", record.get("latency_ms", record["latency_p50_ms"]))
-        p50 = record.get("final_latency_p50_ms", record["latency_p50_ms"])
+        from autocomp.results import reported_latency_ms
+
+        ms, p50 = reported_latency_ms(record), reported_latency_ms(record, p50=True)
         return (f"{ms:.3f}", f"{p50:.3f}") if also_p50 else (f"{ms:.3f}",)
 
     table.add_row("base", _fmt_pct(base["metric"]), "-", *test(base), *latencies(base), "1.00x",

@@ -25,7 +25,8 @@ import numpy as np
 from autocomp.errors import CandidateError
 from autocomp.target import LatencyStats
 
-__all__ = ["TimingPolicy", "make_session", "measure_latency", "run_batches", "host_facts", "input_shapes_of"]
+__all__ = ["TimingPolicy", "session_options", "make_session", "time_runs", "measure_latency", "run_batches",
+           "host_facts", "input_shapes_of"]
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,22 @@ class TimingPolicy:
             raise ValueError(f"min_runs >= 1 and min_s >= 0 must hold, got ({self.min_runs}, {self.min_s})")
 
 
+def session_options(threads: int = 1, optimize: bool = True) -> Any:
+    """The session options every measurement uses: ``threads`` intra-op threads, sequential
+    execution, full graph optimisation (none with ``optimize=False``, for a graph that is already
+    ONNX Runtime's optimised one), warnings silenced."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
+                                        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    options.log_severity_level = 3
+    return options
+
+
 def make_session(onnx_path: Path | str, threads: int = 1, providers: Sequence[str] | None = None) -> Any:
     """An ONNX Runtime inference session with a fixed thread count.
 
@@ -53,12 +70,7 @@ def make_session(onnx_path: Path | str, threads: int = 1, providers: Sequence[st
     """
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 3
+    options = session_options(threads)
     try:
         return ort.InferenceSession(str(onnx_path), options, providers=list(providers or ["CPUExecutionProvider"]))
     except Exception as exc:
@@ -84,6 +96,23 @@ def _feeds(session: Any, input_shapes: Mapping[str, Sequence[int]], seed: int = 
     return feeds
 
 
+def time_runs(session: Any, feeds: Mapping[str, Any], policy: TimingPolicy = TimingPolicy()) -> list[float]:
+    """Run ``session`` on ``feeds``: ``policy``'s warm-up, then timed runs until both its minimum
+    count and minimum time are reached. Returns each timed run's wall time in ms."""
+    start = time.perf_counter()
+    runs = 0
+    while runs < policy.warmup_runs or time.perf_counter() - start < policy.warmup_s:
+        session.run(None, feeds)
+        runs += 1
+    times: list[float] = []
+    start = time.perf_counter()
+    while (len(times) < policy.min_runs or time.perf_counter() - start < policy.min_s) and len(times) < policy.max_runs:
+        t0 = time.perf_counter_ns()
+        session.run(None, feeds)
+        times.append((time.perf_counter_ns() - t0) / 1e6)
+    return times
+
+
 def measure_latency(onnx_path: Path | str, input_shapes: Mapping[str, Sequence[int]],
                     policy: TimingPolicy = TimingPolicy(), *, target: str = "cpu",
                     providers: Sequence[str] | None = None) -> LatencyStats:
@@ -91,19 +120,7 @@ def measure_latency(onnx_path: Path | str, input_shapes: Mapping[str, Sequence[i
     session = make_session(onnx_path, policy.threads, providers)
     feeds = _feeds(session, input_shapes)
     try:
-        start = time.perf_counter()
-        runs = 0
-        while runs < policy.warmup_runs or time.perf_counter() - start < policy.warmup_s:
-            session.run(None, feeds)
-            runs += 1
-        times: list[float] = []
-        start = time.perf_counter()
-        while (len(times) < policy.min_runs or time.perf_counter() - start < policy.min_s) and len(
-            times
-        ) < policy.max_runs:
-            t0 = time.perf_counter_ns()
-            session.run(None, feeds)
-            times.append((time.perf_counter_ns() - t0) / 1e6)
+        times = time_runs(session, feeds, policy)
     except Exception as exc:
         raise CandidateError(f"ONNX Runtime failed to run {onnx_path}: {exc}") from exc
     arr = np.asarray(times)

@@ -115,7 +115,7 @@ class Ablations:
             if params.get(f"{method}.{GATE}") is not True:
                 continue
             own = {k: v for k, v in params.items() if k.startswith(f"{method}.") and k != f"{method}.{GATE}"}
-            neutral = self.neutral.get(method, {})
+            neutral = self.neutral[method]
             if own and all(neutral.get(k) is not None and v == neutral[k] for k, v in own.items()):
                 continue  # switched on but doing nothing (no block removed, every layer at fp32)
             ablated = {k: v for k, v in params.items() if not k.startswith(f"{method}.")}
@@ -128,16 +128,9 @@ class Ablations:
         or closed as failed on resume); returns how many."""
         existing = study.get_trials(deepcopy=False)
         seen = [_setting(t) for t in existing if not _interrupted(t)]
-        requeued = 0
-        for t in existing:
-            if ABLATION_OF in t.user_attrs and _interrupted(t):
-                params = t.system_attrs.get("fixed_params", {})
-                if params and not any(_agrees(params, other) for other in seen):
-                    study.enqueue_trial(params, user_attrs={k: t.user_attrs[k] for k in (ABLATION_OF, ABLATED, SEED_OF)
-                                                            if k in t.user_attrs})
-                    seen.append(params)
-                    requeued += 1
-        return requeued
+        return sum(_enqueue_new(study, t.system_attrs.get("fixed_params", {}),
+                                {k: t.user_attrs[k] for k in (ABLATION_OF, ABLATED, SEED_OF) if k in t.user_attrs}, seen)
+                   for t in existing if ABLATION_OF in t.user_attrs and _interrupted(t))
 
     def __call__(self, study, trial) -> None:
         from optuna.trial import TrialState
@@ -152,13 +145,20 @@ class Ablations:
         for method, params in self.proposals(trial.params):
             if used >= self.budget:
                 return
-            if any(_agrees(params, other) for other in seen):
-                continue
-            study.enqueue_trial(params, user_attrs={ABLATION_OF: trial.number, ABLATED: method,
-                                                    SEED_OF: trial.user_attrs.get(SEED_OF, trial.number)})
-            logger.info("trial %d is on the front: trying it without %s next", trial.number, method)
-            seen.append(params)
-            used += 1
+            attrs = {ABLATION_OF: trial.number, ABLATED: method, SEED_OF: trial.user_attrs.get(SEED_OF, trial.number)}
+            if _enqueue_new(study, params, attrs, seen):
+                logger.info("trial %d is on the front: trying it without %s next", trial.number, method)
+                used += 1
+
+
+def _enqueue_new(study, params: dict[str, Any], user_attrs: dict[str, Any], seen: list[dict[str, Any]]) -> bool:
+    """Enqueue ``params`` and add it to ``seen``, unless a trial in ``seen`` already has that
+    setting; returns whether it was enqueued."""
+    if not params or any(_agrees(params, other) for other in seen):
+        return False
+    study.enqueue_trial(params, user_attrs=user_attrs)
+    seen.append(params)
+    return True
 
 
 def _setting(trial) -> dict[str, Any]:

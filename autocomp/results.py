@@ -10,7 +10,17 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["RunDir", "write_json", "read_json", "sha256_of"]
+__all__ = ["RunDir", "write_json", "read_json", "sha256_of", "reported_latency_ms"]
+
+
+def reported_latency_ms(record: dict[str, Any], p50: bool = False) -> float:
+    """A baseline or Pareto record's latency as reported: the side-by-side re-measurement at the end
+    of the search (``final_latency_ms``) where there is one, else the search's own figure; with
+    ``p50``, the p50 of the same measurements. Records from before ``latency_ms`` was kept give their
+    p50; a key present with a None value counts as missing."""
+    keys = (("final_latency_p50_ms", "latency_p50_ms") if p50
+            else ("final_latency_ms", "latency_ms", "latency_p50_ms"))
+    return next(record[k] for k in keys if record.get(k) is not None)
 
 
 def write_json(path: Path, data: Any) -> None:

@@ -38,6 +38,8 @@ from pathlib import Path
 
 import numpy as np
 
+from autocomp.ort import TimingPolicy, session_options, time_runs
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 SOURCE = HERE / "cpu_predictor.json"
@@ -45,26 +47,12 @@ OUT_JSON = HERE / "cpu_kernel_sum.json"
 OUT_MD = HERE / "cpu_kernel_sum.md"
 
 
-def _options(level):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.inter_op_num_threads = 1
-    options.graph_optimization_level = level
-    options.log_severity_level = 3
-    return options
+#: Each kernel graph: 3 warm-up runs, then the fastest of >= 20 runs and >= 0.05 s.
+KERNEL_TIMING = TimingPolicy(warmup_runs=3, warmup_s=0.0, min_runs=20, min_s=0.05)
 
 
-def _fastest_ms(session, feeds, min_s: float = 0.05, min_runs: int = 20) -> float:
-    for _ in range(3):
-        session.run(None, feeds)
-    times, start = [], time.perf_counter()
-    while len(times) < min_runs or time.perf_counter() - start < min_s:
-        t0 = time.perf_counter_ns()
-        session.run(None, feeds)
-        times.append(time.perf_counter_ns() - t0)
-    return min(times) / 1e6
+def _fastest_ms(session, feeds) -> float:
+    return min(time_runs(session, feeds, KERNEL_TIMING))
 
 
 def kernel_costs(onnx_path: Path, input_shape: list[int], work: Path) -> list[dict]:
@@ -74,7 +62,7 @@ def kernel_costs(onnx_path: Path, input_shape: list[int], work: Path) -> list[di
     from onnx import helper
 
     optimised = work / "optimised.onnx"
-    options = _options(ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
+    options = session_options(1)  # the cpu target's optimisation, saved
     options.optimized_model_filepath = str(optimised)
     ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
     model = onnx.load(str(optimised))
@@ -86,7 +74,7 @@ def kernel_costs(onnx_path: Path, input_shape: list[int], work: Path) -> list[di
             if name and name not in exposed:
                 graph.output.append(onnx.ValueInfoProto(name=name))
                 exposed.add(name)
-    plain = _options(ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    plain = session_options(1, optimize=False)  # the graph is already optimised: run it as it is
     session = ort.InferenceSession(model.SerializeToString(), plain, providers=["CPUExecutionProvider"])
     x = np.random.default_rng(0).standard_normal(input_shape).astype(np.float32)
     values = dict(zip([o.name for o in session.get_outputs()], session.run(None, {graph.input[0].name: x})))

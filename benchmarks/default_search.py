@@ -19,6 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from autocomp.results import reported_latency_ms
+
 HERE = Path(__file__).resolve().parent
 
 
@@ -77,8 +79,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def _ms(record: dict, which: str = "") -> float:
         """The side-by-side figure where there is one, else the search's (``which="p50"``: the p50)."""
-        suffix = "latency_p50_ms" if which == "p50" or stat == "p50" else "latency_ms"
-        return record.get(f"final_{suffix}") or record[suffix]
+        return reported_latency_ms(record, p50=which == "p50" or stat == "p50")
 
     lines = [
         "# Default search on the built-in workload",

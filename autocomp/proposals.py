@@ -1,26 +1,31 @@
-"""Trials the search proposes itself, besides the sampler's: anchors and ablations.
+"""Trials the search proposes itself, besides the sampler's: anchors and method toggles.
 
 *Anchors* are enqueued before the sampler starts: the uniform recipes users would try by hand
 (uniform pruning, every layer at its strongest precision), so the front always has them.
 
-*Ablations* follow the front during the search. When a trial joins the feasible Pareto front, the
-same setting is enqueued once more for each optional method it used, with that method left out
-(everything else fixed; parameters the left-out method had hidden, such as the pruning ratios of a
-block it removed, are drawn by the sampler). A joint space is much larger than a single-method one,
-and the sampler, once a method has paid off, keeps it on in nearly every trial; ablations make the
-search ask, for each of its best candidates, whether a simpler combination does as well.
-At most :data:`ABLATION_SHARE` of the trial budget goes to them.
+*Method toggles* follow the front during the search. A member of the feasible Pareto front is tried
+again with one optional method toggled: without it if the member used it (an *ablation*), with it if
+the member left it out (an *addition*). Everything else stays fixed and the toggled trial fine-tunes
+with the same seed, so the two differ only in that method; parameters the toggle reveals (the
+precision of each layer when quantization goes in, the pruning ratios of a block that no longer goes)
+are drawn by the sampler. A joint space is much larger than a single-method one, and the sampler,
+once a combination of methods has paid off, keeps to it in nearly every trial (benchmarks/
+joint_vs_single.md); toggles make the search ask, of each of its best candidates, whether a simpler
+combination does as well and whether one more method makes it faster. They are paced (see
+:class:`MethodToggles`): newest front member first, at most :data:`TOGGLE_SHARE` of the trials
+finished so far, rounded up, and of the whole budget, rounded down.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 from autocomp.method import ChoiceParam, FloatParam, IntParam
 from autocomp.space import GATE, ConcreteSpace
 
-__all__ = ["ANCHOR_QUANTILES", "ABLATION_SHARE", "anchors", "Ablations"]
+__all__ = ["ANCHOR_QUANTILES", "TOGGLE_SHARE", "anchors", "MethodToggles"]
 
 logger = logging.getLogger("autocomp")
 
@@ -82,73 +87,111 @@ def _compresses(anchor: dict[str, Any], space: ConcreteSpace) -> bool:
                for m, _, params in space.entries for p in params)
 
 
-#: Most of the trial budget ablations may take (rounded down); the sampler keeps the rest.
-ABLATION_SHARE = 0.25
+#: Most of the trial budget method toggles may take (rounded down); the sampler keeps the rest.
+TOGGLE_SHARE = 0.25
 
-#: User attributes of an enqueued ablation: the trial it ablates, the method it leaves out, and the
-#: trial whose fine-tuning seed it reuses (so an ablation and its source differ only in that method).
-ABLATION_OF, ABLATED, SEED_OF = "ablation_of", "ablated", "seed_of"
+#: User attributes of an enqueued toggle: the trial it varies and the method it leaves out (an
+#: ablation) or puts in (an addition), and the trial whose fine-tuning seed it reuses (so a toggle and
+#: its source differ only in that method).
+ABLATION_OF, ABLATED = "ablation_of", "ablated"
+ADDITION_OF, ADDED = "addition_of", "added"
+SEED_OF = "seed_of"
+#: the user attributes that record the source trial and the method, by whether the toggle switches
+#: the method on (an addition) or off (an ablation)
+TOGGLE_ATTRS = {False: (ABLATION_OF, ABLATED), True: (ADDITION_OF, ADDED)}
+_TOGGLE_KEYS = (*TOGGLE_ATTRS[False], *TOGGLE_ATTRS[True], SEED_OF)
 
 
-class Ablations:
-    """An Optuna callback: when a finished trial is on the feasible front, enqueue it without each
-    optional method it used (see the module's docs), within ``share`` of ``trials``.
+class MethodToggles:
+    """An Optuna callback: after each finished trial, enqueue members of the current feasible front
+    with one optional method toggled (see the module's docs), newest member first, while the toggles
+    stay within ``share`` of the trials finished so far (rounded up) and of ``trials`` (rounded
+    down), and while the budget has room for them to run.
 
-    Counts what it has enqueued from the study itself (the user attributes of every trial), so a
-    resumed run keeps to the same cap (several workers on one storage may pass it by one or two when
-    their trials finish at once); a setting already tried or waiting is not enqueued again. An
-    ablation a stopped run did not finish is enqueued again on resume (:meth:`requeue_interrupted`).
+    Pacing them with the finished trials spreads them over the run: the front of the first few
+    trials (the anchors) would otherwise use up the whole share, and the members found later, the
+    better ones, would get none. A member that is itself a toggle is not toggled back on the same
+    method. Counts what it has enqueued from the study itself (the user attributes of every trial),
+    so a resumed run keeps to the same cap; a setting already tried, failed or waiting is not enqueued
+    again. Several workers on one storage read the study at the same time: when their trials finish at
+    once they may pass the cap by one or two, or enqueue the same toggle twice. A toggle a stopped
+    run did not finish is enqueued again on resume (:meth:`requeue_interrupted`).
     """
 
-    def __init__(self, space: ConcreteSpace, trials: int, share: float = ABLATION_SHARE):
+    def __init__(self, space: ConcreteSpace, trials: int, share: float = TOGGLE_SHARE):
         self.gated = [m.name for m, _, _ in space.entries if m.name in space.gated]
+        self.share = share
+        self.trials = trials
         self.budget = int(trials * share)
         #: per optional method, its parameters' neutral values (those that have one)
         self.neutral = {m.name: {f"{m.name}.{p.name}": p.neutral for p in params if p.name != GATE}
                         for m, _, params in space.entries if m.name in space.gated}
 
-    def proposals(self, params: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
-        """``(method, params)`` for each optional method ``params`` switches on and that changes
-        something (a parameter away from its neutral value), with that method left out."""
+    def allowed(self, finished: int) -> int:
+        """How many toggles a study may hold once ``finished`` trials have finished."""
+        return min(self.budget, math.ceil(self.share * finished - 1e-9))  # 0.07 * 100 is 7.000000000000001
+
+    def proposals(self, params: dict[str, Any]) -> list[tuple[str, bool, dict[str, Any]]]:
+        """``(method, switched_on, params)`` for each optional method: left out where ``params``
+        switches it on and it changes something (a parameter away from its neutral value), put in
+        where ``params`` switches it off; everything else as in ``params``."""
         out = []
         for method in self.gated:
-            if params.get(f"{method}.{GATE}") is not True:
+            gate = f"{method}.{GATE}"
+            if not isinstance(params.get(gate), bool):
                 continue
-            own = {k: v for k, v in params.items() if k.startswith(f"{method}.") and k != f"{method}.{GATE}"}
-            neutral = self.neutral[method]
-            if own and all(neutral.get(k) is not None and v == neutral[k] for k, v in own.items()):
-                continue  # switched on but doing nothing (no block removed, every layer at fp32)
-            ablated = {k: v for k, v in params.items() if not k.startswith(f"{method}.")}
-            ablated[f"{method}.{GATE}"] = False
-            out.append((method, ablated))
+            rest = {k: v for k, v in params.items() if not k.startswith(f"{method}.")}
+            if params[gate]:
+                own = {k: v for k, v in params.items() if k.startswith(f"{method}.") and k != gate}
+                neutral = self.neutral[method]
+                if own and all(neutral.get(k) is not None and v == neutral[k] for k, v in own.items()):
+                    continue  # switched on but doing nothing (no block removed, every layer at fp32)
+            out.append((method, not params[gate], {**rest, gate: not params[gate]}))
         return out
 
     def requeue_interrupted(self, study) -> int:
-        """Enqueue again every ablation a stopped run left unfinished (failed by the interruption,
-        or closed as failed on resume); returns how many."""
+        """Enqueue again every toggle a stopped run left unfinished (failed by the interruption, or
+        closed as failed on resume); returns how many."""
         existing = study.get_trials(deepcopy=False)
         seen = [_setting(t) for t in existing if not _interrupted(t)]
         return sum(_enqueue_new(study, t.system_attrs.get("fixed_params", {}),
-                                {k: t.user_attrs[k] for k in (ABLATION_OF, ABLATED, SEED_OF) if k in t.user_attrs}, seen)
-                   for t in existing if ABLATION_OF in t.user_attrs and _interrupted(t))
+                                {k: t.user_attrs[k] for k in _TOGGLE_KEYS if k in t.user_attrs}, seen)
+                   for t in existing if _toggled(t) and _interrupted(t))
 
     def __call__(self, study, trial) -> None:
+        # called after every finished trial (complete, pruned or failed): each one paces the toggles
+        if not self.gated or self.budget <= 0:
+            return
         from optuna.trial import TrialState
 
-        if trial.state != TrialState.COMPLETE or not self.gated or self.budget <= 0:
+        trials = study.get_trials(deepcopy=False)
+        finished = sum(t.state.is_finished() for t in trials)
+        waiting = sum(t.state == TrialState.WAITING for t in trials)
+        # an interrupted toggle is enqueued again on resume: it does not use up the cap twice
+        used = sum(_toggled(t) for t in trials if not _interrupted(t))
+        allowed = self.allowed(finished)
+        if used >= allowed or finished + waiting >= self.trials:  # no room left, or it would not run
             return
-        if trial.number not in {t.number for t in study.best_trials}:
-            return
-        existing = [t for t in study.get_trials(deepcopy=False) if not _interrupted(t)]
-        used = sum(ABLATION_OF in t.user_attrs for t in existing)
-        seen = [_setting(t) for t in existing]
-        for method, params in self.proposals(trial.params):
-            if used >= self.budget:
-                return
-            attrs = {ABLATION_OF: trial.number, ABLATED: method, SEED_OF: trial.user_attrs.get(SEED_OF, trial.number)}
-            if _enqueue_new(study, params, attrs, seen):
-                logger.info("trial %d is on the front: trying it without %s next", trial.number, method)
-                used += 1
+        seen = [_setting(t) for t in trials]  # a failed setting too: a failure is not retried
+        for member in sorted(study.best_trials, key=lambda t: t.number, reverse=True):
+            came_from = {member.user_attrs.get(ABLATED), member.user_attrs.get(ADDED)}
+            for method, switched_on, params in self.proposals(member.params):
+                if used >= allowed or finished + waiting >= self.trials:
+                    return
+                if method in came_from:
+                    continue  # toggling it back would redo the member's own source
+                source_key, method_key = TOGGLE_ATTRS[switched_on]
+                attrs = {source_key: member.number, method_key: method,
+                         SEED_OF: member.user_attrs.get(SEED_OF, member.number)}
+                if _enqueue_new(study, params, attrs, seen):
+                    logger.info("trial %d is on the front: queued it %s %s", member.number,
+                                "with" if switched_on else "without", method)
+                    used += 1
+                    waiting += 1
+
+
+def _toggled(trial) -> bool:
+    return any(source_key in trial.user_attrs for source_key, _ in TOGGLE_ATTRS.values())
 
 
 def _enqueue_new(study, params: dict[str, Any], user_attrs: dict[str, Any], seen: list[dict[str, Any]]) -> bool:

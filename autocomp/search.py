@@ -37,7 +37,7 @@ from autocomp.errors import (
 )
 from autocomp.method import EVALUATION_ARTIFACT, BaseModelInfo, CandidateContext
 from autocomp.plugins import Registry
-from autocomp.proposals import ABLATED, ABLATION_OF, SEED_OF, Ablations, anchors
+from autocomp.proposals import SEED_OF, TOGGLE_ATTRS, MethodToggles, anchors
 from autocomp.results import RunDir, copy_atomic, read_json, sha256_of, write_json
 from autocomp.space import ConcreteSpace, SearchSpace, default_space_path, load_space
 from autocomp.target import STATISTICS
@@ -307,7 +307,7 @@ class _Objective:
         started = time.perf_counter()
         spec = self.concrete.sample(trial)
         write_json(trial_dir / "spec.json", spec.to_dict())
-        # an ablation fine-tunes with the seed of the trial it ablates: the two differ only in one method
+        # a method toggle fine-tunes with the seed of the trial it varies: the two differ only in one method
         ctx = CandidateContext(workload=wl, teacher=wl.model, target=prep.target, work_dir=work,
                                seed=cfg.seed * 100_003 + trial.user_attrs.get(SEED_OF, trial.number))
         try:
@@ -497,8 +497,8 @@ def _summary(prep: Prepared, study, baseline: dict[str, Any], status: str) -> di
             "spec": read_json(prep.run.trial_dir(t.number) / "spec.json"),
             "skipped": metrics.get("skipped", []),
         })
-        if ABLATION_OF in t.user_attrs:  # proposed by the search: this trial's setting less one method
-            members[-1].update({k: t.user_attrs[k] for k in (ABLATION_OF, ABLATED)})
+        # proposed by the search: another trial's setting with one method left out or put in
+        members[-1].update({k: t.user_attrs[k] for keys in TOGGLE_ATTRS.values() for k in keys if k in t.user_attrs})
         first[candidate] = members[-1]
     skipped: dict[str, int] = {}
     for t in trials:
@@ -597,9 +597,9 @@ def run_search(config: SearchConfig, registry: Registry, on_event: Event | None 
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if config.storage is None:  # with a shared storage, heartbeats do this for live workers
             study.tell(t.number, state=TrialState.FAIL)
-    ablations = Ablations(concrete, config.trials)
+    toggles = MethodToggles(concrete, config.trials)
     if config.resume:
-        ablations.requeue_interrupted(study)
+        toggles.requeue_interrupted(study)
     remaining = max(0, config.trials - len(done))
     on_event("search_start", {"trials": config.trials, "done": len(done), "remaining": remaining})
     stop = _StopOnSignal()
@@ -609,7 +609,7 @@ def run_search(config: SearchConfig, registry: Registry, on_event: Event | None 
         with stop:
             if remaining:
                 study.optimize(objective, n_trials=remaining, timeout=config.timeout_s, catch=(Exception,),
-                               gc_after_trial=True, callbacks=[ablations, stop.after_trial])
+                               gc_after_trial=True, callbacks=[toggles, stop.after_trial])
     except KeyboardInterrupt:
         stop.requested = True
     if stop.requested:

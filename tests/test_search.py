@@ -286,3 +286,26 @@ def test_a_front_member_is_tried_without_its_optional_method(tmp_path, registry,
     # and the summary says where it came from
     (member,) = [m for m in result.summary["pareto"] if m["trial"] == ablation.number]
     assert (member["ablation_of"], member["ablated"]) == (0, "quantize")
+
+
+def test_a_front_member_is_tried_with_an_optional_method_it_left_out(tmp_path, registry, tiny_workload):
+    """The anchors leave low-rank factorization off; the first one, alone on the front, is tried again
+    with it put in (the ranks drawn by the sampler), everything else fixed, with the same seed."""
+    import optuna
+
+    space = tmp_path / "optional.toml"
+    space.write_text("[prune]\nratio = [0.2, 0.4]\nround_to = 8\n\n"
+                     "[lowrank]\noptional = true\nrank_ratio = [0.25, 1.0]\nlayers = \"all\"\n")
+    config = SearchConfig(workload="digits-tiny", target="cpu", target_options=FAST_TIMING, space=space,
+                          max_drop=0.5, trials=4, out=tmp_path / "run", final_rounds=0)
+    result = run_search(config, registry)
+    study = optuna.load_study(study_name="autocomp", storage=f"sqlite:///{result.run_dir / 'study.db'}")
+    first = study.trials[0]
+    assert first.params["lowrank.enabled"] is False
+    (addition,) = [t for t in study.trials if t.user_attrs.get("addition_of") == 0]
+    assert addition.user_attrs["added"] == "lowrank" and addition.user_attrs["seed_of"] == 0
+    assert addition.state == optuna.trial.TrialState.COMPLETE
+    assert {k: v for k, v in addition.params.items() if not k.startswith("lowrank.")} == {
+        k: v for k, v in first.params.items() if not k.startswith("lowrank.")}
+    assert addition.params["lowrank.enabled"] is True
+    assert any(k.startswith("lowrank.") and k != "lowrank.enabled" for k in addition.params)

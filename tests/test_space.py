@@ -268,59 +268,88 @@ def test_benchmark_hypervolume_against_hand_computed_areas():
     assert hv([(0.95, 5.0), (0.85, 1.0), (0.84, 6.0), (0.7, 0.5), (0.99, 12.0)], 0.8, 10.0) == pytest.approx(0.95)
 
 
-def test_ablations_follow_the_front_leaving_out_one_method_each(registry, tiny_zoo):
-    """A real study on the joint space with a made-up objective: every trial on the feasible front
-    when it finished, and using optional methods, is tried again without each of them, everything else
-    fixed and with its fine-tuning seed, until the budget's share is used up, never twice; trials off the
-    front and infeasible ones get none."""
+def test_toggles_follow_the_front_leaving_out_or_putting_in_one_method_each(registry, tiny_zoo):
+    """A real study on the joint space with a made-up objective: members of the feasible front are
+    tried again with one optional method toggled (left out where it was on, put in where it was off),
+    everything else fixed and with the member's fine-tuning seed, paced to the share of the trials
+    finished so far, newest member first, never twice; trials off the front and infeasible ones get none."""
+    import math
     import random
 
     import optuna
+    from optuna.trial import TrialState
 
     from autocomp.method import BaseModelInfo
-    from autocomp.proposals import ABLATED, ABLATION_OF, SEED_OF, Ablations
+    from autocomp.proposals import SEED_OF, TOGGLE_ATTRS, MethodToggles, _agrees, _setting
 
     model, x, onnx_path = tiny_zoo("resnet20")
     space = load_space(default_space_path().with_name("joint.toml"), registry.methods)
     concrete = space.concrete(BaseModelInfo(model, x, onnx_path, registry.target("jetson")))
-    ablations = Ablations(concrete, trials=40, share=0.1)
-    assert ablations.gated == ["remove_blocks", "lowrank", "quantize"] and ablations.budget == 4
+    toggles = MethodToggles(concrete, trials=60, share=0.2)
+    assert toggles.gated == ["remove_blocks", "lowrank", "quantize"] and toggles.budget == 12
+    assert [toggles.allowed(n) for n in (0, 1, 5, 6, 59, 60, 80)] == [0, 1, 1, 2, 12, 12, 12]
 
     def objective(trial):
         concrete.sample(trial)
         rng = random.Random(trial.number)
         trial.set_constraint("max_drop", -1.0 if trial.number % 4 else 1.0)  # every 4th infeasible
-        return rng.random(), rng.random()
+        return rng.random() + trial.number / 30, rng.random()  # later trials tend to join the front
 
-    on_front_when_done = {}
+    front_when_enqueued, newest_first = {}, []
 
     def watch(study, trial):
-        on_front_when_done[trial.number] = trial.number in {t.number for t in study.best_trials}
-        ablations(study, trial)
+        before = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,))}
+        toggles(study, trial)
+        trials = study.get_trials(deepcopy=False)
+        front = sorted((t.number for t in study.best_trials), reverse=True)
+        new = [t for t in trials if t.state == TrialState.WAITING and t.number not in before]
+        for t in new:
+            front_when_enqueued[t.number] = front
+        finished = sum(t.state.is_finished() for t in trials)
+        assert sum(TOGGLE_ATTRS[False][0] in t.user_attrs or TOGGLE_ATTRS[True][0] in t.user_attrs
+                   for t in trials) <= math.ceil(0.2 * finished)
+        # newest member first: every member newer than a toggle's source had all its toggles tried or waiting
+        members = {t.number: t for t in study.best_trials}
+        for t in new:
+            source = t.user_attrs.get(TOGGLE_ATTRS[False][0], t.user_attrs.get(TOGGLE_ATTRS[True][0]))
+            newer = [proposal for n in front if n > source for _, _, proposal in toggles.proposals(members[n].params)]
+            newest_first.append(all(any(_agrees(proposal, _setting(o)) for o in trials) for proposal in newer))
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(directions=["maximize", "minimize"],
                                 sampler=optuna.samplers.RandomSampler(seed=0))
-    study.optimize(objective, n_trials=40, callbacks=[watch])
+    study.optimize(objective, n_trials=60, callbacks=[watch])
     trials = study.get_trials(deepcopy=False)
-    made = [t for t in trials if ABLATION_OF in t.user_attrs]
-    assert len(made) == ablations.budget
-    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in made)  # enqueued trials run
-    for t in made:
-        source, method = trials[t.user_attrs[ABLATION_OF]], t.user_attrs[ABLATED]
-        assert on_front_when_done[source.number] and source.number % 4
-        assert source.params[f"{method}.enabled"] is True and t.params[f"{method}.enabled"] is False
-        assert not any(k.startswith(f"{method}.") and k != f"{method}.enabled" for k in t.params)
-        assert all(t.params[k] == v for k, v in source.params.items() if not k.startswith(f"{method}."))
-        assert t.user_attrs[SEED_OF] == source.user_attrs.get(SEED_OF, source.number)
-    settings = [sorted(t.params.items(), key=str) for t in made]
+    made = {switched_on: [t for t in trials if TOGGLE_ATTRS[switched_on][0] in t.user_attrs]
+            for switched_on in (False, True)}
+    assert len(made[False]) + len(made[True]) == toggles.budget
+    assert made[False] and made[True]  # both directions occur
+    assert newest_first and all(newest_first)
+    # spread over the run, not all after the first few trials
+    assert max(t.number for t in made[False] + made[True]) > 40
+    for switched_on, (source_key, method_key) in TOGGLE_ATTRS.items():
+        for t in made[switched_on]:
+            assert t.state == TrialState.COMPLETE  # enqueued trials run
+            source, method = trials[t.user_attrs[source_key]], t.user_attrs[method_key]
+            assert source.number in front_when_enqueued[t.number] and source.number % 4
+            gate = f"{method}.enabled"
+            assert source.params[gate] is not switched_on and t.params[gate] is switched_on
+            # the toggled method's own parameters appear exactly when it is on
+            assert any(k.startswith(f"{method}.") and k != gate for k in t.params) is switched_on
+            kept = {k: v for k, v in source.params.items() if not k.startswith(f"{method}.")}
+            assert all(t.params[k] == v for k, v in kept.items() if k in t.params)
+            # only a block removal put in hides parameters (the pruning ratios of the blocks it removes)
+            hidden = set(kept) - set(t.params)
+            assert not hidden or (method, switched_on) == ("remove_blocks", True)
+            assert t.user_attrs[SEED_OF] == source.user_attrs.get(SEED_OF, source.number)
+    settings = [sorted(t.params.items(), key=str) for t in made[False] + made[True]]
     assert len(settings) == len({str(s) for s in settings})
 
 
 def test_no_ablation_of_a_method_that_changes_nothing(registry, tiny_zoo):
     """Block removal switched on with no block removed builds the same model as switched off."""
     from autocomp.method import BaseModelInfo
-    from autocomp.proposals import Ablations
+    from autocomp.proposals import MethodToggles
 
     model, x, onnx_path = tiny_zoo("resnet20")
     space = load_space(default_space_path().with_name("joint.toml"), registry.methods)
@@ -328,38 +357,99 @@ def test_no_ablation_of_a_method_that_changes_nothing(registry, tiny_zoo):
     blocks = [f"remove_blocks.{p.name}" for m, _, ps in concrete.entries if m.name == "remove_blocks"
               for p in ps if p.name != "enabled"]
     params = {"remove_blocks.enabled": True, **{b: False for b in blocks}, "prune.importance": "l2",
-              "quantize.enabled": True, "quantize.stem.0": "int8"}
-    assert [m for m, _ in Ablations(concrete, 20).proposals(params)] == ["quantize"]
+              "lowrank.enabled": False, "quantize.enabled": True, "quantize.stem.0": "int8"}
+    toggles = MethodToggles(concrete, 20)
+    # low-rank, off, is put in; quantization, on, is left out
+    assert [(m, on) for m, on, _ in toggles.proposals(params)] == [("lowrank", True), ("quantize", False)]
     params[blocks[0]] = True
-    assert [m for m, _ in Ablations(concrete, 20).proposals(params)] == ["remove_blocks", "quantize"]
+    assert [(m, on) for m, on, _ in toggles.proposals(params)] == [
+        ("remove_blocks", False), ("lowrank", True), ("quantize", False)]
+    (_, _, without), = [p for p in toggles.proposals(params) if p[0] == "quantize"]
+    assert without == {**{k: v for k, v in params.items() if not k.startswith("quantize.")}, "quantize.enabled": False}
 
 
-def test_an_ablation_a_stopped_run_left_is_enqueued_again(registry, tiny_zoo):
-    """An ablation failed by an interruption (or closed as failed on resume) does not use up the
-    budget and is enqueued again, once; one whose candidate failed is not."""
+def test_a_toggle_a_stopped_run_left_is_enqueued_again(registry, tiny_zoo):
+    """A toggle (ablation or addition) failed by an interruption (or closed as failed on resume) does
+    not use up the budget and is enqueued again, once; one whose candidate failed is not."""
     import optuna
     from optuna.trial import TrialState
 
     from autocomp.method import BaseModelInfo
-    from autocomp.proposals import ABLATION_OF, Ablations
+    from autocomp.proposals import ABLATION_OF, ADDITION_OF, MethodToggles
 
     model, x, onnx_path = tiny_zoo("resnet20")
     space = load_space(default_space_path().with_name("joint.toml"), registry.methods)
     concrete = space.concrete(BaseModelInfo(model, x, onnx_path, registry.target("jetson")))
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(directions=["maximize", "minimize"])
-    attrs = {ABLATION_OF: 0, "ablated": "quantize"}
-    for params, reason in (({"prune.importance": "l2", "quantize.enabled": False}, "KeyboardInterrupt: "),
-                           ({"prune.importance": "taylor", "quantize.enabled": False}, None),
-                           ({"prune.importance": "l2", "lowrank.enabled": False}, "CandidateError: no")):
+    ablation, addition = {ABLATION_OF: 0, "ablated": "quantize"}, {ADDITION_OF: 0, "added": "lowrank"}
+    for params, attrs, reason in (
+            ({"prune.importance": "l2", "quantize.enabled": False}, ablation, "KeyboardInterrupt: "),
+            ({"prune.importance": "taylor", "lowrank.enabled": True}, addition, None),
+            ({"prune.importance": "l2", "lowrank.enabled": False}, ablation, "CandidateError: no")):
         study.enqueue_trial(params, user_attrs=attrs)
         trial = study.ask()
         if reason:
             trial.set_user_attr("failure_reason", reason)
         study.tell(trial, state=TrialState.FAIL)
-    ablations = Ablations(concrete, 20)
-    assert ablations.requeue_interrupted(study) == 2
-    assert ablations.requeue_interrupted(study) == 0  # already waiting
+    toggles = MethodToggles(concrete, 20)
+    assert toggles.requeue_interrupted(study) == 2
+    assert toggles.requeue_interrupted(study) == 0  # already waiting
+    waiting = sorted(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)),
+                     key=lambda t: t.system_attrs["fixed_params"]["prune.importance"])
+    assert [t.system_attrs["fixed_params"]["prune.importance"] for t in waiting] == ["l2", "taylor"]
+    assert [t.user_attrs for t in waiting] == [ablation, addition]
+
+
+def test_toggles_do_not_toggle_back_retry_a_failure_or_outrun_the_budget(registry, tiny_zoo):
+    """A member that is itself an ablation of block removal is not given block removal back (its
+    source, with the block's pruning ratio drawn anew, would be tried again); a toggle
+    that failed (with no reason recorded, as when the objective returns NaN) is not enqueued again;
+    and nothing is enqueued once the waiting trials fill the rest of the budget."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from autocomp.method import BaseModelInfo
+    from autocomp.proposals import ABLATED, ABLATION_OF, ADDED, ADDITION_OF, MethodToggles
+
+    model, x, onnx_path = tiny_zoo("resnet20")
+    space = load_space(default_space_path().with_name("joint.toml"), registry.methods)
+    concrete = space.concrete(BaseModelInfo(model, x, onnx_path, registry.target("jetson")))
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    off = {"remove_blocks.enabled": False, "prune.importance": "l2", "lowrank.enabled": False}
+
+    def run(params, values, attrs=None):  # params None: the next waiting trial
+        if params is not None:
+            study.enqueue_trial(params, user_attrs=attrs or {})
+        trial = study.ask()
+        concrete.sample(trial)
+        study.tell(trial, values, state=TrialState.COMPLETE if values else TrialState.FAIL)
+        return study.get_trials(deepcopy=False)[trial.number]
+
+    blocks = [f"remove_blocks.{p.name}" for m, _, ps in concrete.entries if m.name == "remove_blocks"
+              for p in ps if p.name != "enabled"]
+    for _ in range(10):  # dominated trials, so the pacing allows several toggles at once
+        run({**off, "quantize.enabled": False}, (0.1, 10.0))
+    # the source removes a block; the member is its ablation, so the block's pruning ratio is drawn anew
+    source = run({**off, "remove_blocks.enabled": True, blocks[0]: True, **{b: False for b in blocks[1:]},
+                  "quantize.enabled": False}, (0.9, 1.0))
+    member = run({**{k: v for k, v in source.params.items() if not k.startswith("remove_blocks.")},
+                  "remove_blocks.enabled": False}, (0.95, 0.5), {ABLATION_OF: source.number, ABLATED: "remove_blocks"})
+    assert set(member.params) - set(source.params)  # the ratio the removal had hidden
+    assert [t.number for t in study.best_trials] == [member.number]
+
+    MethodToggles(concrete, trials=12, share=1.0)(study, member)  # 12 finished of 12: no room
+    assert not study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+
+    toggles = MethodToggles(concrete, trials=40, share=1.0)
+    toggles(study, member)
     waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
-    assert sorted(t.system_attrs["fixed_params"]["prune.importance"] for t in waiting) == ["l2", "taylor"]
-    assert all(t.user_attrs[ABLATION_OF] == 0 for t in waiting)
+    assert [(t.user_attrs[ADDITION_OF], t.user_attrs[ADDED]) for t in waiting] == [
+        (member.number, "lowrank"), (member.number, "quantize")]  # not block removal back
+
+    # the first fails without a reason; it is not enqueued again, nor anything else
+    failed = run(None, None)
+    assert failed.user_attrs[ADDED] == "lowrank" and failed.state == TrialState.FAIL
+    toggles(study, failed)
+    assert [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,))] == [waiting[1].number]

@@ -15,7 +15,8 @@ the same artifacts on the workload's held-out test split, which no search saw.
 
     python benchmarks/joint_vs_single.py [--trials 20] [--rounds 5] [--seed 0] [--target cpu]
 
-Writes benchmarks/joint_vs_single.json and .md (``joint_vs_single_TARGET.*`` for another target).
+Writes benchmarks/joint_vs_single.json and .md (``joint_vs_single_TARGET.*`` for another target,
+``..._seedN.*`` for another seed; the hand-written reading and the table of runs stay in the first).
 With a predicted target (``jetson`` ...) nothing is re-measured: a prediction is the same every time,
 so each search's own latencies are compared. Measured targets other than ``cpu`` are refused (the
 re-measurement runs on this host).
@@ -202,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
         **{k: v for k, v in val.items() if k != "accuracy"},
         "test_split": test,
     }
-    stem = "joint_vs_single" if args.target == "cpu" else f"joint_vs_single_{args.target}"
+    stem = ("joint_vs_single" + ("" if args.target == "cpu" else f"_{args.target}")
+            + ("" if args.seed == 0 else f"_seed{args.seed}"))
     (HERE / f"{stem}.json").write_text(json.dumps(record, indent=2) + "\n")
     lines = [
         "# Joint search vs single-method searches",

@@ -263,18 +263,24 @@ def test_a_candidate_drawn_twice_is_listed_once(tmp_path, registry, tiny_workloa
     assert Path(member["artifact"]).exists()
 
 
+def _optional_method_search(tmp_path, registry, space_text):
+    """A 4-trial search of ``space_text`` on the tiny workload; returns its result and its study."""
+    import optuna
+
+    space = tmp_path / "optional.toml"
+    space.write_text(space_text)
+    config = SearchConfig(workload="digits-tiny", target="cpu", target_options=FAST_TIMING, space=space,
+                          max_drop=0.5, trials=4, out=tmp_path / "run", final_rounds=0)
+    result = run_search(config, registry)
+    return result, optuna.load_study(study_name="autocomp", storage=f"sqlite:///{result.run_dir / 'study.db'}")
+
+
 def test_a_front_member_is_tried_without_its_optional_method(tmp_path, registry, tiny_workload):
     """The first trial (the uniform anchor, with quantization on) is alone on the front, so the
     search tries the same pruning without quantization, with the same fine-tuning seed, and records
     where that trial came from."""
-    import optuna
-
-    space = tmp_path / "optional.toml"
-    space.write_text("[prune]\nratio = [0.2, 0.4]\nround_to = 8\n\n[quantize]\noptional = true\nbits = [8, 32]\n")
-    config = SearchConfig(workload="digits-tiny", target="cpu", target_options=FAST_TIMING, space=space,
-                          max_drop=0.5, trials=4, out=tmp_path / "run", final_rounds=0)
-    result = run_search(config, registry)
-    study = optuna.load_study(study_name="autocomp", storage=f"sqlite:///{result.run_dir / 'study.db'}")
+    result, study = _optional_method_search(
+        tmp_path, registry, "[prune]\nratio = [0.2, 0.4]\nround_to = 8\n\n[quantize]\noptional = true\nbits = [8, 32]\n")
     first = study.trials[0]
     assert first.params["quantize.enabled"] is True
     (ablation,) = [t for t in study.trials if t.user_attrs.get("ablation_of") == 0]
@@ -293,13 +299,8 @@ def test_a_front_member_is_tried_with_an_optional_method_it_left_out(tmp_path, r
     with it put in (the ranks drawn by the sampler), everything else fixed, with the same seed."""
     import optuna
 
-    space = tmp_path / "optional.toml"
-    space.write_text("[prune]\nratio = [0.2, 0.4]\nround_to = 8\n\n"
-                     "[lowrank]\noptional = true\nrank_ratio = [0.25, 1.0]\nlayers = \"all\"\n")
-    config = SearchConfig(workload="digits-tiny", target="cpu", target_options=FAST_TIMING, space=space,
-                          max_drop=0.5, trials=4, out=tmp_path / "run", final_rounds=0)
-    result = run_search(config, registry)
-    study = optuna.load_study(study_name="autocomp", storage=f"sqlite:///{result.run_dir / 'study.db'}")
+    _, study = _optional_method_search(tmp_path, registry, "[prune]\nratio = [0.2, 0.4]\nround_to = 8\n\n"
+                                       "[lowrank]\noptional = true\nrank_ratio = [0.25, 1.0]\nlayers = \"all\"\n")
     first = study.trials[0]
     assert first.params["lowrank.enabled"] is False
     (addition,) = [t for t in study.trials if t.user_attrs.get("addition_of") == 0]

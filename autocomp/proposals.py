@@ -25,7 +25,7 @@ from typing import Any
 from autocomp.method import ChoiceParam, FloatParam, IntParam
 from autocomp.space import GATE, ConcreteSpace
 
-__all__ = ["ANCHOR_QUANTILES", "TOGGLE_SHARE", "anchors", "MethodToggles"]
+__all__ = ["ANCHOR_QUANTILES", "TOGGLE_SHARE", "anchors", "MethodToggles", "toggle_origin"]
 
 logger = logging.getLogger("autocomp")
 
@@ -99,7 +99,15 @@ SEED_OF = "seed_of"
 #: the user attributes that record the source trial and the method, by whether the toggle switches
 #: the method on (an addition) or off (an ablation)
 TOGGLE_ATTRS = {False: (ABLATION_OF, ABLATED), True: (ADDITION_OF, ADDED)}
-_TOGGLE_KEYS = (*TOGGLE_ATTRS[False], *TOGGLE_ATTRS[True], SEED_OF)
+_ORIGIN_KEYS = tuple(k for keys in TOGGLE_ATTRS.values() for k in keys)
+
+
+def toggle_origin(user_attrs: dict[str, Any], with_seed: bool = False) -> dict[str, Any]:
+    """Where a trial came from when it is a method toggle (its source trial and the method, as
+    ``ablation_of``/``ablated`` or ``addition_of``/``added``; with ``with_seed``, also ``seed_of``);
+    empty for any other trial."""
+    keys = (*_ORIGIN_KEYS, SEED_OF) if with_seed else _ORIGIN_KEYS
+    return {k: user_attrs[k] for k in keys if k in user_attrs}
 
 
 class MethodToggles:
@@ -155,7 +163,7 @@ class MethodToggles:
         existing = study.get_trials(deepcopy=False)
         seen = [_setting(t) for t in existing if not _interrupted(t)]
         return sum(_enqueue_new(study, t.system_attrs.get("fixed_params", {}),
-                                {k: t.user_attrs[k] for k in _TOGGLE_KEYS if k in t.user_attrs}, seen)
+                                toggle_origin(t.user_attrs, with_seed=True), seen)
                    for t in existing if _toggled(t) and _interrupted(t))
 
     def __call__(self, study, trial) -> None:
@@ -170,13 +178,17 @@ class MethodToggles:
         # an interrupted toggle is enqueued again on resume: it does not use up the cap twice
         used = sum(_toggled(t) for t in trials if not _interrupted(t))
         allowed = self.allowed(finished)
-        if used >= allowed or finished + waiting >= self.trials:  # no room left, or it would not run
+
+        def full() -> bool:  # the share is used up, or a toggle queued now would not run
+            return used >= allowed or finished + waiting >= self.trials
+
+        if full():
             return
         seen = [_setting(t) for t in trials]  # a failed setting too: a failure is not retried
         for member in sorted(study.best_trials, key=lambda t: t.number, reverse=True):
             came_from = {member.user_attrs.get(ABLATED), member.user_attrs.get(ADDED)}
             for method, switched_on, params in self.proposals(member.params):
-                if used >= allowed or finished + waiting >= self.trials:
+                if full():
                     return
                 if method in came_from:
                     continue  # toggling it back would redo the member's own source
@@ -191,7 +203,7 @@ class MethodToggles:
 
 
 def _toggled(trial) -> bool:
-    return any(source_key in trial.user_attrs for source_key, _ in TOGGLE_ATTRS.values())
+    return bool(toggle_origin(trial.user_attrs))
 
 
 def _enqueue_new(study, params: dict[str, Any], user_attrs: dict[str, Any], seen: list[dict[str, Any]]) -> bool:

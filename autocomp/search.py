@@ -37,7 +37,7 @@ from autocomp.errors import (
 )
 from autocomp.method import EVALUATION_ARTIFACT, BaseModelInfo, CandidateContext
 from autocomp.plugins import Registry
-from autocomp.proposals import SEED_OF, TOGGLE_ATTRS, MethodToggles, anchors
+from autocomp.proposals import SEED_OF, MethodToggles, anchors, toggle_origin
 from autocomp.results import RunDir, copy_atomic, read_json, sha256_of, write_json
 from autocomp.space import ConcreteSpace, SearchSpace, default_space_path, load_space
 from autocomp.target import STATISTICS
@@ -498,7 +498,7 @@ def _summary(prep: Prepared, study, baseline: dict[str, Any], status: str) -> di
             "skipped": metrics.get("skipped", []),
         })
         # proposed by the search: another trial's setting with one method left out or put in
-        members[-1].update({k: t.user_attrs[k] for keys in TOGGLE_ATTRS.values() for k in keys if k in t.user_attrs})
+        members[-1].update(toggle_origin(t.user_attrs))
         first[candidate] = members[-1]
     skipped: dict[str, int] = {}
     for t in trials:

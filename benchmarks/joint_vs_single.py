@@ -93,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trials", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--max-drop", type=float, default=0.02)
-    parser.add_argument("--seed", type=int, default=0, help="every search's --seed (sampler and fine-tuning)")
+    parser.add_argument("--seed", type=int, default=0, help="every search's --seed (sampler and fine-tuning); "
+                        "another seed than 0 writes joint_vs_single[_TARGET]_seedN.md/.json")
     parser.add_argument("--target", default="cpu",
                         help="every search's --target; a predicted one (jetson ...) is not re-measured, its "
                              "predictions are deterministic (results go to joint_vs_single_TARGET.md/.json)")
@@ -121,9 +122,10 @@ def main(argv: list[str] | None = None) -> int:
         if not (args.out / name / "pareto.json").exists() or not manifest.exists():
             parser.error(f"--reuse {name}: no finished search in {args.out / name}; run without --reuse {name} first")
         config = json.loads(manifest.read_text())["config"]
-        if {k: config.get(k) for k in wanted} != wanted:
-            parser.error(f"--reuse {name}: {args.out / name} was searched with "
-                         f"{ {k: config.get(k) for k in wanted} }, not {wanted}; run without --reuse {name}")
+        found = {k: config.get(k) for k in wanted}
+        if found != wanted:
+            parser.error(f"--reuse {name}: {args.out / name} was searched with {found}, not {wanted}; "
+                         f"run without --reuse {name}")
     runs = {}
     for name, space in SPACES.items():
         out = args.out / name

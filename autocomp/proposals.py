@@ -1,4 +1,4 @@
-"""Trials the search proposes itself, besides the sampler's: anchors and method toggles.
+"""Trials the search proposes itself, besides the sampler's: anchors, method toggles and strength steps.
 
 *Anchors* are enqueued before the sampler starts: the uniform recipes users would try by hand
 (uniform pruning, every layer at its strongest precision), so the front always has them.
@@ -14,6 +14,12 @@ joint_vs_single.md); toggles make the search ask, of each of its best candidates
 combination does as well and whether one more method makes it faster. They are paced (see
 :class:`MethodToggles`): newest front member first, at most :data:`TOGGLE_SHARE` of the trials
 finished so far, rounded up, and of the whole budget, rounded down.
+
+*Strength steps* follow the front too, in any space: a member is tried again with every compression
+range it sampled (pruning ratios, rank ratios) moved a step toward its strongest end, and a step toward
+its neutral end, everything else fixed and the same seed (:class:`StrengthSteps`). Within a range the
+sampler settles on one region; a step asks what each of the best recipes gives a little harder or a
+little softer. Paced like the toggles, with a share of their own, :data:`STEP_SHARE`.
 """
 
 from __future__ import annotations
@@ -25,7 +31,8 @@ from typing import Any
 from autocomp.method import ChoiceParam, FloatParam, IntParam
 from autocomp.space import GATE, ConcreteSpace
 
-__all__ = ["ANCHOR_QUANTILES", "TOGGLE_SHARE", "anchors", "MethodToggles", "toggle_origin"]
+__all__ = ["ANCHOR_QUANTILES", "TOGGLE_SHARE", "STEP_SHARE", "STEP_SIZE", "anchors", "MethodToggles", "StrengthSteps",
+           "proposal_origin"]
 
 logger = logging.getLogger("autocomp")
 
@@ -89,6 +96,10 @@ def _compresses(anchor: dict[str, Any], space: ConcreteSpace) -> bool:
 
 #: Most of the trial budget method toggles may take (rounded down); the sampler keeps the rest.
 TOGGLE_SHARE = 0.25
+#: Most of the trial budget strength steps may take (rounded down), besides the toggles' share.
+STEP_SHARE = 0.15
+#: How far a strength step moves each compression range, as a fraction of the range's width.
+STEP_SIZE = 0.15
 
 #: User attributes of an enqueued toggle: the trial it varies and the method it leaves out (an
 #: ablation) or puts in (an addition), and the trial whose fine-tuning seed it reuses (so a toggle and
@@ -99,45 +110,108 @@ SEED_OF = "seed_of"
 #: the user attributes that record the source trial and the method, by whether the toggle switches
 #: the method on (an addition) or off (an ablation)
 TOGGLE_ATTRS = {False: (ABLATION_OF, ABLATED), True: (ADDITION_OF, ADDED)}
-_ORIGIN_KEYS = tuple(k for keys in TOGGLE_ATTRS.values() for k in keys)
+#: User attributes of an enqueued strength step: the trial it varies and the direction,
+#: ``"stronger"`` or ``"milder"``.
+STEP_OF, STEPPED = "step_of", "stepped"
+STRONGER, MILDER = "stronger", "milder"
+_ORIGIN_KEYS = (*(k for keys in TOGGLE_ATTRS.values() for k in keys), STEP_OF, STEPPED)
 
 
-def toggle_origin(user_attrs: dict[str, Any], with_seed: bool = False) -> dict[str, Any]:
-    """Where a trial came from when it is a method toggle (its source trial and the method, as
-    ``ablation_of``/``ablated`` or ``addition_of``/``added``; with ``with_seed``, also ``seed_of``);
-    empty for any other trial."""
+def proposal_origin(user_attrs: dict[str, Any], with_seed: bool = False) -> dict[str, Any]:
+    """Where a trial came from when the search proposed it from a front member: its source trial and
+    what was changed (``ablation_of``/``ablated``, ``addition_of``/``added`` or ``step_of``/``stepped``;
+    with ``with_seed``, also ``seed_of``); empty for any other trial."""
     keys = (*_ORIGIN_KEYS, SEED_OF) if with_seed else _ORIGIN_KEYS
     return {k: user_attrs[k] for k in keys if k in user_attrs}
 
 
-class MethodToggles:
-    """An Optuna callback: after each finished trial, enqueue members of the current feasible front
-    with one optional method toggled (see the module's docs), newest member first, while the toggles
-    stay within ``share`` of the trials finished so far (rounded up) and of ``trials`` (rounded
-    down), and while the budget has room for them to run.
+class _FrontProposals:
+    """An Optuna callback: after each finished trial, enqueue variants of the members of the current
+    feasible front, newest member first, while this kind's proposals stay within ``share`` of the
+    trials finished so far (rounded up) and of ``trials`` (rounded down), and while the budget has
+    room for them to run. A variant fine-tunes with its member's seed.
 
     Pacing them with the finished trials spreads them over the run: the front of the first few
     trials (the anchors) would otherwise use up the whole share, and the members found later, the
-    better ones, would get none. A member that is itself a toggle is not toggled back on the same
-    method. Counts what it has enqueued from the study itself (the user attributes of every trial),
-    so a resumed run keeps to the same cap; a setting already tried, failed or waiting is not enqueued
-    again. Several workers on one storage read the study at the same time: when their trials finish at
-    once they may pass the cap by one or two, or enqueue the same toggle twice. A toggle a stopped
-    run did not finish is enqueued again on resume (:meth:`requeue_interrupted`).
+    better ones, would get none. Counts what it has enqueued from the study itself (the user
+    attributes of every trial), so a resumed run keeps to the same cap; a setting already tried,
+    failed or waiting is not enqueued again. Several workers on one storage read the study at the
+    same time: when their trials finish at once they may pass the cap by one or two, or enqueue the
+    same variant twice. A variant a stopped run did not finish is enqueued again on resume
+    (:meth:`requeue_interrupted`).
     """
 
-    def __init__(self, space: ConcreteSpace, trials: int, share: float = TOGGLE_SHARE):
-        self.gated = [m.name for m, _, _ in space.entries if m.name in space.gated]
+    #: the user attributes that mark a trial as this kind's proposal (any one of them)
+    marks: tuple[str, ...] = ()
+
+    def __init__(self, trials: int, share: float):
         self.share = share
         self.trials = trials
         self.budget = int(trials * share)
+
+    def allowed(self, finished: int) -> int:
+        """How many proposals of this kind a study may hold once ``finished`` trials have finished."""
+        return min(self.budget, math.ceil(self.share * finished - 1e-9))  # 0.07 * 100 is 7.000000000000001
+
+    def variants(self, member) -> list[tuple[dict[str, Any], dict[str, Any], str]]:
+        """``(user attributes, params, what changed)`` of each variant of the front member ``member``,
+        in the order they are worth trying."""
+        raise NotImplementedError
+
+    def mine(self, trial) -> bool:
+        return any(k in trial.user_attrs for k in self.marks)
+
+    def requeue_interrupted(self, study) -> int:
+        """Enqueue again every proposal of this kind a stopped run left unfinished (failed by the
+        interruption, or closed as failed on resume); returns how many."""
+        existing = study.get_trials(deepcopy=False)
+        seen = [_setting(t) for t in existing if not _interrupted(t)]
+        return sum(_enqueue_new(study, t.system_attrs.get("fixed_params", {}),
+                                proposal_origin(t.user_attrs, with_seed=True), seen)
+                   for t in existing if self.mine(t) and _interrupted(t))
+
+    def __call__(self, study, trial) -> None:
+        # called after every finished trial (complete, pruned or failed): each one paces the proposals
+        if self.budget <= 0:
+            return
+        from optuna.trial import TrialState
+
+        trials = study.get_trials(deepcopy=False)
+        finished = sum(t.state.is_finished() for t in trials)
+        waiting = sum(t.state == TrialState.WAITING for t in trials)
+        # an interrupted proposal is enqueued again on resume: it does not use up the cap twice
+        used = sum(self.mine(t) for t in trials if not _interrupted(t))
+        allowed = self.allowed(finished)
+
+        def full() -> bool:  # the share is used up, or a proposal queued now would not run
+            return used >= allowed or finished + waiting >= self.trials
+
+        if full():
+            return
+        seen = [_setting(t) for t in trials]  # a failed setting too: a failure is not retried
+        for member in sorted(study.best_trials, key=lambda t: t.number, reverse=True):
+            for attrs, params, what in self.variants(member):
+                if full():
+                    return
+                attrs = {**attrs, SEED_OF: member.user_attrs.get(SEED_OF, member.number)}
+                if _enqueue_new(study, params, attrs, seen):
+                    logger.info("trial %d is on the front: queued it %s", member.number, what)
+                    used += 1
+                    waiting += 1
+
+
+class MethodToggles(_FrontProposals):
+    """Front members with one optional method toggled (see the module's docs), at most ``share`` of
+    the trials. A member that is itself a toggle is not toggled back on the same method."""
+
+    marks = (ABLATION_OF, ADDITION_OF)
+
+    def __init__(self, space: ConcreteSpace, trials: int, share: float = TOGGLE_SHARE):
+        self.gated = [m.name for m, _, _ in space.entries if m.name in space.gated]
+        super().__init__(trials, share if self.gated else 0.0)
         #: per optional method, its parameters' neutral values (those that have one)
         self.neutral = {m.name: {f"{m.name}.{p.name}": p.neutral for p in params if p.name != GATE}
                         for m, _, params in space.entries if m.name in space.gated}
-
-    def allowed(self, finished: int) -> int:
-        """How many toggles a study may hold once ``finished`` trials have finished."""
-        return min(self.budget, math.ceil(self.share * finished - 1e-9))  # 0.07 * 100 is 7.000000000000001
 
     def proposals(self, params: dict[str, Any]) -> list[tuple[str, bool, dict[str, Any]]]:
         """``(method, switched_on, params)`` for each optional method: left out where ``params``
@@ -157,53 +231,67 @@ class MethodToggles:
             out.append((method, not params[gate], {**rest, gate: not params[gate]}))
         return out
 
-    def requeue_interrupted(self, study) -> int:
-        """Enqueue again every toggle a stopped run left unfinished (failed by the interruption, or
-        closed as failed on resume); returns how many."""
-        existing = study.get_trials(deepcopy=False)
-        seen = [_setting(t) for t in existing if not _interrupted(t)]
-        return sum(_enqueue_new(study, t.system_attrs.get("fixed_params", {}),
-                                toggle_origin(t.user_attrs, with_seed=True), seen)
-                   for t in existing if _toggled(t) and _interrupted(t))
-
-    def __call__(self, study, trial) -> None:
-        # called after every finished trial (complete, pruned or failed): each one paces the toggles
-        if not self.gated or self.budget <= 0:
-            return
-        from optuna.trial import TrialState
-
-        trials = study.get_trials(deepcopy=False)
-        finished = sum(t.state.is_finished() for t in trials)
-        waiting = sum(t.state == TrialState.WAITING for t in trials)
-        # an interrupted toggle is enqueued again on resume: it does not use up the cap twice
-        used = sum(_toggled(t) for t in trials if not _interrupted(t))
-        allowed = self.allowed(finished)
-
-        def full() -> bool:  # the share is used up, or a toggle queued now would not run
-            return used >= allowed or finished + waiting >= self.trials
-
-        if full():
-            return
-        seen = [_setting(t) for t in trials]  # a failed setting too: a failure is not retried
-        for member in sorted(study.best_trials, key=lambda t: t.number, reverse=True):
-            came_from = {member.user_attrs.get(ABLATED), member.user_attrs.get(ADDED)}
-            for method, switched_on, params in self.proposals(member.params):
-                if full():
-                    return
-                if method in came_from:
-                    continue  # toggling it back would redo the member's own source
-                source_key, method_key = TOGGLE_ATTRS[switched_on]
-                attrs = {source_key: member.number, method_key: method,
-                         SEED_OF: member.user_attrs.get(SEED_OF, member.number)}
-                if _enqueue_new(study, params, attrs, seen):
-                    logger.info("trial %d is on the front: queued it %s %s", member.number,
-                                "with" if switched_on else "without", method)
-                    used += 1
-                    waiting += 1
+    def variants(self, member) -> list[tuple[dict[str, Any], dict[str, Any], str]]:
+        came_from = {member.user_attrs.get(ABLATED), member.user_attrs.get(ADDED)}
+        out = []
+        for method, switched_on, params in self.proposals(member.params):
+            if method in came_from:
+                continue  # toggling it back would redo the member's own source
+            source_key, method_key = TOGGLE_ATTRS[switched_on]
+            out.append(({source_key: member.number, method_key: method}, params,
+                        f"{'with' if switched_on else 'without'} {method}"))
+        return out
 
 
-def _toggled(trial) -> bool:
-    return bool(toggle_origin(trial.user_attrs))
+class StrengthSteps(_FrontProposals):
+    """Front members one step stronger and one step milder: every compression range the member
+    sampled (a parameter with a ``neutral`` end: a pruning ratio, a rank ratio) moved ``size`` of its
+    width toward its strongest end, or toward its neutral end, kept on its grid and within its range;
+    every choice as the member has it (the same blocks removed, the same precisions). At most
+    ``share`` of the trials.
+
+    A local search along the front: the sampler, in a large space, settles on one region of each range
+    (benchmarks/joint_vs_single.md: a mean pruning ratio near 0.33 in the second half of a joint run,
+    while pruning alone found its best points at 0.5-0.66); a step asks, of each of the best
+    candidates, what the same recipe gives a little harder or a little softer. The stronger step comes
+    first. A member that is itself a step is not stepped back."""
+
+    marks = (STEP_OF,)
+
+    def __init__(self, space: ConcreteSpace, trials: int, share: float = STEP_SHARE, size: float = STEP_SIZE):
+        #: the ranges with a direction, by full name
+        self.ranges = {f"{m.name}.{p.name}": p for m, _, params in space.entries for p in params
+                       if isinstance(p, (FloatParam, IntParam)) and p.low != p.high and p.neutral in (p.low, p.high)}
+        super().__init__(trials, share if self.ranges else 0.0)
+        self.size = size
+
+    def steps(self, params: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+        """``(direction, params)``, stronger then milder, for each direction that changes something."""
+        out = []
+        for direction in (STRONGER, MILDER):
+            moved = dict(params)
+            for key, p in self.ranges.items():
+                if key in params:
+                    moved[key] = _step(p, params[key], self.size, toward_neutral=direction == MILDER)
+            if any(not _same(moved[k], params[k]) for k in params):
+                out.append((direction, moved))
+        return out
+
+    def variants(self, member) -> list[tuple[dict[str, Any], dict[str, Any], str]]:
+        back = {STRONGER: MILDER, MILDER: STRONGER}.get(member.user_attrs.get(STEPPED))
+        return [({STEP_OF: member.number, STEPPED: direction}, params, f"one step {direction}")
+                for direction, params in self.steps(member.params) if direction != back]
+
+
+def _step(p: FloatParam | IntParam, value: float, size: float, toward_neutral: bool) -> float | int:
+    """``value`` moved ``size`` of ``p``'s width toward its neutral end or away from it, on its grid."""
+    far = p.low if p.neutral == p.high else p.high
+    target = p.neutral if toward_neutral else far
+    moved = value + math.copysign(size * (p.high - p.low), target - value) if target != value else value
+    if p.step:
+        moved = p.low + round((moved - p.low) / p.step) * p.step
+    moved = min(p.high, max(p.low, moved))
+    return int(round(moved)) if isinstance(p, IntParam) else round(moved, 10)
 
 
 def _enqueue_new(study, params: dict[str, Any], user_attrs: dict[str, Any], seen: list[dict[str, Any]]) -> bool:
@@ -232,4 +320,11 @@ def _interrupted(trial) -> bool:
 
 def _agrees(fixed: dict[str, Any], params: dict[str, Any]) -> bool:
     """Whether a trial with ``params`` already tried (or will try) the setting ``fixed``."""
-    return all(params.get(k, object()) == v for k, v in fixed.items())
+    return all(k in params and _same(params[k], v) for k, v in fixed.items())
+
+
+def _same(a: Any, b: Any) -> bool:
+    # a value on a float grid may come back from the storage as 0.30000000000000004
+    if isinstance(a, float) and isinstance(b, float):
+        return math.isclose(a, b, rel_tol=0.0, abs_tol=1e-9)
+    return a == b

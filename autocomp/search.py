@@ -37,7 +37,7 @@ from autocomp.errors import (
 )
 from autocomp.method import EVALUATION_ARTIFACT, BaseModelInfo, CandidateContext
 from autocomp.plugins import Registry
-from autocomp.proposals import SEED_OF, MethodToggles, anchors, toggle_origin
+from autocomp.proposals import SEED_OF, MethodToggles, StrengthSteps, anchors, proposal_origin
 from autocomp.results import RunDir, copy_atomic, read_json, sha256_of, write_json
 from autocomp.space import ConcreteSpace, SearchSpace, default_space_path, load_space
 from autocomp.target import STATISTICS
@@ -307,7 +307,7 @@ class _Objective:
         started = time.perf_counter()
         spec = self.concrete.sample(trial)
         write_json(trial_dir / "spec.json", spec.to_dict())
-        # a method toggle fine-tunes with the seed of the trial it varies: the two differ only in one method
+        # a variant of a front member (a toggle, a step) fine-tunes with its seed: the two differ only in the variation
         ctx = CandidateContext(workload=wl, teacher=wl.model, target=prep.target, work_dir=work,
                                seed=cfg.seed * 100_003 + trial.user_attrs.get(SEED_OF, trial.number))
         try:
@@ -497,8 +497,9 @@ def _summary(prep: Prepared, study, baseline: dict[str, Any], status: str) -> di
             "spec": read_json(prep.run.trial_dir(t.number) / "spec.json"),
             "skipped": metrics.get("skipped", []),
         })
-        # proposed by the search: another trial's setting with one method left out or put in
-        members[-1].update(toggle_origin(t.user_attrs))
+        # proposed by the search: another member's setting with one method left out or put in, or a step
+        # stronger or milder
+        members[-1].update(proposal_origin(t.user_attrs))
         first[candidate] = members[-1]
     skipped: dict[str, int] = {}
     for t in trials:
@@ -597,9 +598,10 @@ def run_search(config: SearchConfig, registry: Registry, on_event: Event | None 
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if config.storage is None:  # with a shared storage, heartbeats do this for live workers
             study.tell(t.number, state=TrialState.FAIL)
-    toggles = MethodToggles(concrete, config.trials)
+    proposals = [MethodToggles(concrete, config.trials), StrengthSteps(concrete, config.trials)]
     if config.resume:
-        toggles.requeue_interrupted(study)
+        for kind in proposals:
+            kind.requeue_interrupted(study)
     remaining = max(0, config.trials - len(done))
     on_event("search_start", {"trials": config.trials, "done": len(done), "remaining": remaining})
     stop = _StopOnSignal()
@@ -609,7 +611,7 @@ def run_search(config: SearchConfig, registry: Registry, on_event: Event | None 
         with stop:
             if remaining:
                 study.optimize(objective, n_trials=remaining, timeout=config.timeout_s, catch=(Exception,),
-                               gc_after_trial=True, callbacks=[toggles, stop.after_trial])
+                               gc_after_trial=True, callbacks=[*proposals, stop.after_trial])
     except KeyboardInterrupt:
         stop.requested = True
     if stop.requested:

@@ -453,3 +453,103 @@ def test_toggles_do_not_toggle_back_retry_a_failure_or_outrun_the_budget(registr
     assert failed.user_attrs[ADDED] == "lowrank" and failed.state == TrialState.FAIL
     toggles(study, failed)
     assert [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,))] == [waiting[1].number]
+
+
+def test_strength_steps_move_every_sampled_compression_range_one_step(registry, tiny_zoo):
+    """A step moves each pruning ratio and rank ratio the member sampled by a share of its range's
+    width (kept on the ratio's grid and inside the range), toward the strong end or the neutral end;
+    choices and everything without a direction stay as they are; a direction that changes nothing is
+    not proposed."""
+    from autocomp.method import BaseModelInfo
+    from types import SimpleNamespace
+
+    from autocomp.proposals import MILDER, SEED_OF, STEP_OF, STEPPED, STRONGER, StrengthSteps
+
+    model, x, onnx_path = tiny_zoo("resnet20")
+    space = load_space(default_space_path().with_name("joint.toml"), registry.methods)
+    concrete = space.concrete(BaseModelInfo(model, x, onnx_path, registry.target("jetson")))
+    steps = StrengthSteps(concrete, trials=60, share=0.15, size=0.15)
+    assert steps.budget == 9
+    ratios = [k for k in steps.ranges if k.startswith("prune.")]
+    ranks = [k for k in steps.ranges if k.startswith("lowrank.")]
+    assert len(ratios) >= 2 and ranks
+    assert not any(k.startswith(("distill.", "quantize.", "remove_blocks.")) for k in steps.ranges)
+    params = {"remove_blocks.enabled": False, "prune.importance": "taylor", ratios[0]: 0.3, ratios[1]: 0.8,
+              "lowrank.enabled": True, ranks[0]: 0.5, "distill.temperature": 4.0,
+              "quantize.enabled": True, "quantize.stem.0": "int8"}
+    (d1, stronger), (d2, milder) = steps.steps(params)
+    assert (d1, d2) == (STRONGER, MILDER)
+    # 0.15 of [0, 0.8] is 0.12: 0.3 + 0.12 lands on the 0.05 grid at 0.4; 0.8 is already the strong end
+    assert stronger[ratios[0]] == pytest.approx(0.4) and stronger[ratios[1]] == 0.8
+    assert milder[ratios[0]] == pytest.approx(0.2) and milder[ratios[1]] == pytest.approx(0.7)
+    # a rank ratio's strong end is its low end: 0.15 of [0.25, 1.0] is 0.1125, no grid
+    assert stronger[ranks[0]] == pytest.approx(0.3875) and milder[ranks[0]] == pytest.approx(0.6125)
+    for moved in (stronger, milder):
+        assert {k: v for k, v in moved.items() if k not in steps.ranges} == \
+            {k: v for k, v in params.items() if k not in steps.ranges}
+    # every range already at its neutral end: only the stronger step changes something
+    neutral = {**params, ratios[0]: 0.0, ratios[1]: 0.0, ranks[0]: 1.0}
+    assert [d for d, _ in steps.steps(neutral)] == [STRONGER]
+    assert steps.steps({"prune.importance": "l2"}) == []  # no range sampled, nothing to move
+    # a member that is a stronger step is not stepped milder, back toward where it came from
+    member = SimpleNamespace(number=7, params=params, user_attrs={STEP_OF: 3, STEPPED: STRONGER, SEED_OF: 3})
+    assert [(attrs, moved) for attrs, moved, _ in steps.variants(member)] == [
+        ({STEP_OF: 7, STEPPED: STRONGER}, stronger)]
+
+
+def test_strength_steps_follow_the_front_paced_without_stepping_back(registry, tiny_zoo):
+    """In a real study, steps vary members of the front at the time, newest first, within their share
+    of the trials finished so far, with the member's seed, never twice, and a step's own member is
+    not stepped back the way it came."""
+    import math
+    import random
+
+    import optuna
+    from optuna.trial import TrialState
+
+    from autocomp.method import BaseModelInfo
+    from autocomp.proposals import MILDER, SEED_OF, STEP_OF, STEPPED, STRONGER, StrengthSteps
+
+    model, x, onnx_path = tiny_zoo("resnet20")
+    space = load_space(default_space_path(), registry.methods)  # pruning alone: no optional method
+    concrete = space.concrete(BaseModelInfo(model, x, onnx_path, registry.target("jetson")))
+    steps = StrengthSteps(concrete, trials=40, share=0.25)
+    assert steps.budget == 10
+
+    def objective(trial):
+        concrete.sample(trial)
+        rng = random.Random(trial.number)
+        trial.set_constraint("max_drop", -1.0 if trial.number % 4 else 1.0)  # every 4th infeasible
+        return rng.random() + trial.number / 20, rng.random()
+
+    front_when_enqueued = {}
+
+    def watch(study, trial):
+        before = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,))}
+        steps(study, trial)
+        trials = study.get_trials(deepcopy=False)
+        for t in trials:
+            if t.state == TrialState.WAITING and t.number not in before:
+                front_when_enqueued[t.number] = {m.number for m in study.best_trials}
+        assert sum(STEP_OF in t.user_attrs for t in trials) <= math.ceil(0.25 * sum(t.state.is_finished() for t in trials))
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(directions=["maximize", "minimize"], sampler=optuna.samplers.RandomSampler(seed=1))
+    study.optimize(objective, n_trials=40, callbacks=[watch])
+    trials = study.get_trials(deepcopy=False)
+    made = [t for t in trials if STEP_OF in t.user_attrs]
+    assert len(made) == steps.budget and max(t.number for t in made) > 25
+    assert {t.user_attrs[STEPPED] for t in made} == {STRONGER, MILDER}
+    for t in made:
+        source = trials[t.user_attrs[STEP_OF]]
+        assert t.state == TrialState.COMPLETE and source.number in front_when_enqueued[t.number]
+        assert t.user_attrs[SEED_OF] == source.user_attrs.get(SEED_OF, source.number)
+        sign = 1 if t.user_attrs[STEPPED] == STRONGER else -1
+        moved = [k for k in steps.ranges if k in source.params]
+        assert set(t.params) == set(source.params)
+        assert all(sign * (t.params[k] - source.params[k]) >= -1e-9 for k in moved)
+        assert any(abs(t.params[k] - source.params[k]) > 1e-9 for k in moved)
+        back = {STRONGER: MILDER, MILDER: STRONGER}.get(source.user_attrs.get(STEPPED))
+        assert t.user_attrs[STEPPED] != back
+    settings = [str(sorted(t.params.items())) for t in trials]
+    assert len(settings) == len(set(settings))

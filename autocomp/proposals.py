@@ -6,11 +6,12 @@
 *Method toggles* follow the front during the search. A member of the feasible Pareto front is tried
 again with one optional method toggled: without it if the member used it (an *ablation*), with it if
 the member left it out (an *addition*). Everything else stays fixed and the toggled trial fine-tunes
-with the same seed, so the two differ only in that method; parameters the toggle reveals (the
-precision of each layer when quantization goes in, the pruning ratios of a block that no longer goes)
-are drawn by the sampler. A joint space is much larger than a single-method one, and the sampler,
-once a combination of methods has paid off, keeps to it in nearly every trial (benchmarks/
-joint_vs_single.md); toggles make the search ask, of each of its best candidates, whether a simpler
+with the same seed, so the two differ only in that method. The parameters a toggle reveals (the
+pruning ratios of a block that no longer goes, the blocks to remove when block removal goes in) are
+drawn by the sampler, except that a method taking part in the anchors goes in with its anchor
+setting (quantization: every layer at the strongest precision offered). A joint space is much larger
+than a single-method one, and the sampler, once a combination of methods has paid off, keeps to it
+in nearly every trial (benchmarks/joint_vs_single.md); toggles make the search ask, of each of its best candidates, whether a simpler
 combination does as well and whether one more method makes it faster. They are paced (see
 :class:`MethodToggles`): newest front member first, at most :data:`TOGGLE_SHARE` of the trials
 finished so far, rounded up, and of the whole budget, rounded down.
@@ -202,7 +203,13 @@ class _FrontProposals:
 
 class MethodToggles(_FrontProposals):
     """Front members with one optional method toggled (see the module's docs), at most ``share`` of
-    the trials. A member that is itself a toggle is not toggled back on the same method."""
+    the trials. A member that is itself a toggle is not toggled back on the same method.
+
+    A method that takes part in the anchors (quantization) is put in with its anchor setting, every
+    layer at the strongest precision offered: on this host a per-layer mix drawn by the sampler was
+    slower than fp32 (0.495 ms against the member's 0.468, benchmarks/joint_vs_single.md), while
+    every layer int8 made a member 18 % faster at the same accuracy. One that does not (block
+    removal, low-rank) has its parameters drawn by the sampler."""
 
     marks = (ABLATION_OF, ADDITION_OF)
 
@@ -212,6 +219,12 @@ class MethodToggles(_FrontProposals):
         #: per optional method, its parameters' neutral values (those that have one)
         self.neutral = {m.name: {f"{m.name}.{p.name}": p.neutral for p in params if p.name != GATE}
                         for m, _, params in space.entries if m.name in space.gated}
+        #: per optional method that takes part in the anchors, the setting it is put in with: its
+        #: mildest anchor's (every layer at the strongest precision offered)
+        uniform = _anchor_params(space, ANCHOR_QUANTILES[0])
+        self.put_in = {m.name: {k: uniform[k] for p in params if (k := f"{m.name}.{p.name}") in uniform and p.name != GATE}
+                       for m, _, params in space.entries if m.name in space.gated and m.in_anchors}
+        self.params = {f"{m.name}.{p.name}": p for m, _, params in space.entries for p in params}
 
     def proposals(self, params: dict[str, Any]) -> list[tuple[str, bool, dict[str, Any]]]:
         """``(method, switched_on, params)`` for each optional method: left out where ``params``
@@ -228,7 +241,23 @@ class MethodToggles(_FrontProposals):
                 neutral = self.neutral[method]
                 if own and all(neutral.get(k) is not None and v == neutral[k] for k, v in own.items()):
                     continue  # switched on but doing nothing (no block removed, every layer at fp32)
-            out.append((method, not params[gate], {**rest, gate: not params[gate]}))
+            added = self._sampled(self.put_in.get(method, {}), rest) if not params[gate] else {}
+            out.append((method, not params[gate], {**rest, gate: not params[gate], **added}))
+        return out
+
+    def _sampled(self, setting: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
+        """The part of ``setting`` a trial with ``params`` samples: not a parameter of a module an
+        earlier parameter removes, nor one whose ``only_if`` condition does not hold."""
+        removed = [self.params[k].removes for k, v in params.items()
+                   if k in self.params and self.params[k].removes is not None and v is True]
+        out = {}
+        for key, value in setting.items():
+            p = self.params[key]
+            if p.module is not None and any(p.module == r or p.module.startswith(r + ".") for r in removed):
+                continue
+            if p.only_if is not None and {**params, **out}.get(p.only_if[0]) != p.only_if[1]:
+                continue
+            out[key] = value
         return out
 
     def variants(self, member) -> list[tuple[dict[str, Any], dict[str, Any], str]]:

@@ -368,6 +368,32 @@ def test_no_ablation_of_a_method_that_changes_nothing(registry, tiny_zoo):
     assert without == {**{k: v for k, v in params.items() if not k.startswith("quantize.")}, "quantize.enabled": False}
 
 
+def test_quantization_is_put_in_with_every_kept_layer_at_its_anchor_precision(registry, tiny_zoo):
+    """An addition of a method that takes part in the anchors (quantization) brings its anchor
+    setting, every layer at the strongest precision, except the layers of a block the member removes;
+    an addition of one that does not (low-rank) leaves its parameters to the sampler."""
+    from autocomp.method import BaseModelInfo
+    from autocomp.proposals import MethodToggles, anchors
+
+    model, x, onnx_path = tiny_zoo("resnet20")
+    space = load_space(default_space_path().with_name("joint.toml"), registry.methods)
+    concrete = space.concrete(BaseModelInfo(model, x, onnx_path, registry.target("jetson")))
+    (quantize,) = [ps for m, _, ps in concrete.entries if m.name == "quantize"]
+    blocks = [p.name for m, _, ps in concrete.entries if m.name == "remove_blocks" for p in ps if p.name != "enabled"]
+    layers = {f"quantize.{p.name}": p for p in quantize if p.name != "enabled"}
+    inside = [k for k, p in layers.items() if p.module and p.module.startswith(blocks[0] + ".")]
+    assert inside and len(inside) < len(layers)
+    strongest = {k: v for k, v in anchors(concrete)[0].items() if k in layers}
+    assert set(strongest) == set(layers) and set(strongest.values()) == {"int8"}
+    toggles = MethodToggles(concrete, 20)
+    params = {"remove_blocks.enabled": True, **{f"remove_blocks.{b}": b == blocks[0] for b in blocks},
+              "prune.importance": "l2", "lowrank.enabled": False, "quantize.enabled": False}
+    added = {m: moved for m, on, moved in toggles.proposals(params) if on}
+    assert added["quantize"] == {**params, "quantize.enabled": True,
+                                 **{k: v for k, v in strongest.items() if k not in inside}}
+    assert added["lowrank"] == {**params, "lowrank.enabled": True}
+
+
 def test_a_toggle_a_stopped_run_left_is_enqueued_again(registry, tiny_zoo):
     """A toggle (ablation or addition) failed by an interruption (or closed as failed on resume) does
     not use up the budget and is enqueued again, once; one whose candidate failed is not."""

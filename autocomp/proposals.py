@@ -11,8 +11,9 @@ pruning ratios of a block that no longer goes, the blocks to remove when block r
 drawn by the sampler, except that a method taking part in the anchors goes in with its anchor
 setting (quantization: every layer at the strongest precision offered). A joint space is much larger
 than a single-method one, and the sampler, once a combination of methods has paid off, keeps to it
-in nearly every trial (benchmarks/joint_vs_single.md); toggles make the search ask, of each of its best candidates, whether a simpler
-combination does as well and whether one more method makes it faster. They are paced (see
+in nearly every trial (benchmarks/joint_vs_single.md); toggles make the search ask, of each of its
+best candidates, whether a simpler combination does as well and whether one more method makes it
+faster. They are paced (see
 :class:`MethodToggles`): newest front member first, at most :data:`TOGGLE_SHARE` of the trials
 finished so far, rounded up, and of the whole budget, rounded down.
 
@@ -30,7 +31,7 @@ import math
 from typing import Any
 
 from autocomp.method import ChoiceParam, FloatParam, IntParam
-from autocomp.space import GATE, ConcreteSpace
+from autocomp.space import GATE, ConcreteSpace, inside
 
 __all__ = ["ANCHOR_QUANTILES", "TOGGLE_SHARE", "STEP_SHARE", "STEP_SIZE", "anchors", "MethodToggles", "StrengthSteps",
            "proposal_origin"]
@@ -253,7 +254,7 @@ class MethodToggles(_FrontProposals):
         out = {}
         for key, value in setting.items():
             p = self.params[key]
-            if p.module is not None and any(p.module == r or p.module.startswith(r + ".") for r in removed):
+            if inside(p.module, removed):
                 continue
             if p.only_if is not None and {**params, **out}.get(p.only_if[0]) != p.only_if[1]:
                 continue

@@ -111,7 +111,7 @@ class ConcreteSpace:
                 key = f"{method.name}.{p.name}"
                 if p.only_if is not None and taken.get(p.only_if[0]) != p.only_if[1]:
                     continue
-                if p.module is not None and any(p.module == r or p.module.startswith(r + ".") for r in removed):
+                if inside(p.module, removed):
                     continue
                 if isinstance(p, FloatParam):
                     v = p.low if p.low == p.high else trial.suggest_float(key, p.low, p.high, step=p.step)
@@ -129,6 +129,11 @@ class ConcreteSpace:
                     removed.append(p.removes)
             settings[method.name] = values
         return CandidateSpec(settings)
+
+
+def inside(module: str | None, removed: list[str]) -> bool:
+    """Whether ``module`` (a dotted path) is one of the ``removed`` modules or lies inside one."""
+    return module is not None and any(module == r or module.startswith(r + ".") for r in removed)
 
 
 def _describe(p: Param) -> str:

@@ -14,7 +14,7 @@ than a single-method one, and the sampler, once a combination of methods has pai
 in nearly every trial (benchmarks/joint_vs_single.md); toggles make the search ask, of each of its
 best candidates, whether a simpler combination does as well and whether one more method makes it
 faster. They are paced (see
-:class:`MethodToggles`): newest front member first, at most :data:`TOGGLE_SHARE` of the trials
+:class:`_FrontProposals`): newest front member first, at most :data:`TOGGLE_SHARE` of the trials
 finished so far, rounded up, and of the whole budget, rounded down.
 
 *Strength steps* follow the front too, in any space: a member is tried again with every compression
@@ -78,9 +78,7 @@ def _anchor_params(space: ConcreteSpace, quantile: float) -> dict[str, Any]:
                 # the fraction ``quantile`` of the way from the neutral end (the low end when none)
                 start, end = (p.high, p.low) if p.neutral is not None and p.neutral == p.high else (p.low, p.high)
                 value = start + quantile * (end - start)
-                if p.step:
-                    value = p.low + round((value - p.low) / p.step) * p.step
-                params[key] = min(p.high, max(p.low, value))
+                params[key] = _on_grid(p, value)
             elif isinstance(p, ChoiceParam) and len(p.choices) > 1:
                 if p.neutral is None:
                     params[key] = p.choices[0]
@@ -96,7 +94,7 @@ def _compresses(anchor: dict[str, Any], space: ConcreteSpace) -> bool:
                for m, _, params in space.entries for p in params)
 
 
-#: Most of the trial budget method toggles may take (rounded down); the sampler keeps the rest.
+#: Most of the trial budget method toggles may take (rounded down).
 TOGGLE_SHARE = 0.25
 #: Most of the trial budget strength steps may take (rounded down), besides the toggles' share.
 STEP_SHARE = 0.15
@@ -206,11 +204,11 @@ class MethodToggles(_FrontProposals):
     """Front members with one optional method toggled (see the module's docs), at most ``share`` of
     the trials. A member that is itself a toggle is not toggled back on the same method.
 
-    A method that takes part in the anchors (quantization) is put in with its anchor setting, every
-    layer at the strongest precision offered: on this host a per-layer mix drawn by the sampler was
-    slower than fp32 (0.495 ms against the member's 0.468, benchmarks/joint_vs_single.md), while
-    every layer int8 made a member 18 % faster at the same accuracy. One that does not (block
-    removal, low-rank) has its parameters drawn by the sampler."""
+    A method that takes part in the anchors is put in with its mildest anchor's setting: quantization
+    with every layer at the strongest precision offered. On this host a per-layer mix drawn by the
+    sampler was slower than fp32 about as often as faster (benchmarks/joint_vs_single.md), while every
+    layer int8 made a member 17 % faster, one validation image lower. A method that stays out of the
+    anchors (block removal, low-rank) has its parameters drawn by the sampler."""
 
     marks = (ABLATION_OF, ADDITION_OF)
 
@@ -223,7 +221,8 @@ class MethodToggles(_FrontProposals):
         #: per optional method that takes part in the anchors, the setting it is put in with: its
         #: mildest anchor's (every layer at the strongest precision offered)
         uniform = _anchor_params(space, ANCHOR_QUANTILES[0])
-        self.put_in = {m.name: {k: uniform[k] for p in params if (k := f"{m.name}.{p.name}") in uniform and p.name != GATE}
+        self.put_in = {m.name: {k: uniform[k] for p in params
+                                if (k := f"{m.name}.{p.name}") in uniform and p.name != GATE}
                        for m, _, params in space.entries if m.name in space.gated and m.in_anchors}
         self.params = {f"{m.name}.{p.name}": p for m, _, params in space.entries for p in params}
 
@@ -314,14 +313,25 @@ class StrengthSteps(_FrontProposals):
 
 
 def _step(p: FloatParam | IntParam, value: float, size: float, toward_neutral: bool) -> float | int:
-    """``value`` moved ``size`` of ``p``'s width toward its neutral end or away from it, on its grid."""
+    """``value`` moved ``size`` of ``p``'s width toward its neutral end or away from it; on a grid,
+    by the nearest whole number of grid steps (halves up), at least one (a narrow range still moves)."""
     far = p.low if p.neutral == p.high else p.high
     target = p.neutral if toward_neutral else far
-    moved = value + math.copysign(size * (p.high - p.low), target - value) if target != value else value
+    if target == value:
+        return value
+    distance = size * (p.high - p.low)
     if p.step:
-        moved = p.low + round((moved - p.low) / p.step) * p.step
-    moved = min(p.high, max(p.low, moved))
-    return int(round(moved)) if isinstance(p, IntParam) else round(moved, 10)
+        # halves round up: 0.075 / 0.05 is 1.4999999999999998
+        distance = max(1, math.floor(distance / p.step + 0.5 + 1e-9)) * p.step
+    return _on_grid(p, value + math.copysign(distance, target - value))
+
+
+def _on_grid(p: FloatParam | IntParam, value: float) -> float | int:
+    """``value`` snapped to ``p``'s grid (when it has a step) and kept within its range."""
+    if p.step:
+        value = p.low + round((value - p.low) / p.step) * p.step
+    value = min(p.high, max(p.low, round(value, 10)))
+    return int(round(value)) if isinstance(p, IntParam) else value
 
 
 def _enqueue_new(study, params: dict[str, Any], user_attrs: dict[str, Any], seen: list[dict[str, Any]]) -> bool:

@@ -517,6 +517,14 @@ def test_strength_steps_move_every_sampled_compression_range_one_step(registry, 
     neutral = {**params, ratios[0]: 0.0, ratios[1]: 0.0, ranks[0]: 1.0}
     assert [d for d, _ in steps.steps(neutral)] == [STRONGER]
     assert steps.steps({"prune.importance": "l2"}) == []  # no range sampled, nothing to move
+    # on a grid a step is a whole number of grid steps, at least one: a narrow range still moves
+    from autocomp.method import IntParam
+    from autocomp.proposals import _step
+    narrow = FloatParam("r", 0.0, 0.15, step=0.05, neutral=0.0)
+    assert [_step(narrow, 0.05, 0.15, toward_neutral) for toward_neutral in (False, True)] == [0.1, 0.0]
+    few = IntParam("n", 1, 4, neutral=1)
+    assert [_step(few, 2, 0.15, toward_neutral) for toward_neutral in (False, True)] == [3, 1]
+    assert _step(FloatParam("t", 0.0, 0.5, step=0.05, neutral=0.0), 0.1, 0.15, False) == pytest.approx(0.2)
     # a member that is a stronger step is not stepped milder, back toward where it came from
     member = SimpleNamespace(number=7, params=params, user_attrs={STEP_OF: 3, STEPPED: STRONGER, SEED_OF: 3})
     assert [(attrs, moved) for attrs, moved, _ in steps.variants(member)] == [

@@ -31,7 +31,7 @@ import math
 from typing import Any
 
 from autocomp.method import ChoiceParam, FloatParam, IntParam
-from autocomp.space import GATE, ConcreteSpace, inside
+from autocomp.space import GATE, ConcreteSpace
 
 __all__ = ["ANCHOR_QUANTILES", "TOGGLE_SHARE", "STEP_SHARE", "STEP_SIZE", "anchors", "MethodToggles", "StrengthSteps",
            "proposal_origin"]
@@ -224,7 +224,7 @@ class MethodToggles(_FrontProposals):
         self.put_in = {m.name: {k: uniform[k] for p in params
                                 if (k := f"{m.name}.{p.name}") in uniform and p.name != GATE}
                        for m, _, params in space.entries if m.name in space.gated and m.in_anchors}
-        self.params = {f"{m.name}.{p.name}": p for m, _, params in space.entries for p in params}
+        self.space = space
 
     def proposals(self, params: dict[str, Any]) -> list[tuple[str, bool, dict[str, Any]]]:
         """``(method, switched_on, params)`` for each optional method: left out where ``params``
@@ -241,24 +241,15 @@ class MethodToggles(_FrontProposals):
                 neutral = self.neutral[method]
                 if own and all(neutral.get(k) is not None and v == neutral[k] for k, v in own.items()):
                     continue  # switched on but doing nothing (no block removed, every layer at fp32)
-            added = self._sampled(self.put_in.get(method, {}), rest) if not params[gate] else {}
+            added = self._sampled(self.put_in.get(method, {}), {**rest, gate: True}) if not params[gate] else {}
             out.append((method, not params[gate], {**rest, gate: not params[gate], **added}))
         return out
 
     def _sampled(self, setting: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
-        """The part of ``setting`` a trial with ``params`` samples: not a parameter of a module an
-        earlier parameter removes, nor one whose ``only_if`` condition does not hold."""
-        removed = [self.params[k].removes for k, v in params.items()
-                   if k in self.params and self.params[k].removes is not None and v is True]
-        out = {}
-        for key, value in setting.items():
-            p = self.params[key]
-            if inside(p.module, removed):
-                continue
-            if p.only_if is not None and {**params, **out}.get(p.only_if[0]) != p.only_if[1]:
-                continue
-            out[key] = value
-        return out
+        """The part of ``setting`` a trial with ``params`` samples (not the layers of a block it
+        removes, nor a parameter whose ``only_if`` does not hold)."""
+        kept = self.space.sampled_part({**params, **setting})
+        return {k: v for k, v in setting.items() if k in kept}
 
     def variants(self, member) -> list[tuple[dict[str, Any], dict[str, Any], str]]:
         came_from = {member.user_attrs.get(ABLATED), member.user_attrs.get(ADDED)}

@@ -102,6 +102,28 @@ class ConcreteSpace:
 
     def sample(self, trial: "optuna.trial.Trial") -> CandidateSpec:
         """Sample every parameter through ``trial`` (names ``<method>.<param>``)."""
+
+        def suggest(key: str, p: Param) -> Any:
+            if isinstance(p, FloatParam):
+                return p.low if p.low == p.high else trial.suggest_float(key, p.low, p.high, step=p.step)
+            if isinstance(p, IntParam):
+                return p.low if p.low == p.high else trial.suggest_int(key, p.low, p.high, step=p.step)
+            if isinstance(p, ChoiceParam):
+                return p.choices[0] if len(p.choices) == 1 else trial.suggest_categorical(key, list(p.choices))
+            return p.value
+
+        return self._walk(suggest)
+
+    def sampled_part(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        """The part of ``params`` (full names) a trial that took these values would sample: by the
+        rules of :meth:`sample`, without a parameter of a module an earlier one removes, one whose
+        ``only_if`` does not hold, or one of a method switched off. A parameter missing from
+        ``params`` is taken as unknown: whatever depends on it is left out."""
+        return self._walk(lambda key, p: params.get(key, _UNKNOWN)).flat()
+
+    def _walk(self, value_of) -> CandidateSpec:
+        """Every parameter a trial samples, in order, each given the value ``value_of(key, param)``
+        (:data:`_UNKNOWN`: leave it out); the one place that says which parameters a trial samples."""
         taken: dict[str, Any] = {}
         removed: list[str] = []
         settings: dict[str, dict[str, Any]] = {}
@@ -113,14 +135,9 @@ class ConcreteSpace:
                     continue
                 if inside(p.module, removed):
                     continue
-                if isinstance(p, FloatParam):
-                    v = p.low if p.low == p.high else trial.suggest_float(key, p.low, p.high, step=p.step)
-                elif isinstance(p, IntParam):
-                    v = p.low if p.low == p.high else trial.suggest_int(key, p.low, p.high, step=p.step)
-                elif isinstance(p, ChoiceParam):
-                    v = p.choices[0] if len(p.choices) == 1 else trial.suggest_categorical(key, list(p.choices))
-                else:
-                    v = p.value
+                v = value_of(key, p)
+                if v is _UNKNOWN:
+                    continue
                 values[p.name] = v
                 taken[key] = v
                 if p.name == GATE and method.name in self.gated and v is False:
@@ -129,6 +146,10 @@ class ConcreteSpace:
                     removed.append(p.removes)
             settings[method.name] = values
         return CandidateSpec(settings)
+
+
+#: A value :meth:`ConcreteSpace.sampled_part` does not know.
+_UNKNOWN = object()
 
 
 def inside(module: str | None, removed: list[str]) -> bool:

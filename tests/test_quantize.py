@@ -223,6 +223,45 @@ def test_one_precision_for_the_whole_model(zoo_models, tmp_path):
         method.parse_config({"per_layer": "no"}, "file.toml")
 
 
+def test_whole_model_or_per_layer_precision_is_itself_sampled(zoo_models, tmp_path):
+    """per_layer = "sampled": the trial first picks the whole model's precision or "per-layer", and
+    only in the second case samples a precision per layer (int4 included where it applies); the
+    anchors take every layer at the strongest common precision."""
+    import optuna
+
+    from autocomp.proposals import anchors
+    from autocomp.space import ConcreteSpace
+
+    path, inputs = zoo_models["vit"]
+    method = QuantizeMethod()
+    config = method.parse_config({"per_layer": "sampled"}, "file.toml")
+    info = BaseModelInfo(model=None, example_input=inputs[:1], onnx_path=path, target=unmeasured_target(precisions=ALL))
+    first, *layers = method.parameters(config, info)
+    assert (first.name, first.choices, first.neutral) == ("all_layers", ("per-layer", "fp32", "fp16", "int8"), "fp32")
+    table = layer_table(onnx.load(str(path)))
+    assert [p.name for p in layers] == list(table) and any("int4" in p.choices for p in layers)
+    assert all(p.only_if == ("quantize.all_layers", "per-layer") for p in layers)
+    space = ConcreteSpace(((method, config, (first, *layers)),))
+    assert anchors(space)[0]["quantize.all_layers"] == "int8"
+
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    study.enqueue_trial({"quantize.all_layers": "int8"})
+    whole = space.sample(study.ask()).settings["quantize"]
+    assert whole == {"all_layers": "int8"}  # no layer's precision is sampled
+    study.enqueue_trial({"quantize.all_layers": "per-layer"})
+    mixed = space.sample(study.ask()).settings["quantize"]
+    assert mixed.keys() == {"all_layers", *table} and len({mixed[n] for n in table}) > 1
+
+    ctx = _ctx(tmp_path, inputs)
+    graph = onnx.load(str(method.apply(path, whole, config, ctx)))
+    assert {_precision_of(graph, layer.node) for layer in table.values()} == {"int8"}
+    ctx = _ctx(tmp_path, inputs)
+    graph = onnx.load(str(method.apply(path, mixed, config, ctx)))
+    assert {n: _precision_of(graph, layer.node) for n, layer in table.items()} == {n: mixed[n] for n in table}
+    with pytest.raises(SpaceError, match="sampled"):
+        method.parse_config({"per_layer": "yes"}, "file.toml")
+
+
 def test_all_fp32_returns_the_export_unchanged(zoo_models, tmp_path):
     path, inputs = zoo_models["resnet20"]
     ctx = _ctx(tmp_path, inputs)

@@ -370,28 +370,41 @@ def test_no_ablation_of_a_method_that_changes_nothing(registry, tiny_zoo):
 
 def test_quantization_is_put_in_with_every_kept_layer_at_its_anchor_precision(registry, tiny_zoo):
     """An addition of a method that takes part in the anchors (quantization) brings its anchor
-    setting, every layer at the strongest precision, except the layers of a block the member removes;
-    an addition of one that does not (low-rank) leaves its parameters to the sampler."""
+    setting, every layer at the strongest precision, except the layers of a block the member removes
+    (or, where the space samples whether to choose per layer, as the shipped joint space does, the
+    whole model at that precision); an addition of one that does not (low-rank) leaves its parameters
+    to the sampler."""
+    import tomllib
+
     from autocomp.method import BaseModelInfo
     from autocomp.proposals import MethodToggles, anchors
+    from autocomp.space import parse_space
 
     model, x, onnx_path = tiny_zoo("resnet20")
-    space = load_space(default_space_path().with_name("joint.toml"), registry.methods)
-    concrete = space.concrete(BaseModelInfo(model, x, onnx_path, registry.target("jetson")))
-    (quantize,) = [ps for m, _, ps in concrete.entries if m.name == "quantize"]
-    blocks = [p.name for m, _, ps in concrete.entries if m.name == "remove_blocks" for p in ps if p.name != "enabled"]
-    layers = {f"quantize.{p.name}": p for p in quantize if p.name != "enabled"}
-    inside = [k for k, p in layers.items() if p.module and p.module.startswith(blocks[0] + ".")]
-    assert inside and len(inside) < len(layers)
-    strongest = {k: v for k, v in anchors(concrete)[0].items() if k in layers}
-    assert set(strongest) == set(layers) and set(strongest.values()) == {"int8"}
-    toggles = MethodToggles(concrete, 20)
-    params = {"remove_blocks.enabled": True, **{f"remove_blocks.{b}": b == blocks[0] for b in blocks},
-              "prune.importance": "l2", "lowrank.enabled": False, "quantize.enabled": False}
-    added = {m: moved for m, on, moved in toggles.proposals(params) if on}
-    assert added["quantize"] == {**params, "quantize.enabled": True,
-                                 **{k: v for k, v in strongest.items() if k not in inside}}
-    assert added["lowrank"] == {**params, "lowrank.enabled": True}
+    info = BaseModelInfo(model, x, onnx_path, registry.target("jetson"))
+    shipped = load_space(default_space_path().with_name("joint.toml"), registry.methods)
+    data = tomllib.loads(shipped.text)
+    data["quantize"]["per_layer"] = True
+    for space in (parse_space(data, registry.methods, source="per-layer"), shipped):
+        concrete = space.concrete(info)
+        (quantize,) = [ps for m, _, ps in concrete.entries if m.name == "quantize"]
+        blocks = [p.name for m, _, ps in concrete.entries if m.name == "remove_blocks" for p in ps if p.name != "enabled"]
+        layers = {f"quantize.{p.name}": p for p in quantize if p.name not in ("enabled", "all_layers")}
+        inside = [k for k, p in layers.items() if p.module and p.module.startswith(blocks[0] + ".")]
+        assert inside and len(inside) < len(layers)
+        toggles = MethodToggles(concrete, 20)
+        params = {"remove_blocks.enabled": True, **{f"remove_blocks.{b}": b == blocks[0] for b in blocks},
+                  "prune.importance": "l2", "lowrank.enabled": False, "quantize.enabled": False}
+        added = {m: moved for m, on, moved in toggles.proposals(params) if on}
+        if space is shipped:
+            assert anchors(concrete)[0]["quantize.all_layers"] == "int8"
+            assert added["quantize"] == {**params, "quantize.enabled": True, "quantize.all_layers": "int8"}
+        else:
+            strongest = {k: v for k, v in anchors(concrete)[0].items() if k in layers}
+            assert set(strongest) == set(layers) and set(strongest.values()) == {"int8"}
+            assert added["quantize"] == {**params, "quantize.enabled": True,
+                                         **{k: v for k, v in strongest.items() if k not in inside}}
+        assert added["lowrank"] == {**params, "lowrank.enabled": True}
 
 
 def test_a_toggle_a_stopped_run_left_is_enqueued_again(registry, tiny_zoo):
@@ -401,7 +414,7 @@ def test_a_toggle_a_stopped_run_left_is_enqueued_again(registry, tiny_zoo):
     from optuna.trial import TrialState
 
     from autocomp.method import BaseModelInfo
-    from autocomp.proposals import ABLATION_OF, ADDITION_OF, MethodToggles
+    from autocomp.proposals import ABLATION_OF, ADDITION_OF, STEP_OF, STEPPED, MethodToggles, StrengthSteps
 
     model, x, onnx_path = tiny_zoo("resnet20")
     space = load_space(default_space_path().with_name("joint.toml"), registry.methods)
@@ -425,6 +438,32 @@ def test_a_toggle_a_stopped_run_left_is_enqueued_again(registry, tiny_zoo):
                      key=lambda t: t.system_attrs["fixed_params"]["prune.importance"])
     assert [t.system_attrs["fixed_params"]["prune.importance"] for t in waiting] == ["l2", "taylor"]
     assert [t.user_attrs for t in waiting] == [ablation, addition]
+    # a strength step is requeued by the steps, not by the toggles; not one whose setting a finished
+    # trial has (its ratio differing only by float error)
+    step = {STEP_OF: 0, STEPPED: "stronger"}
+    setting = {"prune.importance": "l2", "lowrank.enabled": True}
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    study.enqueue_trial({**setting, "prune.ratio": 0.30000000000000004})
+    study.tell(study.ask(), [0.9, 1.0])
+    for ratio in (0.3, 0.45):
+        study.enqueue_trial({**setting, "prune.ratio": ratio}, user_attrs=step)
+        trial = study.ask()
+        trial.set_user_attr("failure_reason", "KeyboardInterrupt: ")
+        study.tell(trial, state=TrialState.FAIL)
+    steps = StrengthSteps(concrete, 20)
+    assert toggles.requeue_interrupted(study) == 0
+    assert steps.requeue_interrupted(study) == 1 and steps.requeue_interrupted(study) == 0
+    (requeued,) = [t for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)) if steps.mine(t)]
+    assert requeued.user_attrs == step and requeued.system_attrs["fixed_params"]["prune.ratio"] == 0.45
+
+
+def test_a_setting_already_tried_is_recognised_through_float_error():
+    from autocomp.proposals import _agrees, _same
+
+    assert _same(0.30000000000000004, 0.3) and _same(3, 3) and _same("int8", "int8")
+    assert not _same(0.3, 0.3 + 1e-6) and not _same("int8", "fp32")
+    assert _agrees({"prune.ratio": 0.3}, {"prune.ratio": 0.1 + 0.2, "prune.importance": "l2"})
+    assert not _agrees({"prune.ratio": 0.3, "lowrank.enabled": True}, {"prune.ratio": 0.3})
 
 
 def test_toggles_do_not_toggle_back_retry_a_failure_or_outrun_the_budget(registry, tiny_zoo):

@@ -5,7 +5,7 @@
 
 *Method toggles* follow the front during the search. A member of the feasible Pareto front is tried
 again with one optional method toggled: without it if the member used it (an *ablation*), with it if
-the member left it out (an *addition*). Everything else stays fixed and the toggled trial fine-tunes
+the member left it out or had it on doing nothing, quantization at fp32 (an *addition*). Everything else stays fixed and the toggled trial fine-tunes
 with the same seed, so the two differ only in that method. The parameters a toggle reveals (the
 pruning ratios of a block that no longer goes, the blocks to remove when block removal goes in) are
 drawn by the sampler, except that a method taking part in the anchors goes in with its anchor
@@ -229,20 +229,25 @@ class MethodToggles(_FrontProposals):
     def proposals(self, params: dict[str, Any]) -> list[tuple[str, bool, dict[str, Any]]]:
         """``(method, switched_on, params)`` for each optional method: left out where ``params``
         switches it on and it changes something (a parameter away from its neutral value), put in
-        where ``params`` switches it off; everything else as in ``params``."""
+        where ``params`` switches it off, or switches it on at its neutral values where it has an
+        anchor setting to bring in (quantization on with every layer at fp32); everything else as in
+        ``params``."""
         out = []
         for method in self.gated:
             gate = f"{method}.{GATE}"
             if not isinstance(params.get(gate), bool):
                 continue
             rest = {k: v for k, v in params.items() if not k.startswith(f"{method}.")}
-            if params[gate]:
-                own = {k: v for k, v in params.items() if k.startswith(f"{method}.") and k != gate}
-                neutral = self.neutral[method]
-                if own and all(neutral.get(k) is not None and v == neutral[k] for k, v in own.items()):
-                    continue  # switched on but doing nothing (no block removed, every layer at fp32)
-            added = self._sampled(self.put_in.get(method, {}), {**rest, gate: True}) if not params[gate] else {}
-            out.append((method, not params[gate], {**rest, gate: not params[gate], **added}))
+            own = {k: v for k, v in params.items() if k.startswith(f"{method}.") and k != gate}
+            neutral = self.neutral[method]
+            idle = bool(own) and all(neutral.get(k) is not None and v == neutral[k] for k, v in own.items())
+            if params[gate] and not idle:
+                out.append((method, False, {**rest, gate: False}))
+                continue
+            added = self._sampled(self.put_in.get(method, {}), {**rest, gate: True})
+            if params[gate] and not added:
+                continue  # on but doing nothing (no block removed), and nothing of its own to bring in
+            out.append((method, True, {**rest, gate: True, **added}))
         return out
 
     def _sampled(self, setting: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:

@@ -347,7 +347,8 @@ def test_toggles_follow_the_front_leaving_out_or_putting_in_one_method_each(regi
 
 
 def test_no_ablation_of_a_method_that_changes_nothing(registry, tiny_zoo):
-    """Block removal switched on with no block removed builds the same model as switched off."""
+    """Block removal switched on with no block removed builds the same model as switched off, and so
+    does quantization with every layer at fp32."""
     from autocomp.method import BaseModelInfo
     from autocomp.proposals import MethodToggles
 
@@ -366,6 +367,14 @@ def test_no_ablation_of_a_method_that_changes_nothing(registry, tiny_zoo):
         ("remove_blocks", False), ("lowrank", True), ("quantize", False)]
     (_, _, without), = [p for p in toggles.proposals(params) if p[0] == "quantize"]
     assert without == {**{k: v for k, v in params.items() if not k.startswith("quantize.")}, "quantize.enabled": False}
+    # quantization on with the whole model at fp32 changes nothing either: it is not left out but
+    # put in with its anchor setting, every layer int8 (block removal, with nothing of its own to
+    # bring in, is neither)
+    params = {"remove_blocks.enabled": True, **{b: False for b in blocks}, "prune.importance": "l2",
+              "lowrank.enabled": False, "quantize.enabled": True, "quantize.all_layers": "fp32"}
+    assert [(m, on) for m, on, _ in toggles.proposals(params)] == [("lowrank", True), ("quantize", True)]
+    (_, _, added), = [p for p in toggles.proposals(params) if p[0] == "quantize"]
+    assert added == {**params, "quantize.all_layers": "int8"}
 
 
 def test_quantization_is_put_in_with_every_kept_layer_at_its_anchor_precision(registry, tiny_zoo):

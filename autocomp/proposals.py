@@ -5,11 +5,13 @@
 
 *Method toggles* follow the front during the search. A member of the feasible Pareto front is tried
 again with one optional method toggled: without it if the member used it (an *ablation*), with it if
-the member left it out or had it on doing nothing, quantization at fp32 (an *addition*). Everything else stays fixed and the toggled trial fine-tunes
-with the same seed, so the two differ only in that method. The parameters a toggle reveals (the
-pruning ratios of a block that no longer goes, the blocks to remove when block removal goes in) are
-drawn by the sampler, except that a method taking part in the anchors goes in with its anchor
-setting (quantization: every layer at the strongest precision offered). A joint space is much larger
+the member left it out or had it on doing nothing, as quantization at fp32 (an *addition*).
+Everything else stays fixed and the toggled trial fine-tunes with the same seed, so the two differ
+only in that method. The parameters a toggle reveals (the pruning ratios of a block that no longer
+goes, the blocks to remove when block removal goes in) are drawn by the sampler, except that a
+method taking part in the anchors goes in with its anchor setting (quantization: every layer at the
+anchors' precision, the strongest offered, or with ``per_layer = "sampled"`` the strongest every
+layer can take). A joint space is much larger
 than a single-method one, and the sampler, once a combination of methods has paid off, keeps to it
 in nearly every trial (benchmarks/joint_vs_single.md); toggles make the search ask, of each of its
 best candidates, whether a simpler combination does as well and whether one more method makes it

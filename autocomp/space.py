@@ -118,7 +118,8 @@ class ConcreteSpace:
         """The part of ``params`` (full names) a trial that took these values would sample: by the
         rules of :meth:`sample`, without a parameter of a module an earlier one removes, one whose
         ``only_if`` does not hold, or one of a method switched off. A parameter missing from
-        ``params`` is taken as unknown: whatever depends on it is left out."""
+        ``params`` is left out, and so is one whose ``only_if`` names it; a missing gate or removal
+        switches nothing off."""
         return self._walk(lambda key, p: params.get(key, _UNKNOWN)).flat()
 
     def _walk(self, value_of) -> CandidateSpec:

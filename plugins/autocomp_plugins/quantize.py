@@ -94,8 +94,8 @@ class QuantizeConfig:
     #: digits benchmark it did worse than per-layer choices (benchmarks/joint_vs_single.md).
     #: ``"sampled"``: the search chooses, trial by trial: ``quantize.all_layers`` takes one of those
     #: precisions or :data:`PER_LAYER`, and only then is a precision sampled for each layer. In
-    #: ``joint.toml`` it beat per-layer draws on both seeds of the cpu benchmark (hypervolume 0.0252
-    #: and 0.0276 against 0.0249 and 0.0222) and did a little worse on jetson (0.00168 against 0.00183).
+    #: ``joint.toml`` it beat per-layer draws on both seeds where both ran (cpu hypervolume 0.0252 and
+    #: 0.0276 against 0.0249 and 0.0222); later runs spread as widely (benchmarks/joint_vs_single.md).
     per_layer: bool | str = True
 
     def __post_init__(self) -> None:

@@ -635,3 +635,45 @@ def test_strength_steps_follow_the_front_paced_without_stepping_back(registry, t
         assert t.user_attrs[STEPPED] != back
     settings = [str(sorted(t.params.items())) for t in trials]
     assert len(settings) == len(set(settings))
+
+
+def test_toggles_and_steps_share_one_study_each_within_its_own_share(registry, tiny_zoo):
+    """Both kinds of proposal, as the search wires them, in one real study over the joint space: each
+    keeps to its own share, a trial is one kind or the other, no setting is tried twice, and nothing
+    is left queued without room to run."""
+    import math
+    import random
+
+    import optuna
+    from optuna.trial import TrialState
+
+    from autocomp.method import BaseModelInfo
+    from autocomp.proposals import MethodToggles, StrengthSteps
+
+    model, x, onnx_path = tiny_zoo("resnet20")
+    space = load_space(default_space_path().with_name("joint.toml"), registry.methods)
+    concrete = space.concrete(BaseModelInfo(model, x, onnx_path, registry.target("jetson")))
+    toggles, steps = MethodToggles(concrete, trials=40), StrengthSteps(concrete, trials=40)
+
+    def objective(trial):
+        concrete.sample(trial)
+        rng = random.Random(trial.number)
+        trial.set_constraint("max_drop", -1.0 if trial.number % 5 else 1.0)
+        return rng.random() + trial.number / 20, rng.random()
+
+    def within_shares(study, trial):
+        trials = study.get_trials(deepcopy=False)
+        finished = sum(t.state.is_finished() for t in trials)
+        for kind in (toggles, steps):
+            assert sum(kind.mine(t) for t in trials) <= min(kind.budget, math.ceil(kind.share * finished))
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(directions=["maximize", "minimize"], sampler=optuna.samplers.RandomSampler(seed=2))
+    study.optimize(objective, n_trials=40, callbacks=[toggles, steps, within_shares])
+    trials = study.get_trials(deepcopy=False)
+    assert not [t for t in trials if t.state == TrialState.WAITING]
+    made_toggles, made_steps = [t for t in trials if toggles.mine(t)], [t for t in trials if steps.mine(t)]
+    assert made_toggles and made_steps and not {t.number for t in made_toggles} & {t.number for t in made_steps}
+    assert len(made_toggles) <= toggles.budget == 10 and len(made_steps) <= steps.budget == 6
+    settings = [str(sorted(t.params.items())) for t in trials]
+    assert len(settings) == len(set(settings))

@@ -11,13 +11,12 @@ only in that method. The parameters a toggle reveals (the pruning ratios of a bl
 goes, the blocks to remove when block removal goes in) are drawn by the sampler, except that a
 method taking part in the anchors goes in with its anchor setting (quantization: every layer at the
 anchors' precision, the strongest offered, or with ``per_layer = "sampled"`` the strongest every
-layer can take). A joint space is much larger
-than a single-method one, and the sampler, once a combination of methods has paid off, keeps to it
-in nearly every trial (benchmarks/joint_vs_single.md); toggles make the search ask, of each of its
-best candidates, whether a simpler combination does as well and whether one more method makes it
-faster. They are paced (see
-:class:`_FrontProposals`): newest front member first, at most :data:`TOGGLE_SHARE` of the trials
-finished so far, rounded up, and of the whole budget, rounded down.
+layer can take). A joint space is much larger than a single-method one, and the sampler, once a
+combination of methods has paid off, keeps to it in nearly every trial
+(benchmarks/joint_vs_single.md); toggles make the search ask, of each of its best candidates,
+whether a simpler combination does as well and whether one more method makes it faster. They are
+paced (see :class:`_FrontProposals`): newest front member first, at most :data:`TOGGLE_SHARE` of the
+trials finished so far, rounded up, and of the whole budget, rounded down.
 
 *Strength steps* follow the front too, in any space: a member is tried again with every compression
 range it sampled (pruning ratios, rank ratios) moved a step toward its strongest end, and a step toward
@@ -28,6 +27,7 @@ little softer. Paced like the toggles, with a share of their own, :data:`STEP_SH
 
 from __future__ import annotations
 
+import abc
 import logging
 import math
 from typing import Any
@@ -127,7 +127,7 @@ def proposal_origin(user_attrs: dict[str, Any], with_seed: bool = False) -> dict
     return {k: user_attrs[k] for k in keys if k in user_attrs}
 
 
-class _FrontProposals:
+class _FrontProposals(abc.ABC):
     """An Optuna callback: after each finished trial, enqueue variants of the members of the current
     feasible front, newest member first, while this kind's proposals stay within ``share`` of the
     trials finished so far (rounded up) and of ``trials`` (rounded down), and while the budget has
@@ -155,10 +155,10 @@ class _FrontProposals:
         """How many proposals of this kind a study may hold once ``finished`` trials have finished."""
         return min(self.budget, math.ceil(self.share * finished - 1e-9))  # 0.07 * 100 is 7.000000000000001
 
+    @abc.abstractmethod
     def variants(self, member) -> list[tuple[dict[str, Any], dict[str, Any], str]]:
         """``(user attributes, params, what changed)`` of each variant of the front member ``member``,
-        in the order they are worth trying."""
-        raise NotImplementedError
+        in the order they are worth trying; each kind of proposal says its own."""
 
     def mine(self, trial) -> bool:
         return any(k in trial.user_attrs for k in self.marks)

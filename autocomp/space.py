@@ -11,7 +11,7 @@ from __future__ import annotations
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from autocomp.errors import SpaceError
 from autocomp.method import STAGES, BaseModelInfo, ChoiceParam, FixedParam, FloatParam, IntParam, Method, Param
@@ -122,7 +122,7 @@ class ConcreteSpace:
         switches nothing off."""
         return self._walk(lambda key, p: params.get(key, _UNKNOWN)).flat()
 
-    def _walk(self, value_of) -> CandidateSpec:
+    def _walk(self, value_of: Callable[[str, Param], Any]) -> CandidateSpec:
         """Every parameter a trial samples, in order, each given the value ``value_of(key, param)``
         (:data:`_UNKNOWN`: leave it out); the one place that says which parameters a trial samples."""
         taken: dict[str, Any] = {}

@@ -234,7 +234,7 @@ class QuantizeMethod(Method):
             return per_layer  # "sampled", with nothing to choose at one level
         # "sampled": the whole model's precision or a precision per layer (PER_LAYER is not the last
         # choice: the anchors take the last one, the strongest common precision)
-        gated = ("quantize." + ALL_LAYERS, PER_LAYER)
+        gated = (f"{self.name}.{ALL_LAYERS}", PER_LAYER)
         return [ChoiceParam(ALL_LAYERS, (PER_LAYER, *common), neutral=common[0]),
                 *(replace(p, only_if=gated) for p in per_layer)]
 

@@ -9,7 +9,9 @@ writes the run directory. It never prints; progress goes to the ``on_event`` cal
 timed run by default, because on a shared machine it repeats within about 1 % where the p50 moves
 by 20 % (``benchmarks/cpu_predictor.md``), and a sampler learning from noise learns little. Every
 record keeps the p50 and p90 as well (``latency_p50_ms``, ``latency_p90_ms``); ``latency_ms`` is
-the statistic the search used.
+the statistic the search used. Interference only ever slows a reading, sometimes for a whole timing
+window, so the base model keeps the fastest of :data:`BASELINE_WINDOWS` windows and a candidate that
+a reading keeps just off the front gets a second window (``_Objective._recheck_reason``).
 """
 
 from __future__ import annotations
@@ -48,6 +50,11 @@ __all__ = ["SearchConfig", "SearchResult", "run_search", "prepare", "evaluate"]
 logger = logging.getLogger("autocomp")
 
 STUDY_NAME = "autocomp"
+#: A measured candidate whose first reading misses the front or --max-latency by less than this
+#: factor is measured once more and keeps the faster reading (``_Objective._recheck_reason``).
+RECHECK_WITHIN = 1.5
+#: Timing windows of the base model, the fastest kept: every speedup is measured against it.
+BASELINE_WINDOWS = 3
 Event = Callable[[str, Mapping[str, Any]], None]
 
 
@@ -216,8 +223,11 @@ def _measure_baseline(prep: Prepared) -> dict[str, Any]:
     except CandidateError as exc:
         raise ExportError(f"the exported base model does not run in ONNX Runtime: {exc}") from exc
     metric = evaluate(path, wl)
-    latency = prep.target.latency(path, input_shapes_of(wl.example_input))
+    windows = [prep.target.latency(path, input_shapes_of(wl.example_input))
+               for _ in range(BASELINE_WINDOWS if prep.target.measured else 1)]
+    latency = min(windows, key=lambda stats: stats.value(prep.config.latency_statistic))
     return {
+        "latency_windows_ms": [stats.value(prep.config.latency_statistic) for stats in windows],
         "metric": metric,
         "latency": latency.to_dict(),
         "latency_ms": latency.value(prep.config.latency_statistic),
@@ -265,6 +275,35 @@ class _Objective:
 
     def latency_bound(self) -> float:
         return self.prep.config.max_latency_ms * (1 + self.margin())
+
+    def _drop(self, metric: float) -> float:
+        base_metric = self.baseline["metric"]
+        drop = base_metric - metric
+        if self.prep.config.relative_drop:
+            drop = drop / base_metric if base_metric else float("inf")
+        return drop
+
+    def _recheck_reason(self, trial, metric: float, ms: float) -> str | None:
+        """Why a measured candidate's first reading deserves a second window, or None.
+
+        A candidate within the accuracy budget whose reading misses, by less than :data:`RECHECK_WITHIN`,
+        either ``--max-latency`` or the speed it needs to join the feasible front so far (that of the
+        fastest member at least as accurate) is measured again and keeps the faster reading. A slowed
+        window cannot put a slow model on the front, but it can keep a fast one off it, and the sampler
+        then learns from the wrong figure: two runs with identical first 23 trials read 4 of them
+        1.25-1.44x slower in one run and parted from there (benchmarks/joint_vs_single.md)."""
+        cfg = self.prep.config
+        if not self.prep.target.measured or self._drop(metric) > cfg.max_drop:
+            return None
+        bound = cfg.max_latency_ms
+        if bound is not None and bound < ms <= RECHECK_WITHIN * bound:
+            return f"read {ms:.4g} ms against --max-latency {bound:g} ms"
+        if bound is not None and ms > bound:
+            return None
+        needed = min((t.values[1] for t in trial.study.best_trials if t.values[0] >= metric), default=None)
+        if needed is not None and needed < ms <= RECHECK_WITHIN * needed:
+            return f"read {ms:.4g} ms where {needed:.4g} ms joins the front"
+        return None
 
     def _predicted_latency(self, model, spec, ctx) -> float | None:
         """Latency the target predicts for this structure at the spec's precisions, before training.
@@ -334,8 +373,15 @@ class _Objective:
             metric = evaluate(Path(evaluation) if evaluation else artifact, wl)
             if evaluation:
                 ctx.notes["metric_from"] = "evaluation twin (fp16 rounding emulated)"
-            latency, cached = self.cache.latency(prep.target, artifact, input_shapes_of(wl.example_input))
+            shapes = input_shapes_of(wl.example_input)
+            latency, cached = self.cache.latency(prep.target, artifact, shapes)
             ctx.notes["latency_cached"] = cached
+            why = None if cached else self._recheck_reason(trial, metric, latency.value(cfg.latency_statistic))
+            if why:
+                first = latency
+                latency, second = self.cache.recheck(prep.target, artifact, shapes, first, cfg.latency_statistic)
+                ctx.notes["latency_rechecked"] = {"why": why, "first_ms": first.value(cfg.latency_statistic),
+                                                  "second_ms": second.value(cfg.latency_statistic)}
         except optuna.TrialPruned:
             raise
         except BaseException as exc:
@@ -349,10 +395,7 @@ class _Objective:
             raise
         finally:
             shutil.rmtree(work, ignore_errors=True)
-        base_metric = self.baseline["metric"]
-        drop = base_metric - metric
-        if cfg.relative_drop:
-            drop = drop / base_metric if base_metric else float("inf")
+        drop = self._drop(metric)
         trial.set_constraint("max_drop", drop - cfg.max_drop)
         ms = latency.value(cfg.latency_statistic)
         if cfg.max_latency_ms is not None:

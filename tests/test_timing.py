@@ -67,3 +67,25 @@ def test_interleaved_measures_every_item_once_per_round():
     shuffled = interleaved("abcd", lambda item: (seen.append(item), item)[1], rounds=3, rng=random.Random(0))
     assert shuffled == [[c] * 3 for c in "abcd"] and sorted(seen) == sorted("abcd" * 3)
     assert seen[:4] != list("abcd") or seen[4:8] != list("abcd")  # a new order each round
+
+
+def test_a_second_window_keeps_the_faster_reading_in_the_cache_too(small_onnx, tmp_path):
+    from dataclasses import replace
+
+    from autocomp.latency import LatencyCache, graph_hash, target_identity
+    from autocomp_plugins.cpu_target import CpuTarget
+
+    target = CpuTarget(TimingPolicy(warmup_runs=1, warmup_s=0.0, min_runs=20, min_s=0.0))
+    shapes = {"input": (1, 16)}
+    cache = LatencyCache(tmp_path / "cache.sqlite")
+    first, cached = cache.latency(target, small_onnx, shapes)
+    assert not cached
+    key = cache.key(graph_hash(small_onnx), shapes, target_identity(target))
+    # a first window slowed tenfold, as a busy neighbour slows a whole window: the new reading wins
+    slowed = replace(first, min_ms=first.min_ms * 10, p50_ms=first.p50_ms * 10)
+    kept, second = cache.recheck(target, small_onnx, shapes, slowed, "min")
+    assert kept == second and second.min_ms < slowed.min_ms and cache.get(key) == second
+    # a first reading faster than anything the second window can give stays, and stays cached
+    quick = replace(first, min_ms=first.min_ms / 1000)
+    kept, second = cache.recheck(target, small_onnx, shapes, quick, "min")
+    assert kept == quick and second.min_ms > quick.min_ms and cache.get(key) == quick

@@ -160,6 +160,17 @@ class Method(abc.ABC):
     def parameters(self, config: Any, base: BaseModelInfo) -> Sequence[Param]:
         """The concrete parameters this method adds for ``base`` (names unique within the method)."""
 
+    def canonical(self, setting: Mapping[str, Any], config: Any) -> Mapping[str, Any]:
+        """``setting`` in the one form this method gives every setting that builds the same candidate,
+        so the search can tell that two differently written settings are the same candidate (it does
+        not propose one again, nor list it twice in the Pareto set). Called with a complete setting,
+        the method's switch left out. The default: the setting as it is.
+
+        Quantization gives "per layer, every layer int8" as "the whole model int8". A setting whose
+        canonical form has every parameter at its ``neutral`` value changes nothing; with the method
+        optional, the search counts it as the method switched off."""
+        return setting
+
     @abc.abstractmethod
     def apply(self, subject: Any, setting: Mapping[str, Any], config: Any, ctx: CandidateContext) -> Any:
         """Apply the sampled ``setting`` (parameter name -> value) to ``subject`` and return the result.

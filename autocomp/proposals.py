@@ -33,7 +33,7 @@ import math
 from typing import Any
 
 from autocomp.method import ChoiceParam, FloatParam, IntParam
-from autocomp.space import GATE, ConcreteSpace
+from autocomp.space import GATE, ConcreteSpace, same_value
 
 __all__ = ["ANCHOR_QUANTILES", "TOGGLE_SHARE", "STEP_SHARE", "STEP_SIZE", "anchors", "MethodToggles", "StrengthSteps",
            "proposal_origin"]
@@ -137,16 +137,18 @@ class _FrontProposals(abc.ABC):
     trials (the anchors) would otherwise use up the whole share, and the members found later, the
     better ones, would get none. Counts what it has enqueued from the study itself (the user
     attributes of every trial), so a resumed run keeps to the same cap; a setting already tried,
-    failed or waiting is not enqueued again. Several workers on one storage read the study at the
-    same time: when their trials finish at once they may pass the cap by one or two, or enqueue the
-    same variant twice. A variant a stopped run did not finish is enqueued again on resume
+    failed or waiting is not enqueued again, however it is written (the space's
+    :meth:`~autocomp.space.ConcreteSpace.canonical` forms are compared). Several workers on one
+    storage read the study at the same time: when their trials finish at once they may pass the cap
+    by one or two, or enqueue the same variant twice. A variant a stopped run did not finish is enqueued again on resume
     (:meth:`requeue_interrupted`).
     """
 
     #: the user attributes that mark a trial as this kind's proposal (any one of them)
     marks: tuple[str, ...] = ()
 
-    def __init__(self, trials: int, share: float):
+    def __init__(self, space: ConcreteSpace, trials: int, share: float):
+        self.space = space
         self.share = share
         self.trials = trials
         self.budget = int(trials * share)
@@ -167,10 +169,21 @@ class _FrontProposals(abc.ABC):
         """Enqueue again every proposal of this kind a stopped run left unfinished (failed by the
         interruption, or closed as failed on resume); returns how many."""
         existing = study.get_trials(deepcopy=False)
-        seen = [_setting(t) for t in existing if not _interrupted(t)]
-        return sum(_enqueue_new(study, t.system_attrs.get("fixed_params", {}),
-                                proposal_origin(t.user_attrs, with_seed=True), seen)
+        seen = [self.space.canonical(_setting(t)) for t in existing if not _interrupted(t)]
+        return sum(self._enqueue_new(study, t.system_attrs.get("fixed_params", {}),
+                                     proposal_origin(t.user_attrs, with_seed=True), seen)
                    for t in existing if self.mine(t) and _interrupted(t))
+
+    def _enqueue_new(self, study, params: dict[str, Any], user_attrs: dict[str, Any],
+                     seen: list[dict[str, Any]]) -> bool:
+        """Enqueue ``params`` and add its canonical form to ``seen`` (canonical forms), unless a trial
+        in ``seen`` already has that setting; returns whether it was enqueued."""
+        canonical = self.space.canonical(params)
+        if not params or any(_agrees(canonical, other) for other in seen):
+            return False
+        study.enqueue_trial(params, user_attrs=user_attrs)
+        seen.append(canonical)
+        return True
 
     def __call__(self, study, trial) -> None:
         # called after every finished trial (complete, pruned or failed): each one paces the proposals
@@ -190,13 +203,13 @@ class _FrontProposals(abc.ABC):
 
         if full():
             return
-        seen = [_setting(t) for t in trials]  # a failed setting too: a failure is not retried
+        seen = [self.space.canonical(_setting(t)) for t in trials]  # a failed one too: a failure is not retried
         for member in sorted(study.best_trials, key=lambda t: t.number, reverse=True):
             for attrs, params, what in self.variants(member):
                 if full():
                     return
                 attrs = {**attrs, SEED_OF: member.user_attrs.get(SEED_OF, member.number)}
-                if _enqueue_new(study, params, attrs, seen):
+                if self._enqueue_new(study, params, attrs, seen):
                     logger.info("trial %d is on the front: queued it %s", member.number, what)
                     used += 1
                     waiting += 1
@@ -216,33 +229,27 @@ class MethodToggles(_FrontProposals):
 
     def __init__(self, space: ConcreteSpace, trials: int, share: float = TOGGLE_SHARE):
         self.gated = [m.name for m, _, _ in space.entries if m.name in space.gated]
-        super().__init__(trials, share if self.gated else 0.0)
-        #: per optional method, its parameters' neutral values (those that have one)
-        self.neutral = {m.name: {f"{m.name}.{p.name}": p.neutral for p in params if p.name != GATE}
-                        for m, _, params in space.entries if m.name in space.gated}
+        super().__init__(space, trials, share if self.gated else 0.0)
         #: per optional method that takes part in the anchors, the setting it is put in with: its
         #: mildest anchor's (every layer at the strongest precision offered)
         uniform = _anchor_params(space, ANCHOR_QUANTILES[0])
         self.put_in = {m.name: {k: uniform[k] for p in params
                                 if (k := f"{m.name}.{p.name}") in uniform and p.name != GATE}
                        for m, _, params in space.entries if m.name in space.gated and m.in_anchors}
-        self.space = space
 
     def proposals(self, params: dict[str, Any]) -> list[tuple[str, bool, dict[str, Any]]]:
         """``(method, switched_on, params)`` for each optional method: left out where ``params``
-        switches it on and it changes something (a parameter away from its neutral value), put in
-        where ``params`` switches it off, or switches it on at its neutral values where it has an
-        anchor setting to bring in (quantization on with every layer at fp32); everything else as in
-        ``params``."""
+        switches it on and it changes something, put in where ``params`` switches it off, or switches
+        it on changing nothing (its canonical form is switched off: quantization on with every layer
+        at fp32) and it has an anchor setting to bring in; everything else as in ``params``."""
         out = []
+        canonical = self.space.canonical(params)
         for method in self.gated:
             gate = f"{method}.{GATE}"
             if not isinstance(params.get(gate), bool):
                 continue
             rest = {k: v for k, v in params.items() if not k.startswith(f"{method}.")}
-            own = {k: v for k, v in params.items() if k.startswith(f"{method}.") and k != gate}
-            neutral = self.neutral[method]
-            idle = bool(own) and all(neutral.get(k) is not None and v == neutral[k] for k, v in own.items())
+            idle = canonical.get(gate) is False
             if params[gate] and not idle:
                 out.append((method, False, {**rest, gate: False}))
                 continue
@@ -289,7 +296,7 @@ class StrengthSteps(_FrontProposals):
         #: the ranges with a direction, by full name
         self.ranges = {f"{m.name}.{p.name}": p for m, _, params in space.entries for p in params
                        if isinstance(p, (FloatParam, IntParam)) and p.low != p.high and p.neutral in (p.low, p.high)}
-        super().__init__(trials, share if self.ranges else 0.0)
+        super().__init__(space, trials, share if self.ranges else 0.0)
         self.size = size
 
     def steps(self, params: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
@@ -300,7 +307,7 @@ class StrengthSteps(_FrontProposals):
             for key, p in self.ranges.items():
                 if key in params:
                     moved[key] = _step(p, params[key], self.size, toward_neutral=direction == MILDER)
-            if any(not _same(moved[k], params[k]) for k in params):
+            if any(not same_value(moved[k], params[k]) for k in params):
                 out.append((direction, moved))
         return out
 
@@ -332,16 +339,6 @@ def _on_grid(p: FloatParam | IntParam, value: float) -> float | int:
     return int(round(value)) if isinstance(p, IntParam) else value
 
 
-def _enqueue_new(study, params: dict[str, Any], user_attrs: dict[str, Any], seen: list[dict[str, Any]]) -> bool:
-    """Enqueue ``params`` and add it to ``seen``, unless a trial in ``seen`` already has that
-    setting; returns whether it was enqueued."""
-    if not params or any(_agrees(params, other) for other in seen):
-        return False
-    study.enqueue_trial(params, user_attrs=user_attrs)
-    seen.append(params)
-    return True
-
-
 def _setting(trial) -> dict[str, Any]:
     # a waiting (enqueued, not yet run) trial has no params yet, only the ones it was enqueued with
     return {**trial.system_attrs.get("fixed_params", {}), **trial.params}
@@ -357,12 +354,6 @@ def _interrupted(trial) -> bool:
 
 
 def _agrees(fixed: dict[str, Any], params: dict[str, Any]) -> bool:
-    """Whether a trial with ``params`` already tried (or will try) the setting ``fixed``."""
-    return all(k in params and _same(params[k], v) for k, v in fixed.items())
-
-
-def _same(a: Any, b: Any) -> bool:
-    # a value on a float grid may come back from the storage as 0.30000000000000004
-    if isinstance(a, float) and isinstance(b, float):
-        return math.isclose(a, b, rel_tol=0.0, abs_tol=1e-9)
-    return a == b
+    """Whether a trial with ``params`` already tried (or will try) the setting ``fixed`` (both in
+    canonical form; ``fixed`` may leave parameters to the sampler)."""
+    return all(k in params and same_value(params[k], v) for k, v in fixed.items())

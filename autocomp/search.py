@@ -509,16 +509,17 @@ def _final_measurements(prep: Prepared, members: list[dict[str, Any]], baseline:
         member["final_speedup"] = baseline["final_latency_ms"] / member["final_latency_ms"]
 
 
-def _summary(prep: Prepared, study, baseline: dict[str, Any], status: str) -> dict[str, Any]:
+def _summary(prep: Prepared, concrete: ConcreteSpace, study, baseline: dict[str, Any], status: str) -> dict[str, Any]:
     from optuna.trial import TrialState
 
     trials = [t for t in study.get_trials(deepcopy=False) if t.state.is_finished()]  # not enqueued ones
     members = []
-    # the sampler can draw the same setting twice (common with categorical parameters); the same
-    # candidate is listed once, under its first trial, with the repeats in ``same_as``
+    # the sampler can draw the same setting twice (common with categorical parameters), or write it
+    # another way (quantization on at fp32 is quantization off); the same candidate is listed once,
+    # under its first trial, with the repeats in ``same_as``
     first: dict[str, dict[str, Any]] = {}
     for t in sorted(study.best_trials, key=lambda t: (t.values[1], t.number)):
-        candidate = json.dumps([t.params, t.values[0]], sort_keys=True, default=str)
+        candidate = json.dumps([concrete.canonical(t.params), t.values[0]], sort_keys=True, default=str)
         if candidate in first:
             first[candidate].setdefault("same_as", []).append(t.number)
             continue
@@ -660,7 +661,7 @@ def run_search(config: SearchConfig, registry: Registry, on_event: Event | None 
     if stop.requested:
         status = "interrupted"
 
-    summary = _summary(prep, study, baseline, status)
+    summary = _summary(prep, concrete, study, baseline, status)
     if status == "complete":
         _final_measurements(prep, summary["pareto"], summary["baseline"])
         _test_metrics(prep, summary["pareto"], summary["baseline"])

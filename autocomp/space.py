@@ -8,6 +8,7 @@ table (:meth:`autocomp.method.Method.parse_config`). The concrete parameters dep
 
 from __future__ import annotations
 
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,7 @@ from autocomp.method import STAGES, BaseModelInfo, ChoiceParam, FixedParam, Floa
 if TYPE_CHECKING:
     import optuna
 
-__all__ = ["SearchSpace", "ConcreteSpace", "CandidateSpec", "load_space", "default_space_path", "GATE"]
+__all__ = ["SearchSpace", "ConcreteSpace", "CandidateSpec", "load_space", "default_space_path", "GATE", "same_value"]
 
 #: Name of the on/off parameter of a method marked ``optional = true`` in a space file. When it
 #: samples ``False`` the method is not applied and none of its other parameters are sampled.
@@ -122,6 +123,39 @@ class ConcreteSpace:
         switches nothing off."""
         return self._walk(lambda key, p: params.get(key, _UNKNOWN)).flat()
 
+    def canonical(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        """``params`` (full names, possibly a partial setting) in the form that says which candidate
+        they build: only what :meth:`sampled_part` keeps, each method's complete setting in its
+        :meth:`~autocomp.method.Method.canonical` form, and an optional method switched on at its
+        neutral values (quantization on at fp32 everywhere) written as switched off, which builds
+        the same model. A name this space does not declare is kept as it is. Two settings build the
+        same candidate when their canonical forms are equal."""
+        incomplete: set[str] = set()
+
+        def value_of(key: str, p: Param) -> Any:
+            if key in params:
+                return params[key]
+            incomplete.add(key.split(".", 1)[0])
+            return _UNKNOWN
+
+        spec = self._walk(value_of)
+        out: dict[str, Any] = {}
+        declared_names: set[str] = set()
+        for method, config, declared in self.entries:
+            declared_names.update(f"{method.name}.{p.name}" for p in declared)
+            own = dict(spec.settings.get(method.name, {}))
+            gate = own.pop(GATE, None)
+            if method.name not in incomplete:
+                own = dict(method.canonical(own, config))
+            neutral = {p.name: p.neutral for p in declared if p.neutral is not None}
+            if gate is True and own and all(k in neutral and same_value(v, neutral[k]) for k, v in own.items()):
+                own, gate = {}, False
+            if gate is not None:
+                out[f"{method.name}.{GATE}"] = gate
+            out.update({f"{method.name}.{k}": v for k, v in own.items()})
+        out.update({k: v for k, v in params.items() if k not in declared_names})
+        return out
+
     def _walk(self, value_of: Callable[[str, Param], Any]) -> CandidateSpec:
         """Every parameter a trial samples, in order, each given the value ``value_of(key, param)``
         (:data:`_UNKNOWN`: leave it out); the one place that says which parameters a trial samples."""
@@ -151,6 +185,14 @@ class ConcreteSpace:
 
 #: A value :meth:`ConcreteSpace.sampled_part` does not know.
 _UNKNOWN = object()
+
+
+def same_value(a: Any, b: Any) -> bool:
+    """Equality of parameter values, floats to within 1e-9 (a value on a float grid may come back
+    from the storage as 0.30000000000000004)."""
+    if isinstance(a, float) and isinstance(b, float):
+        return math.isclose(a, b, rel_tol=0.0, abs_tol=1e-9)
+    return a == b
 
 
 def inside(module: str | None, removed: list[str]) -> bool:

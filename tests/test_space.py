@@ -467,10 +467,11 @@ def test_a_toggle_a_stopped_run_left_is_enqueued_again(registry, tiny_zoo):
 
 
 def test_a_setting_already_tried_is_recognised_through_float_error():
-    from autocomp.proposals import _agrees, _same
+    from autocomp.proposals import _agrees
+    from autocomp.space import same_value
 
-    assert _same(0.30000000000000004, 0.3) and _same(3, 3) and _same("int8", "int8")
-    assert not _same(0.3, 0.3 + 1e-6) and not _same("int8", "fp32")
+    assert same_value(0.30000000000000004, 0.3) and same_value(3, 3) and same_value("int8", "int8")
+    assert not same_value(0.3, 0.3 + 1e-6) and not same_value("int8", "fp32")
     assert _agrees({"prune.ratio": 0.3}, {"prune.ratio": 0.1 + 0.2, "prune.importance": "l2"})
     assert not _agrees({"prune.ratio": 0.3, "lowrank.enabled": True}, {"prune.ratio": 0.3})
 
@@ -677,3 +678,73 @@ def test_toggles_and_steps_share_one_study_each_within_its_own_share(registry, t
     assert len(made_toggles) <= toggles.budget == 10 and len(made_steps) <= steps.budget == 6
     settings = [str(sorted(t.params.items())) for t in trials]
     assert len(settings) == len(set(settings))
+
+
+def test_settings_that_build_the_same_candidate_have_one_canonical_form(registry, tiny_zoo):
+    """Every layer at one precision chosen per layer is that precision for the whole model; an
+    optional method on and changing nothing (quantization at fp32 everywhere, block removal removing
+    nothing) is the method off; a parameter the trial would not sample goes; a partial setting is not
+    completed; a name the space does not declare stays. The toggles use it: a per-layer fp32 member is
+    given quantization, not an ablation, and a setting already tried written another way is not
+    proposed again."""
+    import optuna
+
+    from autocomp.method import BaseModelInfo
+    from autocomp.proposals import MethodToggles
+
+    model, x, onnx_path = tiny_zoo("resnet20")
+    space = load_space(default_space_path().with_name("joint.toml"), registry.methods)
+    concrete = space.concrete(BaseModelInfo(model, x, onnx_path, registry.target("jetson")))
+    entries = {m.name: ps for m, _, ps in concrete.entries}
+    layers = [f"quantize.{p.name}" for p in entries["quantize"] if p.name not in ("enabled", "all_layers")]
+    blocks = [f"remove_blocks.{p.name}" for p in entries["remove_blocks"] if p.name != "enabled"]
+    assert len(layers) > 2 and blocks
+    rest = {"remove_blocks.enabled": False, "prune.importance": "l2", "lowrank.enabled": False}
+    per_layer = {**rest, "quantize.enabled": True, "quantize.all_layers": "per-layer"}
+    whole = {**rest, "quantize.enabled": True, "quantize.all_layers": "int8"}
+    off = {**rest, "quantize.enabled": False}
+    canonical = concrete.canonical
+
+    assert canonical({**per_layer, **{k: "int8" for k in layers}}) == canonical(whole) == whole
+    assert canonical({**per_layer, **{k: "fp32" for k in layers}}) == canonical(off) == off
+    assert canonical({**rest, "quantize.enabled": True, "quantize.all_layers": "fp32"}) == off
+    mixed = {**per_layer, **{k: "int8" for k in layers}, layers[0]: "fp32"}
+    assert canonical(mixed) == mixed
+    assert canonical({**mixed, layers[1]: "fp16"}) != canonical(mixed)
+    # the layers' precisions are not sampled for the whole model at int8, nor is a switched-off method's
+    assert canonical({**whole, layers[0]: "fp32"}) == whole
+    assert canonical({**off, "quantize.all_layers": "int8"}) == off
+    # block removal on, removing nothing, is block removal off
+    nothing_removed = {**whole, "remove_blocks.enabled": True, **{b: False for b in blocks}}
+    assert canonical(nothing_removed) == whole
+    # a partial setting (the rest left to the sampler) stays partial; an undeclared name stays
+    partial = {**per_layer, layers[0]: "int8"}
+    assert canonical(partial) == partial
+    assert canonical({**whole, "other.knob": 3}) == {**whole, "other.knob": 3}
+
+    toggles = MethodToggles(concrete, trials=40, share=1.0)
+    fp32_member = {**per_layer, **{k: "fp32" for k in layers}}
+    assert [(m, on) for m, on, _ in toggles.proposals(fp32_member)] == [
+        ("remove_blocks", True), ("lowrank", True), ("quantize", True)]
+    # a front member with quantization off: its quantization addition (the whole model int8) was
+    # already tried as every layer int8, one by one, and is not proposed again
+    from optuna.trial import TrialState
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(directions=["maximize", "minimize"])
+
+    def run(params, values):
+        study.enqueue_trial(params)
+        trial = study.ask()
+        concrete.sample(trial)
+        study.tell(trial, values)
+        return study.get_trials(deepcopy=False)[trial.number]
+
+    member = run(off, [0.95, 1.0])
+    unquantized = {k: v for k, v in member.params.items() if not k.startswith("quantize.")}
+    run({**unquantized, "quantize.enabled": True, "quantize.all_layers": "per-layer", **{k: "int8" for k in layers}},
+        [0.90, 1.1])
+    assert [t.number for t in study.best_trials] == [member.number]
+    toggles(study, member)
+    waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+    assert sorted(t.user_attrs["added"] for t in waiting) == ["lowrank", "remove_blocks"]

@@ -238,6 +238,13 @@ class QuantizeMethod(Method):
         return [ChoiceParam(ALL_LAYERS, (PER_LAYER, *common), neutral=common[0]),
                 *(replace(p, only_if=gated) for p in per_layer)]
 
+    def canonical(self, setting: Mapping[str, Any], config: QuantizeConfig) -> Mapping[str, Any]:
+        """Every layer at one precision, sampled per layer, is that precision for the whole model."""
+        if setting.get(ALL_LAYERS) != PER_LAYER:
+            return setting
+        precisions = {value for name, value in setting.items() if name != ALL_LAYERS}
+        return {ALL_LAYERS: precisions.pop()} if len(precisions) == 1 else setting
+
     def _plan(self, layers: Mapping[str, Layer], setting: Mapping[str, Any], ctx: CandidateContext
               ) -> dict[str, list[Layer]]:
         plan: dict[str, list[Layer]] = {"int4": [], "int8": [], "fp16": []}

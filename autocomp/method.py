@@ -163,13 +163,23 @@ class Method(abc.ABC):
     def canonical(self, setting: Mapping[str, Any], config: Any) -> Mapping[str, Any]:
         """``setting`` in the one form this method gives every setting that builds the same candidate,
         so the search can tell that two differently written settings are the same candidate (it does
-        not propose one again, nor list it twice in the Pareto set). Called with a complete setting,
-        the method's switch left out. The default: the setting as it is.
+        not propose one again, nor list it twice in the Pareto set). The default: the setting as it is.
 
-        Quantization gives "per layer, every layer int8" as "the whole model int8". A setting whose
-        canonical form has every parameter at its ``neutral`` value changes nothing; with the method
-        optional, the search counts it as the method switched off."""
+        ``setting`` is complete: every parameter a trial samples for this method, by its short name
+        (fixed values included; the on/off switch of an optional method and the parameters of a
+        module another method removes left out). Return short names of this method's parameters.
+        Quantization gives "per layer, every layer int8" as "the whole model int8". An exception is
+        logged and the setting is taken as written."""
         return setting
+
+    def changes_nothing(self, setting: Mapping[str, Any], config: Any) -> bool:
+        """Whether ``setting`` (complete and canonical, as for :meth:`canonical`) leaves the model as
+        it is; for an optional method the search then counts it as the method switched off, the
+        same candidate. The default, False, is always safe. ``neutral`` values are not enough: they
+        compress least within the space's range, which need not mean not at all (``bits = [8, 16]``
+        has fp16 as its neutral). Quantization at fp32 everywhere, block removal removing nothing
+        and low-rank at full rank everywhere change nothing."""
+        return False
 
     @abc.abstractmethod
     def apply(self, subject: Any, setting: Mapping[str, Any], config: Any, ctx: CandidateContext) -> Any:

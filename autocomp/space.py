@@ -8,6 +8,7 @@ table (:meth:`autocomp.method.Method.parse_config`). The concrete parameters dep
 
 from __future__ import annotations
 
+import logging
 import math
 import tomllib
 from dataclasses import dataclass, field
@@ -21,6 +22,8 @@ if TYPE_CHECKING:
     import optuna
 
 __all__ = ["SearchSpace", "ConcreteSpace", "CandidateSpec", "load_space", "default_space_path", "GATE", "same_value"]
+
+logger = logging.getLogger("autocomp")
 
 #: Name of the on/off parameter of a method marked ``optional = true`` in a space file. When it
 #: samples ``False`` the method is not applied and none of its other parameters are sampled.
@@ -105,13 +108,14 @@ class ConcreteSpace:
         """Sample every parameter through ``trial`` (names ``<method>.<param>``)."""
 
         def suggest(key: str, p: Param) -> Any:
+            if (fixed := _fixed_value(p)) is not _UNKNOWN:
+                return fixed
             if isinstance(p, FloatParam):
-                return p.low if p.low == p.high else trial.suggest_float(key, p.low, p.high, step=p.step)
+                return trial.suggest_float(key, p.low, p.high, step=p.step)
             if isinstance(p, IntParam):
-                return p.low if p.low == p.high else trial.suggest_int(key, p.low, p.high, step=p.step)
-            if isinstance(p, ChoiceParam):
-                return p.choices[0] if len(p.choices) == 1 else trial.suggest_categorical(key, list(p.choices))
-            return p.value
+                return trial.suggest_int(key, p.low, p.high, step=p.step)
+            assert isinstance(p, ChoiceParam)
+            return trial.suggest_categorical(key, list(p.choices))
 
         return self._walk(suggest)
 
@@ -125,16 +129,21 @@ class ConcreteSpace:
 
     def canonical(self, params: Mapping[str, Any]) -> dict[str, Any]:
         """``params`` (full names, possibly a partial setting) in the form that says which candidate
-        they build: only what :meth:`sampled_part` keeps, each method's complete setting in its
-        :meth:`~autocomp.method.Method.canonical` form, and an optional method switched on at its
-        neutral values (quantization on at fp32 everywhere) written as switched off, which builds
-        the same model. A name this space does not declare is kept as it is. Two settings build the
-        same candidate when their canonical forms are equal."""
+        they build: only what :meth:`sampled_part` keeps, with the values a trial never samples (a
+        fixed parameter) filled in, each method's complete setting in its
+        :meth:`~autocomp.method.Method.canonical` form, and an optional method switched on but
+        changing nothing (:meth:`~autocomp.method.Method.changes_nothing`: quantization at fp32
+        everywhere) written as switched off, which builds the same model. A method whose setting
+        ``params`` leaves partly to the sampler is kept as written. A name this space does not
+        declare is kept as it is. Two settings build the same candidate when their canonical forms
+        are equal."""
         incomplete: set[str] = set()
 
         def value_of(key: str, p: Param) -> Any:
             if key in params:
                 return params[key]
+            if (fixed := _fixed_value(p)) is not _UNKNOWN:
+                return fixed
             incomplete.add(key.split(".", 1)[0])
             return _UNKNOWN
 
@@ -146,10 +155,13 @@ class ConcreteSpace:
             own = dict(spec.settings.get(method.name, {}))
             gate = own.pop(GATE, None)
             if method.name not in incomplete:
-                own = dict(method.canonical(own, config))
-            neutral = {p.name: p.neutral for p in declared if p.neutral is not None}
-            if gate is True and own and all(k in neutral and same_value(v, neutral[k]) for k, v in own.items()):
-                own, gate = {}, False
+                try:
+                    own = dict(method.canonical(own, config))
+                    if gate is True and method.changes_nothing(own, config):
+                        own, gate = {}, False
+                except Exception as exc:  # noqa: BLE001 - a plugin's bug must not stop the search
+                    logger.warning("method %r: canonical form of %s failed (%s: %s); taken as written",
+                                   method.name, own, type(exc).__name__, exc)
             if gate is not None:
                 out[f"{method.name}.{GATE}"] = gate
             out.update({f"{method.name}.{k}": v for k, v in own.items()})
@@ -185,6 +197,16 @@ class ConcreteSpace:
 
 #: A value :meth:`ConcreteSpace.sampled_part` does not know.
 _UNKNOWN = object()
+
+
+def _fixed_value(p: Param) -> Any:
+    """The value of a parameter a trial never asks the sampler for (a fixed value, a range of one
+    value, a single choice), or :data:`_UNKNOWN`."""
+    if isinstance(p, (FloatParam, IntParam)):
+        return p.low if p.low == p.high else _UNKNOWN
+    if isinstance(p, ChoiceParam):
+        return p.choices[0] if len(p.choices) == 1 else _UNKNOWN
+    return p.value
 
 
 def same_value(a: Any, b: Any) -> bool:

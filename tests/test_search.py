@@ -354,11 +354,15 @@ def test_a_reading_just_off_the_front_is_measured_again(tmp_path, registry, tiny
 
 
 def test_a_reading_just_over_max_latency_is_measured_again(tmp_path, registry, tiny_workload):
+    """The stricter of --max-latency and the front decides: a candidate more accurate than every
+    member is rechecked against the bound; one the front already beats by far is not, whatever the
+    bound."""
     objective = _objective(tmp_path, registry, max_latency_ms=1.0)
     trial = _study_with_front((0.89, 0.2))
-    assert objective._recheck_reason(trial, 0.88, 1.3) == "read 1.3 ms against --max-latency 1 ms"
-    assert objective._recheck_reason(trial, 0.88, 1.6) is None
-    # within the bound, the front decides
+    assert objective._recheck_reason(trial, 0.895, 1.3) == "read 1.3 ms against --max-latency 1 ms"
+    assert objective._recheck_reason(trial, 0.895, 1.6) is None
+    assert objective._recheck_reason(trial, 0.895, 0.9) is None  # within the bound and on the front
+    assert objective._recheck_reason(trial, 0.88, 1.3) is None  # over the bound, and the front is far faster
     assert objective._recheck_reason(trial, 0.88, 0.25) == "read 0.25 ms where 0.2 ms joins the front"
 
 
@@ -431,3 +435,41 @@ def test_a_second_window_replaces_a_slowed_first_reading(tmp_path, tiny_workload
         artifact = result.run_dir / "trials" / f"{number:04d}" / "model.onnx"
         key = cache.key(graph_hash(artifact), input_shapes_of(tiny_workload.example_input), target_identity(target))
         assert cache.get(key).min_ms == metrics["latency_ms"]
+
+
+def test_the_same_candidate_written_two_ways_is_listed_once(tmp_path, registry, tiny_workload):
+    """Quantization switched on at fp32 builds the model quantization switched off builds: with the
+    same figures, the Pareto set lists it once, under its first trial, with the other in
+    ``same_as``; a different candidate with the same figures is listed on its own."""
+    import shutil
+
+    import optuna
+    from optuna.distributions import CategoricalDistribution
+
+    from autocomp.export import export_onnx
+    from autocomp.method import BaseModelInfo
+    from autocomp.search import _summary, prepare
+
+    space = tmp_path / "space.toml"
+    space.write_text("[prune]\nratio = 0.3\nround_to = 8\n\n[quantize]\noptional = true\nbits = [8, 32]\nper_layer = false\n")
+    prep = prepare(SearchConfig(workload="digits-tiny", target_options=FAST_TIMING, space=space, out=tmp_path / "run"),
+                   registry)
+    wl = prep.workload
+    onnx_path = export_onnx(wl.model, wl.example_input, prep.run.baseline_dir / "model.onnx")
+    concrete = prep.space.concrete(BaseModelInfo(wl.model, wl.example_input, onnx_path, prep.target))
+    distributions = {"quantize.enabled": CategoricalDistribution((False, True)),
+                     "quantize.all_layers": CategoricalDistribution(("fp32", "int8"))}
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    for number, params in enumerate(({"quantize.enabled": False},
+                                     {"quantize.enabled": True, "quantize.all_layers": "fp32"},
+                                     {"quantize.enabled": True, "quantize.all_layers": "int8"})):
+        study.add_trial(optuna.trial.create_trial(values=[0.9, 1.0], params=params,
+                                                  distributions={k: distributions[k] for k in params}))
+        trial_dir = prep.run.trial_dir(number)
+        trial_dir.mkdir(parents=True)
+        shutil.copy(onnx_path, trial_dir / "model.onnx")
+        (trial_dir / "spec.json").write_text(json.dumps({"quantize": params}))
+        (trial_dir / "metrics.json").write_text(json.dumps({"drop": 0.0, "latency_p50_ms": 1.1, "latency_p90_ms": 1.2,
+                                                            "size_bytes": 1}))
+    summary = _summary(prep, concrete, study, {"latency_ms": 2.0}, "complete")
+    assert [(m["trial"], m.get("same_as")) for m in summary["pareto"]] == [(0, [1]), (2, None)]

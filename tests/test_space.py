@@ -703,7 +703,13 @@ def test_settings_that_build_the_same_candidate_have_one_canonical_form(registry
     per_layer = {**rest, "quantize.enabled": True, "quantize.all_layers": "per-layer"}
     whole = {**rest, "quantize.enabled": True, "quantize.all_layers": "int8"}
     off = {**rest, "quantize.enabled": False}
-    canonical = concrete.canonical
+    fixed = concrete.canonical({})  # the values no trial samples (distillation's steps) are filled in
+    assert fixed == {"distill.steps": 100}
+
+    def canonical(params):
+        form = concrete.canonical(params)
+        assert form.items() >= fixed.items()
+        return {k: v for k, v in form.items() if k not in fixed}
 
     assert canonical({**per_layer, **{k: "int8" for k in layers}}) == canonical(whole) == whole
     assert canonical({**per_layer, **{k: "fp32" for k in layers}}) == canonical(off) == off
@@ -717,9 +723,10 @@ def test_settings_that_build_the_same_candidate_have_one_canonical_form(registry
     # block removal on, removing nothing, is block removal off
     nothing_removed = {**whole, "remove_blocks.enabled": True, **{b: False for b in blocks}}
     assert canonical(nothing_removed) == whole
-    # a partial setting (the rest left to the sampler) stays partial; an undeclared name stays
-    partial = {**per_layer, layers[0]: "int8"}
-    assert canonical(partial) == partial
+    # a partial setting (the rest left to the sampler) stays partial, even at fp32; an undeclared name stays
+    for precision in ("int8", "fp32"):
+        partial = {**per_layer, layers[0]: precision}
+        assert canonical(partial) == partial
     assert canonical({**whole, "other.knob": 3}) == {**whole, "other.knob": 3}
 
     toggles = MethodToggles(concrete, trials=40, share=1.0)
@@ -748,3 +755,81 @@ def test_settings_that_build_the_same_candidate_have_one_canonical_form(registry
     toggles(study, member)
     waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
     assert sorted(t.user_attrs["added"] for t in waiting) == ["lowrank", "remove_blocks"]
+
+
+def test_only_a_method_that_says_so_changes_nothing(registry, tiny_zoo):
+    """Neutral values compress least within the space's range, not necessarily not at all: with
+    quantization offering int8 and fp16 only, fp16 (its neutral) everywhere is still quantization
+    on; a fixed parameter does not keep a method's setting from being complete; a partial setting at
+    neutral values stays as written; a method's canonical hook that raises is logged and its setting
+    taken as written."""
+    import logging
+    import tomllib
+    import types
+    from dataclasses import dataclass
+
+    from autocomp import hookimpl
+    from autocomp.method import BaseModelInfo, ChoiceParam, FixedParam, Method
+    from autocomp.plugins import load_registry
+    from autocomp.space import parse_space
+
+    from .conftest import builtin_plugins
+
+    model, x, onnx_path = tiny_zoo("resnet20")
+    info = BaseModelInfo(model, x, onnx_path, registry.target("jetson"))
+    data = tomllib.loads(default_space_path().with_name("joint.toml").read_text())
+    data["quantize"]["bits"] = [8, 16]
+    concrete = parse_space(data, registry.methods, source="no-fp32").concrete(info)
+    (quantize,) = [ps for m, _, ps in concrete.entries if m.name == "quantize"]
+    assert quantize[1].name == "all_layers" and quantize[1].neutral == "fp16"
+    rest = {"remove_blocks.enabled": False, "prune.importance": "l2", "lowrank.enabled": False}
+    fp16 = {**rest, "quantize.enabled": True, "quantize.all_layers": "fp16", "distill.steps": 100}
+    assert concrete.canonical(fp16) == fp16
+    # low-rank on with one layer at full rank and the others left to the sampler: kept as written
+    (lowrank,) = [ps for m, _, ps in concrete.entries if m.name == "lowrank"]
+    partial = {**fp16, "lowrank.enabled": True, f"lowrank.{lowrank[1].name}": 1.0}
+    assert len(lowrank) > 2 and concrete.canonical(partial) == partial
+    full_rank = {**fp16, "lowrank.enabled": True, **{f"lowrank.{p.name}": 1.0 for p in lowrank[1:]}}
+    assert concrete.canonical(full_rank) == fp16
+
+    @dataclass(frozen=True)
+    class _Config:
+        pass
+
+    class _Scale(Method):
+        """Multiplies by ``factor`` in ``mode``; a factor of 1 changes nothing."""
+
+        name, stage, config_type = "scale", "structural", _Config
+
+        def parameters(self, config, base):
+            return [FixedParam("mode", "x"), ChoiceParam("factor", (1, 2, 4), neutral=1)]
+
+        def canonical(self, setting, config):
+            if setting["factor"] == 4:
+                raise ValueError("no canonical form for 4")
+            return setting
+
+        def changes_nothing(self, setting, config):
+            return setting == {"mode": "x", "factor": 1}
+
+        def apply(self, model, setting, config, ctx):
+            return model
+
+    plugin = types.ModuleType("scale_plugin")
+    plugin.register_methods = hookimpl(lambda register: register(_Scale()))
+    methods = load_registry(entry_points=[], extra_plugins=[*builtin_plugins(), ("scale", plugin)]).methods
+    concrete = parse_space({"scale": {"optional": True}}, methods, source="scale").concrete(info)
+    assert concrete.canonical({"scale.enabled": True, "scale.factor": 1}) == {"scale.enabled": False}
+    assert concrete.canonical({"scale.enabled": True, "scale.factor": 2}) == {
+        "scale.enabled": True, "scale.mode": "x", "scale.factor": 2}
+    logger = logging.getLogger("autocomp")
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger.addHandler(handler)
+    try:
+        assert concrete.canonical({"scale.enabled": True, "scale.factor": 4}) == {
+            "scale.enabled": True, "scale.mode": "x", "scale.factor": 4}
+    finally:
+        logger.removeHandler(handler)
+    assert any("no canonical form for 4" in r.getMessage() for r in records)

@@ -82,9 +82,13 @@ def test_a_second_window_keeps_the_faster_reading_in_the_cache_too(small_onnx, t
     assert not cached
     key = cache.key(graph_hash(small_onnx), shapes, target_identity(target))
     # a first window slowed tenfold, as a busy neighbour slows a whole window: the new reading wins
+    # (or the one already cached, as another worker may have stored, when that is faster still)
     slowed = replace(first, min_ms=first.min_ms * 10, p50_ms=first.p50_ms * 10)
     kept, second = cache.recheck(target, small_onnx, shapes, slowed, "min")
-    assert kept == second and second.min_ms < slowed.min_ms and cache.get(key) == second
+    assert second.min_ms < slowed.min_ms and kept == min(second, first, key=lambda s: s.min_ms) == cache.get(key)
+    # on the p50 too
+    kept, second = cache.recheck(target, small_onnx, shapes, slowed, "p50")
+    assert kept != slowed and kept.p50_ms <= second.p50_ms and cache.get(key) == kept
     # a first reading faster than anything the second window can give stays, and stays cached
     quick = replace(first, min_ms=first.min_ms / 1000)
     kept, second = cache.recheck(target, small_onnx, shapes, quick, "min")

@@ -245,6 +245,11 @@ class QuantizeMethod(Method):
         precisions = {value for name, value in setting.items() if name != ALL_LAYERS}
         return {ALL_LAYERS: precisions.pop()} if len(precisions) == 1 else setting
 
+    def changes_nothing(self, setting: Mapping[str, Any], config: QuantizeConfig) -> bool:
+        """Every layer at fp32."""
+        values = [v for k, v in setting.items() if not (k == ALL_LAYERS and v == PER_LAYER)]
+        return bool(values) and all(v == "fp32" for v in values)
+
     def _plan(self, layers: Mapping[str, Layer], setting: Mapping[str, Any], ctx: CandidateContext
               ) -> dict[str, list[Layer]]:
         plan: dict[str, list[Layer]] = {"int4": [], "int8": [], "fp16": []}

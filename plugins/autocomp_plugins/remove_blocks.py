@@ -321,6 +321,10 @@ class RemoveBlocksMethod(Method):
         # choices are ordered least compressed first: keep the block, then remove it
         return [ChoiceParam(b, (False, True), removes=b, module=b, neutral=False) for b in found]
 
+    def changes_nothing(self, setting: Mapping[str, Any], config: RemoveBlocksConfig) -> bool:
+        """No block removed."""
+        return not any(remove is True for remove in setting.values())
+
     def apply(self, model, setting: Mapping[str, Any], config: RemoveBlocksConfig, ctx: CandidateContext):
         chosen = [path for path, remove in setting.items() if remove is True]
         chosen = [p for p in chosen if not any(p.startswith(q + ".") for q in chosen)]

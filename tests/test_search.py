@@ -338,32 +338,31 @@ def _study_with_front(*members):
     return study.ask()
 
 
-def test_a_reading_just_off_the_front_is_measured_again(tmp_path, registry, tiny_workload):
-    """A feasible candidate whose reading misses the front by less than RECHECK_WITHIN (1.5x) gets a
-    second window; one on the front, one far off it, one more accurate than every member, and one
-    over the accuracy budget do not. Infeasible trials are not the front."""
+def test_a_reading_on_or_near_the_front_is_measured_again(tmp_path, registry, tiny_workload):
+    """A feasible candidate whose reading puts it on the front, or misses the front by less than
+    RECHECK_WITHIN (1.5x), gets a second window, and so does the most accurate one yet; one far off
+    the front and one over the accuracy budget do not. Infeasible trials are not the front."""
     objective = _objective(tmp_path, registry)
     trial = _study_with_front((0.89, 1.0), (0.87, 0.5))
-    why = objective._recheck_reason(trial, 0.88, 1.2)
-    assert why == "read 1.2 ms where 1 ms joins the front"
-    assert objective._recheck_reason(trial, 0.86, 0.7) == "read 0.7 ms where 0.5 ms joins the front"
-    assert objective._recheck_reason(trial, 0.88, 0.9) is None  # on the front already
+    assert objective._recheck_reason(trial, 0.88, 1.2) == "read 1.2 ms, missing 1 ms to join the front"
+    assert objective._recheck_reason(trial, 0.86, 0.7) == "read 0.7 ms, missing 0.5 ms to join the front"
+    assert objective._recheck_reason(trial, 0.88, 0.9) == "read 0.9 ms, within 1 ms to join the front"
+    assert objective._recheck_reason(trial, 0.895, 5.0) == "read 5 ms, the most accurate candidate yet"
     assert objective._recheck_reason(trial, 0.88, 1.6) is None  # too far off to be a slowed window
-    assert objective._recheck_reason(trial, 0.895, 5.0) is None  # the most accurate yet: on the front
     assert objective._recheck_reason(trial, 0.80, 0.6) is None  # over the accuracy budget
 
 
-def test_a_reading_just_over_max_latency_is_measured_again(tmp_path, registry, tiny_workload):
+def test_a_reading_near_max_latency_is_measured_again(tmp_path, registry, tiny_workload):
     """The stricter of --max-latency and the front decides: a candidate more accurate than every
     member is rechecked against the bound; one the front already beats by far is not, whatever the
     bound."""
     objective = _objective(tmp_path, registry, max_latency_ms=1.0)
     trial = _study_with_front((0.89, 0.2))
-    assert objective._recheck_reason(trial, 0.895, 1.3) == "read 1.3 ms against --max-latency 1 ms"
+    assert objective._recheck_reason(trial, 0.895, 1.3) == "read 1.3 ms, missing --max-latency 1 ms"
+    assert objective._recheck_reason(trial, 0.895, 0.9) == "read 0.9 ms, within --max-latency 1 ms"
     assert objective._recheck_reason(trial, 0.895, 1.6) is None
-    assert objective._recheck_reason(trial, 0.895, 0.9) is None  # within the bound and on the front
     assert objective._recheck_reason(trial, 0.88, 1.3) is None  # over the bound, and the front is far faster
-    assert objective._recheck_reason(trial, 0.88, 0.25) == "read 0.25 ms where 0.2 ms joins the front"
+    assert objective._recheck_reason(trial, 0.88, 0.25) == "read 0.25 ms, missing 0.2 ms to join the front"
 
 
 def test_a_predicted_target_is_never_measured_again(tmp_path, registry, tiny_workload):

@@ -4,6 +4,7 @@ precisions the target runs; the fp16 evaluation twin rounds exactly where fp16 w
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -221,6 +222,52 @@ def test_one_precision_for_the_whole_model(zoo_models, tmp_path):
     assert method.parameters(method.parse_config({"per_layer": False, "bits": [4, 32]}, "file.toml"), info) == []
     with pytest.raises(SpaceError, match="per_layer"):
         method.parse_config({"per_layer": "no"}, "file.toml")
+
+
+def _kernels(path: Path, tmp_path: Path) -> Counter:
+    """Op types of ``path``'s graph as ONNX Runtime runs it here (fully optimised), counting only
+    the QuantizeLinear/DequantizeLinear nodes of activations (not of constants)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.optimized_model_filepath = str(tmp_path / "optimised.onnx")
+    options.log_severity_level = 3
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    graph = onnx.load(options.optimized_model_filepath).graph
+    constants = {i.name for i in graph.initializer}
+    return Counter(n.op_type for n in graph.node
+                   if n.op_type not in ("QuantizeLinear", "DequantizeLinear") or n.input[0] not in constants)
+
+
+def test_an_all_int8_cnn_runs_in_int8_from_input_to_output(zoo_models, tmp_path):
+    """The ReLUs, residual Adds and pooling between int8 layers are quantized with them, so ONNX
+    Runtime runs the whole ResNet in int8: one QuantizeLinear at the input, one DequantizeLinear at
+    the output, nothing in float between (with the layers alone, every ReLU and Add sat between a
+    DequantizeLinear and a QuantizeLinear; benchmarks/int8_glue.md)."""
+    path, inputs = zoo_models["resnet20"]
+    out = QuantizeMethod().apply(path, {"all_layers": "int8"}, QuantizeConfig(), _ctx(tmp_path, inputs))
+    kernels = _kernels(out, tmp_path)
+    assert (kernels["QuantizeLinear"], kernels["DequantizeLinear"]) == (1, 1), kernels
+    assert not {"Conv", "Relu", "Add", "GlobalAveragePool"} & kernels.keys(), kernels
+    assert kernels["QLinearAdd"] == 9 and kernels["QLinearGlobalAveragePool"] == 1
+
+
+def test_a_float_layer_after_an_int8_one_reads_the_float_relu(zoo_models, tmp_path):
+    """A ReLU between an int8 layer and one kept in float stays a float op the float layer reads:
+    quantized, ONNX Runtime would fold it into the int8 layer's output quantization and the float
+    layer would read that layer's output without the ReLU, or its int8-rounded copy."""
+    path, inputs = zoo_models["resnet20"]
+    table = layer_table(onnx.load(str(path)))
+    setting = {name: "fp32" if name == "layer1.0.conv1" else "int8" for name in table}
+    out = QuantizeMethod().apply(path, setting, QuantizeConfig(), _ctx(tmp_path, inputs))
+    graph = onnx.load(str(out))
+    producer = {o: n for n in graph.graph.node for o in n.output}
+    node = next(n for n in graph.graph.node if n.name == table["layer1.0.conv1"].node)
+    assert producer[node.input[0]].op_type == "Relu"
+    assert {n: _precision_of(graph, layer.node) for n, layer in table.items()} == setting
+    expected = run_batches(path, inputs.numpy())
+    assert _relative_error(run_batches(out, inputs.numpy()), expected) < TOLERANCE["mixed"]
 
 
 def test_whole_model_or_per_layer_precision_is_itself_sampled(zoo_models, tmp_path):

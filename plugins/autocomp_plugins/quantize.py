@@ -294,10 +294,11 @@ class QuantizeMethod(Method):
                 staged.append(source)
                 calib = ctx.workload.train.inputs[: config.calibration_samples]
                 nodes = [layer.node for layer in plan["int8"]]
-                quantized = quantize_int8(source, ctx.work_dir / "quantize.int8.onnx", nodes, calib,
+                quantized = quantize_int8(source, ctx.work_dir / "quantize.int8.onnx",
+                                          [*nodes, *_precision.int8_glue(model, nodes)], calib,
                                           config.per_channel, config.resolved_reduce_range())
                 staged.append(quantized)
-                model = _precision.detach_from_qdq(onnx.load(str(quantized)), nodes)
+                model = _precision.detach_from_qdq(onnx.load(str(quantized)), nodes, source=model)
             out = ctx.work_dir / "quantized.onnx"
             if plan["fp16"]:
                 nodes = [layer.node for layer in plan["fp16"]]

@@ -17,7 +17,7 @@ from onnx import TensorProto, helper
 from autocomp.errors import SpaceError
 from autocomp.method import EVALUATION_ARTIFACT, BaseModelInfo, CandidateContext
 from autocomp.ort import run_batches
-from autocomp_plugins._precision import convert_float16, layer_table
+from autocomp_plugins._precision import convert_float16, detach_from_qdq, int8_glue, layer_table
 from autocomp_plugins.quantize import QuantizeConfig, QuantizeMethod
 
 from .conftest import unmeasured_target
@@ -268,6 +268,58 @@ def test_a_float_layer_after_an_int8_one_reads_the_float_relu(zoo_models, tmp_pa
     assert {n: _precision_of(graph, layer.node) for n, layer in table.items()} == setting
     expected = run_batches(path, inputs.numpy())
     assert _relative_error(run_batches(out, inputs.numpy()), expected) < TOLERANCE["mixed"]
+
+
+def _graph(nodes: list[tuple[str, str, list[str], str]], outputs=("y",)) -> onnx.ModelProto:
+    """A graph from ``(op, name, inputs, output)``; names starting with ``w`` are constants. Only
+    its structure matters here (the passes below read names, ops and edges)."""
+    constants = sorted({i for _, _, inputs, _ in nodes for i in inputs if i.startswith("w")})
+    graph = helper.make_graph(
+        [helper.make_node(op, inputs, [out], name=name) for op, name, inputs, out in nodes], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 4, 4])],
+        [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs],
+        [helper.make_tensor(c, TensorProto.FLOAT, [1], [0.5]) for c in constants])
+    return helper.make_model(graph)
+
+
+def test_glue_is_only_what_lies_between_int8_layers():
+    """An op is quantized with the int8 layers only on a path from int8 to int8. Dropping one op
+    can drop others on both sides of it: here relu_a feeds a float layer, so it stays float; the Add
+    then reads a float input and stays float, and with it relu_c after it and relu_b before it
+    (relu_b would feed the float Add). The separate chain conv_d -> relu_d -> conv_e keeps its ReLU;
+    an Add of a constant (a bias) stays float."""
+    model = _graph([
+        ("Conv", "conv_a", ["x", "w1"], "a"), ("Relu", "relu_a", ["a"], "ra"),
+        ("Conv", "conv_f", ["ra", "w2"], "f"),
+        ("Conv", "conv_b", ["x", "w3"], "b"), ("Relu", "relu_b", ["b"], "rb"),
+        ("Conv", "conv_c", ["rb", "w4"], "c"),
+        ("Add", "add", ["ra", "rb"], "s"), ("Relu", "relu_c", ["s"], "rs"), ("Conv", "conv_g", ["rs", "w5"], "g"),
+        ("Conv", "conv_d", ["x", "w6"], "d"), ("Relu", "relu_d", ["d"], "rd"), ("Conv", "conv_e", ["rd", "w7"], "e"),
+        ("Add", "bias", ["e", "w8"], "eb"), ("Conv", "conv_h", ["eb", "w9"], "y"),
+    ])
+    int8 = ["conv_a", "conv_b", "conv_c", "conv_g", "conv_d", "conv_e", "conv_h"]  # conv_f stays float
+    assert int8_glue(model, int8) == ["relu_d"]
+    assert int8_glue(model, [*int8, "conv_f"]) == ["relu_a", "relu_b", "add", "relu_c", "relu_d"]
+
+
+def test_a_float_layer_gets_back_only_the_tensor_it_read_before_quantization():
+    """Where the quantizer folded a ReLU into the quantization (the convolution now writes the
+    ReLU's output name), the float layer keeps the Q -> DQ copy, which holds the ReLU; where it
+    renamed a tensor that is also a graph output, the float layer reads the renamed tensor."""
+    source = _graph([("Conv", "conv", ["x", "w1"], "c"), ("Relu", "relu", ["c"], "r"),
+                     ("Conv", "float", ["r", "w2"], "y"), ("Conv", "float2", ["c", "w3"], "z")], outputs=("y", "c"))
+    quantized = _graph([
+        ("Conv", "conv", ["x", "w1"], "r"),  # the ReLU folded: the convolution writes its output name
+        ("QuantizeLinear", "q", ["r", "ws"], "rq"), ("DequantizeLinear", "dq", ["rq", "ws"], "rdq"),
+        ("Conv", "float", ["rdq", "w2"], "y"),
+    ], outputs=("y",))
+    assert [n.input[0] for n in detach_from_qdq(quantized, ["conv"], source).graph.node][3] == "rdq"
+    renamed = _graph([
+        ("Conv", "conv", ["x", "w1"], "c_QuantizeLinear_Input"),
+        ("QuantizeLinear", "q", ["c_QuantizeLinear_Input", "ws"], "cq"), ("DequantizeLinear", "dq", ["cq", "ws"], "c"),
+        ("Relu", "relu", ["c"], "r"), ("Conv", "float", ["r", "w2"], "y"), ("Conv", "float2", ["c", "w3"], "z"),
+    ], outputs=("y", "c"))
+    assert [n.input[0] for n in detach_from_qdq(renamed, ["conv"], source).graph.node][5] == "c_QuantizeLinear_Input"
 
 
 def test_whole_model_or_per_layer_precision_is_itself_sampled(zoo_models, tmp_path):

@@ -237,46 +237,78 @@ def inline_layer_constants(model: "onnx.ModelProto") -> "onnx.ModelProto":
 def int8_glue(model: "onnx.ModelProto", int8_nodes: Iterable[str]) -> list[str]:
     """The nodes besides the layers in ``int8_nodes`` for the int8 pass to quantize, in graph
     order: the ops of :data:`INT8_GLUE_OPS` on a path from int8 to int8, i.e. whose activation
-    inputs all come from a chosen layer or such an op and whose output only goes to chosen layers
-    and such ops. Anything else (a layer kept in float, a LayerNorm, the graph's output) reads
-    float as before: a quantized op there would only add a QuantizeLinear, and a layer kept in
-    float would read an int8-rounded input (ONNX Runtime folds a quantized ReLU into the
-    quantization before it, which :func:`detach_from_qdq` cannot undo).
+    inputs all come from a chosen layer or another such op, and whose output goes only to chosen
+    layers and such ops. Anything else reads float as before (a layer kept in float, a LayerNorm, a
+    Sigmoid, the graph's output, an op inside a subgraph): a quantized op there would only add a
+    QuantizeLinear, and a float reader would get an int8-rounded input (ONNX Runtime folds a
+    quantized ReLU into the quantization before it, which :func:`detach_from_qdq` cannot undo). An
+    op with a constant operand (a bias or position-embedding Add, a Concat with a class token)
+    stays float too: the quantizer would round that constant to 8 bits per tensor.
 
     Given only the layers, ONNX Runtime's QDQ quantizer leaves each op between two of them in float:
     a convolution's output is dequantized, its ReLU runs in float and the next layer quantizes again,
     and ONNX Runtime cannot fuse that DequantizeLinear -> QuantizeLinear pair (the two scales
-    differ). On the digits CNN every layer at int8 then ran 7-11 % slower than with the ops between
-    them quantized too, at every pruning ratio measured (0 to 0.7), at the same accuracy.
+    differ). On the digits CNN, every layer at int8 then took 8-12 % longer than with the ops between
+    them quantized too, at every pruning ratio measured (0 to 0.7), at the same accuracy
+    (benchmarks/int8_glue.md).
     """
     chosen = set(int8_nodes)
-    constants = {i.name for i in model.graph.initializer}
-    constants |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
-    int8_tensors: set[str] = set()
-    glue: list["onnx.NodeProto"] = []
-    for node in model.graph.node:  # ONNX graphs are stored in topological order
-        if node.name in chosen:
-            int8_tensors.update(node.output)
-            continue
-        if node.op_type not in INT8_GLUE_OPS:
-            continue
-        positions = INT8_GLUE_OPS[node.op_type]
-        read = [name for i, name in enumerate(node.input)
-                if name and name not in constants and (positions is None or i in positions)]
-        if read and all(name in int8_tensors for name in read):
-            glue.append(node)
-            int8_tensors.update(node.output)
-    readers: dict[str, list["onnx.NodeProto"]] = {}
+    readers: dict[str, list[str]] = {}
     for node in model.graph.node:
         for name in node.input:
-            readers.setdefault(name, []).append(node)
-    outputs = {o.name for o in model.graph.output}
-    kept: set[str] = set()
-    for node in reversed(glue):  # readers before the nodes they read from
-        if not any(out in outputs for out in node.output) and all(
-                r.name in chosen or r.name in kept for out in node.output for r in readers.get(out, [])):
-            kept.add(node.name)
-    return [node.name for node in glue if node.name in kept]
+            readers.setdefault(name, []).append(node.name)
+    # a tensor read inside a subgraph (If, Loop, Scan) or leaving the graph has a float reader
+    float_read = {o.name for o in model.graph.output} | _read_in_subgraphs(model.graph)
+
+    def forward(allowed: Iterable["onnx.NodeProto"]) -> list["onnx.NodeProto"]:
+        """The ``allowed`` glue ops whose activation inputs all come from int8 (chosen layers, or
+        ops kept before them in graph order)."""
+        int8_tensors: set[str] = set()
+        allowed_names = {n.name for n in allowed}
+        kept = []
+        for node in model.graph.node:  # ONNX graphs are stored in topological order
+            if node.name in chosen:
+                int8_tensors.update(node.output)
+            elif node.name in allowed_names:
+                positions = INT8_GLUE_OPS[node.op_type]
+                read = [name for i, name in enumerate(node.input) if name and (positions is None or i in positions)]
+                if read and all(name in int8_tensors for name in read):  # a constant is never int8
+                    kept.append(node)
+                    int8_tensors.update(node.output)
+        return kept
+
+    def backward(glue: list["onnx.NodeProto"]) -> list["onnx.NodeProto"]:
+        """The ops of ``glue`` whose every reader is a chosen layer or a kept op of ``glue``."""
+        kept: set[str] = set()
+        for node in reversed(glue):  # readers before the nodes they read from
+            outs = [o for o in node.output if o]
+            if all(readers.get(o) and o not in float_read
+                   and all(r in chosen or r in kept for r in readers[o]) for o in outs):
+                kept.add(node.name)
+        return [node for node in glue if node.name in kept]
+
+    # dropping an op can leave one after it reading float, and one before it feeding float: repeat
+    # both passes until neither drops anything (each only removes, so this ends)
+    glue = [n for n in model.graph.node if n.op_type in INT8_GLUE_OPS and n.name not in chosen]
+    while True:
+        narrowed = backward(forward(glue))
+        if len(narrowed) == len(glue):
+            return [node.name for node in glue]
+        glue = narrowed
+
+
+def _read_in_subgraphs(graph: "onnx.GraphProto") -> set[str]:
+    """Names read by the nodes of any subgraph of ``graph`` (If branches, Loop and Scan bodies)."""
+    from onnx import AttributeProto
+
+    names: set[str] = set()
+    for node in graph.node:
+        for attr in node.attribute:
+            subgraphs = [attr.g] if attr.type == AttributeProto.GRAPH else (
+                list(attr.graphs) if attr.type == AttributeProto.GRAPHS else [])
+            for sub in subgraphs:
+                names |= {name for n in sub.node for name in n.input} | _read_in_subgraphs(sub)
+    return names
 
 
 def detach_from_qdq(model: "onnx.ModelProto", int8_nodes: Iterable[str],
@@ -285,16 +317,19 @@ def detach_from_qdq(model: "onnx.ModelProto", int8_nodes: Iterable[str],
 
     ONNX Runtime's QDQ quantizer sends every consumer of a quantized activation through the
     DequantizeLinear, so a layer chosen fp32 next to an int8 one would read int8-rounded input.
-    A layer is only given back the tensor it read in ``source``, the graph before quantization, as
-    the same node computed it there: where the quantizer folded a ReLU into the quantization, the
-    node before the ReLU now writes the ReLU's output name, and the layer keeps the int8-rounded
-    copy, which holds the ReLU.
+    A layer is given back the tensor the QuantizeLinear reads only where that tensor is the output
+    of the node (same name, same output) that computed the layer's input in ``source``, the graph
+    before quantization. The quantizer renames: where it folded a ReLU into the quantization, the
+    node before the ReLU writes the ReLU's output name, and the layer keeps the int8-rounded copy,
+    which holds the ReLU; where the tensor is also a graph output, the node writes
+    ``<name>_QuantizeLinear_Input``, which holds the same values.
     """
     keep = set(int8_nodes)
     read = {n.name: list(n.input) for n in source.graph.node}
-    made_by = {o: n.name for n in source.graph.node for o in n.output if o}
+    made_as = {o: (n.name, k) for n in source.graph.node for k, o in enumerate(n.output) if o}
     model = _copy(model)
     producer = {o: n for n in model.graph.node for o in n.output if o}
+    now_as = {o: (n.name, k) for n in model.graph.node for k, o in enumerate(n.output) if o}
     initializers = {i.name for i in model.graph.initializer}
     for node in model.graph.node:
         if node.name in keep or (node.op_type not in LAYER_OPS and node.op_type != "MatMulNBits"):
@@ -303,11 +338,10 @@ def detach_from_qdq(model: "onnx.ModelProto", int8_nodes: Iterable[str],
         for i, name in enumerate(node.input):
             dq = producer.get(name)
             q = producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
-            if q is None or q.op_type != "QuantizeLinear" or q.input[0] in initializers:
+            if q is None or q.op_type != "QuantizeLinear" or q.input[0] in initializers or i >= len(before):
                 continue
-            tensor = q.input[0]
-            now = producer[tensor].name if tensor in producer else None
-            if i < len(before) and tensor == before[i] and now == made_by.get(tensor):
+            tensor, origin = q.input[0], made_as.get(before[i])
+            if (now_as.get(tensor) == origin) if origin else tensor == before[i]:  # a graph input: by name
                 node.input[i] = tensor
     return model
 

@@ -63,6 +63,19 @@ def session_options(threads: int = 1, optimize: bool = True) -> Any:
     return options
 
 
+def optimised_model(onnx_path: Path | str, out_path: Path | str) -> Any:
+    """``onnx_path`` as ONNX Runtime runs it for a measurement (:func:`session_options`' full
+    optimisation: fused kernels, QLinearConv, NCHWc layouts), saved to ``out_path`` and returned as
+    an ``onnx.ModelProto``, one node per kernel. The saved graph is only valid on this host."""
+    import onnx
+    import onnxruntime as ort
+
+    options = session_options(1)
+    options.optimized_model_filepath = str(out_path)
+    ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    return onnx.load(str(out_path))
+
+
 def make_session(onnx_path: Path | str, threads: int = 1, providers: Sequence[str] | None = None) -> Any:
     """An ONNX Runtime inference session with a fixed thread count.
 

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from autocomp.ort import TimingPolicy, session_options, time_runs
+from autocomp.ort import TimingPolicy, optimised_model, session_options, time_runs
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -61,11 +61,7 @@ def kernel_costs(onnx_path: Path, input_shape: list[int], work: Path) -> list[di
     import onnxruntime as ort
     from onnx import helper
 
-    optimised = work / "optimised.onnx"
-    options = session_options(1)  # the cpu target's optimisation, saved
-    options.optimized_model_filepath = str(optimised)
-    ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
-    model = onnx.load(str(optimised))
+    model = optimised_model(onnx_path, work / "optimised.onnx")  # the cpu target's optimisation
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
     exposed = {o.name for o in graph.output}

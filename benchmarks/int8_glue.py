@@ -73,15 +73,9 @@ def quantize_both(fp32: Path, calibration, target) -> dict[str, Path]:
 def qdq_kernels(path: Path) -> int:
     """QuantizeLinear/DequantizeLinear nodes of activations left once ONNX Runtime has optimised
     the graph (those of constants are folded into the int8 kernels' weights)."""
-    import onnx
-    import onnxruntime as ort
+    from autocomp.ort import optimised_model
 
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.optimized_model_filepath = str(path.with_suffix(".opt.onnx"))
-    options.log_severity_level = 3
-    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    graph = onnx.load(options.optimized_model_filepath).graph
+    graph = optimised_model(path, path.with_suffix(".opt.onnx")).graph
     constants = {i.name for i in graph.initializer}
     return sum(n.op_type in ("QuantizeLinear", "DequantizeLinear") and n.input[0] not in constants
                for n in graph.node)

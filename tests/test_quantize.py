@@ -227,14 +227,9 @@ def test_one_precision_for_the_whole_model(zoo_models, tmp_path):
 def _kernels(path: Path, tmp_path: Path) -> Counter:
     """Op types of ``path``'s graph as ONNX Runtime runs it here (fully optimised), counting only
     the QuantizeLinear/DequantizeLinear nodes of activations (not of constants)."""
-    import onnxruntime as ort
+    from autocomp.ort import optimised_model
 
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.optimized_model_filepath = str(tmp_path / "optimised.onnx")
-    options.log_severity_level = 3
-    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    graph = onnx.load(options.optimized_model_filepath).graph
+    graph = optimised_model(path, tmp_path / "optimised.onnx").graph
     constants = {i.name for i in graph.initializer}
     return Counter(n.op_type for n in graph.node
                    if n.op_type not in ("QuantizeLinear", "DequantizeLinear") or n.input[0] not in constants)

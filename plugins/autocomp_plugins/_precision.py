@@ -326,10 +326,9 @@ def detach_from_qdq(model: "onnx.ModelProto", int8_nodes: Iterable[str],
     """
     keep = set(int8_nodes)
     read = {n.name: list(n.input) for n in source.graph.node}
-    made_as = {o: (n.name, k) for n in source.graph.node for k, o in enumerate(n.output) if o}
+    made_as, now_as = _written_by(source.graph), _written_by(model.graph)
     model = _copy(model)
     producer = {o: n for n in model.graph.node for o in n.output if o}
-    now_as = {o: (n.name, k) for n in model.graph.node for k, o in enumerate(n.output) if o}
     initializers = {i.name for i in model.graph.initializer}
     for node in model.graph.node:
         if node.name in keep or (node.op_type not in LAYER_OPS and node.op_type != "MatMulNBits"):
@@ -344,6 +343,11 @@ def detach_from_qdq(model: "onnx.ModelProto", int8_nodes: Iterable[str],
             if (now_as.get(tensor) == origin) if origin else tensor == before[i]:  # a graph input: by name
                 node.input[i] = tensor
     return model
+
+
+def _written_by(graph: "onnx.GraphProto") -> dict[str, tuple[str, int]]:
+    """Tensor name -> (name of the node that writes it, which of its outputs)."""
+    return {o: (n.name, k) for n in graph.node for k, o in enumerate(n.output) if o}
 
 
 def gemm_to_matmul(model: "onnx.ModelProto", node_names: Iterable[str]) -> "onnx.ModelProto":

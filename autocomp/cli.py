@@ -61,6 +61,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--storage", default=None, help="Optuna storage URL (default: SQLite inside the run directory)")
     s.add_argument("--resume", action="store_true", help="continue the run in --out")
     s.add_argument("--keep-all", action="store_true", help="keep every trial's ONNX file, not only the Pareto set's")
+    s.add_argument("--no-siblings", dest="siblings", action="store_false",
+                   help="do not also score each trained candidate with quantization toggled (its 'siblings', "
+                        "built without training and not counted in --trials)")
     s.add_argument("--json", action="store_true", help="print one JSON summary on stdout")
 
     sub.add_parser("plugins", help="list loaded plugins and what they register").add_argument("--json", action="store_true")
@@ -149,7 +152,8 @@ def _print_summary(console, summary: dict[str, Any]) -> None:
     for m in summary["pareto"]:
         console.print(f"trial {m['trial']}: {m['artifact']}", highlight=False, soft_wrap=True)
     t = summary["trials"]
-    console.print(f"{t['complete']} trials complete, {t['failed']} failed, "
+    siblings = f" (+{t['siblings']} siblings, built without training)" if t.get("siblings") else ""
+    console.print(f"{t['complete']} trials complete{siblings}, {t['failed']} failed, "
                   f"{t.get('rejected_before_training', 0)} rejected before training, {t['feasible']} feasible; "
                   f"run directory: {summary['run_dir']}")
     skipped = sorted(summary.get("skipped", {}).items(), key=lambda kv: -kv[1])
@@ -174,6 +178,7 @@ def _cmd_search(args) -> int:
         max_drop=args.max_drop, relative_drop=args.relative_drop, max_latency_ms=args.max_latency,
         trials=args.trials, timeout_s=args.timeout, seed=args.seed, out=args.out, storage=args.storage,
         resume=args.resume, keep_all=args.keep_all, latency_statistic=args.latency_statistic,
+        siblings=args.siblings,
     )
     registry = get_registry()
     _warn_broken(console, registry)
@@ -192,15 +197,15 @@ def _cmd_search(args) -> int:
         elif kind == "search_start":
             progress.start()
             state["task"] = progress.add_task("trials", total=data["trials"], completed=data["done"], status="")
-        elif kind in ("trial_complete", "trial_failed", "trial_rejected"):
-            if kind == "trial_complete" and data["feasible"]:
+        elif kind in ("trial_complete", "sibling_complete", "trial_failed", "trial_rejected"):
+            if kind in ("trial_complete", "sibling_complete") and data["feasible"]:
                 if state["best"] is None or data["latency_ms"] < state["best"]:
                     state["best"] = data["latency_ms"]
             status = (f"fastest feasible: {config.latency_statistic} {state['best']:.3f} ms" if state["best"]
                       else "no feasible candidate yet")
             if kind == "trial_failed":
                 progress.console.print(f"[yellow]trial {data['number']} failed:[/] {data['reason']}")
-            progress.update(state["task"], advance=1, status=status)
+            progress.update(state["task"], advance=int(kind != "sibling_complete"), status=status)
 
     try:
         result = run_search(config, registry, on_event)

@@ -23,6 +23,13 @@ range it sampled (pruning ratios, rank ratios) moved a step toward its strongest
 its neutral end, everything else fixed and the same seed (:class:`StrengthSteps`). Within a range the
 sampler settles on one region; a step asks what each of the best recipes gives a little harder or a
 little softer. Paced like the toggles, with a share of their own, :data:`STEP_SHARE`.
+
+*Siblings* are toggles of a post-export method (quantization) that need no training: the search
+builds them from the trial's own trained model, exported once, with the method put in or left out
+(:meth:`MethodToggles.post_export`), and adds them to the study as trials of their own
+(``sibling_of``). A toggled trial would fine-tune the same structure with the same seed only to
+export it differently. Siblings are not proposals: they take no share, no trial of the budget, and
+the toggles do not queue a setting a sibling already tried.
 """
 
 from __future__ import annotations
@@ -36,7 +43,7 @@ from autocomp.method import ChoiceParam, FloatParam, IntParam
 from autocomp.space import GATE, ConcreteSpace, same_value
 
 __all__ = ["ANCHOR_QUANTILES", "TOGGLE_SHARE", "STEP_SHARE", "STEP_SIZE", "anchors", "MethodToggles", "StrengthSteps",
-           "proposal_origin"]
+           "proposal_origin", "is_sibling", "tried"]
 
 logger = logging.getLogger("autocomp")
 
@@ -116,13 +123,22 @@ TOGGLE_ATTRS = {False: (ABLATION_OF, ABLATED), True: (ADDITION_OF, ADDED)}
 #: ``"stronger"`` or ``"milder"``.
 STEP_OF, STEPPED = "step_of", "stepped"
 STRONGER, MILDER = "stronger", "milder"
-_ORIGIN_KEYS = (*(k for keys in TOGGLE_ATTRS.values() for k in keys), STEP_OF, STEPPED)
+#: User attribute of a sibling: the trial whose trained model it was built from, without training
+#: (its method in ``ablated`` or ``added``).
+SIBLING_OF = "sibling_of"
+_ORIGIN_KEYS = (*(k for keys in TOGGLE_ATTRS.values() for k in keys), STEP_OF, STEPPED, SIBLING_OF)
+
+
+def is_sibling(trial) -> bool:
+    """Whether ``trial`` is a sibling: built from another trial's trained model, not a trial of the budget."""
+    return SIBLING_OF in trial.user_attrs
 
 
 def proposal_origin(user_attrs: dict[str, Any], with_seed: bool = False) -> dict[str, Any]:
-    """Where a trial came from when the search proposed it from a front member: its source trial and
-    what was changed (``ablation_of``/``ablated``, ``addition_of``/``added`` or ``step_of``/``stepped``;
-    with ``with_seed``, also ``seed_of``); empty for any other trial."""
+    """Where a trial came from when the search proposed it from a front member, or built it from
+    another trial's model: its source trial and what was changed (``ablation_of``/``ablated``,
+    ``addition_of``/``added``, ``step_of``/``stepped``, or ``sibling_of`` with ``ablated`` or
+    ``added``; with ``with_seed``, also ``seed_of``); empty for any other trial."""
     keys = (*_ORIGIN_KEYS, SEED_OF) if with_seed else _ORIGIN_KEYS
     return {k: user_attrs[k] for k in keys if k in user_attrs}
 
@@ -192,7 +208,7 @@ class _FrontProposals(abc.ABC):
         from optuna.trial import TrialState
 
         trials = study.get_trials(deepcopy=False)
-        finished = sum(t.state.is_finished() for t in trials)
+        finished = sum(t.state.is_finished() and not is_sibling(t) for t in trials)
         waiting = sum(t.state == TrialState.WAITING for t in trials)
         # an interrupted proposal is enqueued again on resume: it does not use up the cap twice
         used = sum(self.mine(t) for t in trials if not _interrupted(t))
@@ -258,6 +274,12 @@ class MethodToggles(_FrontProposals):
                 continue  # on but doing nothing (no block removed), and nothing of its own to bring in
             out.append((method, True, {**rest, gate: True, **added}))
         return out
+
+    def post_export(self, params: dict[str, Any]) -> list[tuple[str, bool, dict[str, Any]]]:
+        """The :meth:`proposals` that toggle a post-export method: a trial's siblings, built from its
+        trained model without training."""
+        post = {m.name for m, _, _ in self.space.entries if m.stage == "post_export"}
+        return [p for p in self.proposals(params) if p[0] in post]
 
     def _sampled(self, setting: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
         """The part of ``setting`` a trial with ``params`` samples (not the layers of a block it
@@ -337,6 +359,13 @@ def _on_grid(p: FloatParam | IntParam, value: float) -> float | int:
         value = p.low + round((value - p.low) / p.step) * p.step
     value = min(p.high, max(p.low, round(value, 10)))
     return int(round(value)) if isinstance(p, IntParam) else value
+
+
+def tried(space: ConcreteSpace, trials, params: dict[str, Any]) -> bool:
+    """Whether one of ``trials`` (finished, running or waiting) already tried the setting ``params``,
+    however either is written (their canonical forms agree)."""
+    canonical = space.canonical(params)
+    return any(_agrees(canonical, space.canonical(_setting(t))) for t in trials)
 
 
 def _setting(trial) -> dict[str, Any]:

@@ -26,6 +26,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -39,7 +40,17 @@ from autocomp.errors import (
 )
 from autocomp.method import EVALUATION_ARTIFACT, BaseModelInfo, CandidateContext
 from autocomp.plugins import Registry
-from autocomp.proposals import SEED_OF, MethodToggles, StrengthSteps, anchors, proposal_origin
+from autocomp.proposals import (
+    SEED_OF,
+    SIBLING_OF,
+    TOGGLE_ATTRS,
+    MethodToggles,
+    StrengthSteps,
+    anchors,
+    is_sibling,
+    proposal_origin,
+    tried,
+)
 from autocomp.results import RunDir, copy_atomic, read_json, sha256_of, write_json
 from autocomp.space import ConcreteSpace, SearchSpace, default_space_path, load_space
 from autocomp.target import STATISTICS
@@ -50,6 +61,9 @@ __all__ = ["SearchConfig", "SearchResult", "run_search", "prepare", "evaluate"]
 logger = logging.getLogger("autocomp")
 
 STUDY_NAME = "autocomp"
+#: User attribute of a trial whose files are not in its own trial directory (a sibling's are in its
+#: source's): their directory, relative to the run directory.
+FILES_IN = "files_in"
 #: A measured candidate whose first reading puts it on the front, or misses the front or
 #: --max-latency by less than this factor, is measured once more and keeps the faster reading
 #: (``_Objective._recheck_reason``).
@@ -79,6 +93,9 @@ class SearchConfig:
     keep_all: bool = False
     final_rounds: int = 3
     latency_statistic: str = "min"
+    #: score every trained candidate also with each optional post-export method (quantization)
+    #: toggled, without training it again (``proposals`` module docs, "siblings")
+    siblings: bool = True
 
     def __post_init__(self) -> None:
         if self.latency_statistic not in STATISTICS:
@@ -271,6 +288,11 @@ class _Objective:
         self.cache = LatencyCache(prep.run.root / "latency_cache.sqlite")
         self.can_predict: bool | None = None  # found out on the first candidate checked against --max-latency
 
+    @cached_property
+    def toggles(self) -> MethodToggles:
+        """What a trial's siblings toggle (:meth:`MethodToggles.post_export`)."""
+        return MethodToggles(self.concrete, self.prep.config.trials)
+
     def margin(self) -> float:
         """Slack on predictions of measured targets: a candidate is dropped only when clearly too slow.
 
@@ -355,60 +377,139 @@ class _Objective:
         ctx = CandidateContext(workload=wl, teacher=wl.model, target=prep.target, work_dir=work,
                                seed=cfg.seed * 100_003 + trial.user_attrs.get(SEED_OF, trial.number))
         try:
-            model = build_structure(wl.model, spec, self.concrete, ctx)
-            predicted = self._predicted_latency(model, spec, ctx)
-            if predicted is not None and predicted > self.latency_bound():
-                reason = (f"predicted latency {predicted:.3f} ms exceeds --max-latency {cfg.max_latency_ms} ms"
-                          f" (with a {100 * self.margin():.0f} % margin); rejected before training")
-                trial.set_user_attr("rejected", reason)
-                write_json(trial_dir / "metrics.json", {"status": "rejected", "reason": reason,
-                                                        "predicted_latency_ms": predicted})
-                self.on_event("trial_rejected", {"number": trial.number, "reason": reason})
-                raise optuna.TrialPruned(reason)
-            model = recover(model, spec, self.concrete, ctx)
-            stats = _model_stats(model, wl.example_input)
-            fp32 = export_onnx(model, wl.example_input, work / "fp32.onnx")
-            parity = check_parity(model, fp32, wl.val.inputs[:32])
-            final = build_artifact(fp32, spec, self.concrete, ctx)
-            artifact = trial_dir / "model.onnx"
-            copy_atomic(final, artifact)
-            # A method may leave an evaluation twin: the same numerics in ops this host can run
-            # (fp16 layers emulated in fp32 with fp16 rounding). The target still times the artifact.
-            evaluation = ctx.notes.pop(EVALUATION_ARTIFACT, None)
-            metric = evaluate(Path(evaluation) if evaluation else artifact, wl)
-            if evaluation:
-                ctx.notes["metric_from"] = "evaluation twin (fp16 rounding emulated)"
-            shapes = input_shapes_of(wl.example_input)
-            latency, cached = self.cache.latency(prep.target, artifact, shapes)
-            ctx.notes["latency_cached"] = cached
-            why = None if cached else self._recheck_reason(trial, metric, latency.value(cfg.latency_statistic))
-            if why:
-                ctx.notes["latency_rechecked"] = {"why": why, "first_ms": latency.value(cfg.latency_statistic)}
-                try:
-                    latency, second = self.cache.recheck(prep.target, artifact, shapes, latency,
-                                                         cfg.latency_statistic)
-                    ctx.notes["latency_rechecked"]["second_ms"] = second.value(cfg.latency_statistic)
-                except Exception as exc:  # noqa: BLE001 - the first reading stands
-                    ctx.notes["latency_rechecked"]["failed"] = f"{type(exc).__name__}: {exc}"
-        except optuna.TrialPruned:
-            raise
-        except BaseException as exc:
-            reason = f"{type(exc).__name__}: {exc}"
-            if not isinstance(exc, (KeyboardInterrupt, SystemExit)):
-                logger.warning("trial %d failed: %s", trial.number, reason)
-            trial.set_user_attr("failure_reason", reason)
-            write_json(trial_dir / "metrics.json", {"status": "failed", "reason": reason,
-                                                    "skipped": ctx.skipped, "notes": ctx.notes})
-            self.on_event("trial_failed", {"number": trial.number, "reason": reason})
-            raise
+            try:
+                model = build_structure(wl.model, spec, self.concrete, ctx)
+                predicted = self._predicted_latency(model, spec, ctx)
+                if predicted is not None and predicted > self.latency_bound():
+                    reason = (f"predicted latency {predicted:.3f} ms exceeds --max-latency {cfg.max_latency_ms} ms"
+                              f" (with a {100 * self.margin():.0f} % margin); rejected before training")
+                    trial.set_user_attr("rejected", reason)
+                    write_json(trial_dir / "metrics.json", {"status": "rejected", "reason": reason,
+                                                            "predicted_latency_ms": predicted})
+                    self.on_event("trial_rejected", {"number": trial.number, "reason": reason})
+                    raise optuna.TrialPruned(reason)
+                model = recover(model, spec, self.concrete, ctx)
+                stats = _model_stats(model, wl.example_input)
+                fp32 = export_onnx(model, wl.example_input, work / "fp32.onnx")
+                parity = check_parity(model, fp32, wl.val.inputs[:32])
+                final = build_artifact(fp32, spec, self.concrete, ctx)
+                artifact, metric, latency = self._score(trial, final, trial_dir, ctx)
+            except optuna.TrialPruned:
+                raise
+            except BaseException as exc:
+                reason = f"{type(exc).__name__}: {exc}"
+                if not isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                    logger.warning("trial %d failed: %s", trial.number, reason)
+                trial.set_user_attr("failure_reason", reason)
+                write_json(trial_dir / "metrics.json", {"status": "failed", "reason": reason,
+                                                        "skipped": ctx.skipped, "notes": ctx.notes})
+                self.on_event("trial_failed", {"number": trial.number, "reason": reason})
+                raise
+            metrics = self._metrics(metric, latency, artifact, parity, started, ctx, stats)
+            for key, value in metrics.pop("constraints").items():
+                trial.set_constraint(key, value)
+            write_json(trial_dir / "metrics.json", metrics)
+            for key in ("drop", "latency_p90_ms", "size_bytes", "feasible", "speedup"):
+                trial.set_user_attr(key, metrics[key])
+            trial.set_user_attr("skipped", ctx.skipped)
+            self.on_event("trial_complete", {"number": trial.number, **metrics})
+            if cfg.siblings:
+                self._add_siblings(trial, fp32, metrics, stats, parity, ctx.seed)
         finally:
             shutil.rmtree(work, ignore_errors=True)
+        return metric, metrics["latency_ms"]
+
+    def _add_siblings(self, trial, fp32: Path, metrics: dict[str, Any], stats: dict[str, int], parity: float,
+                      seed: int) -> None:
+        """Add ``trial``'s siblings to the study: its trained model, exported once as ``fp32``, with
+        each optional post-export method (quantization) left out, or put in with its anchor setting,
+        scored and timed like any trial (``proposals`` module docs). A sibling the study already
+        tried, one whose setting the sampler would have to complete, and quantization put into a
+        candidate already over the accuracy budget (it only loses accuracy) are not built; a sibling
+        that fails is logged and dropped, the trial stands."""
+        import optuna
+
+        from autocomp.candidate import build_artifact
+
+        cfg, run = self.prep.config, self.prep.run
+        for method, switched_on, params in self.toggles.post_export(trial.params):
+            if switched_on and metrics["drop"] > cfg.max_drop:
+                continue
+            if tried(self.concrete, trial.study.get_trials(deepcopy=False), params):
+                continue
+            fixed = optuna.trial.FixedTrial(params)
+            try:
+                spec = self.concrete.sample(fixed)
+            except ValueError:  # a parameter the sampler would draw
+                continue
+            out_dir = run.trial_dir(trial.number) / f"sibling-{method}"
+            work = out_dir / "work"
+            work.mkdir(parents=True, exist_ok=True)
+            started = time.perf_counter()
+            ctx = CandidateContext(workload=self.prep.workload, teacher=self.prep.workload.model,
+                                   target=self.prep.target, work_dir=work, seed=seed)
+            what = f"{'with' if switched_on else 'without'} {method}"
+            try:
+                final = build_artifact(fp32, spec, self.concrete, ctx)
+                artifact, metric, latency = self._score(trial, final, out_dir, ctx)
+            except Exception as exc:  # noqa: BLE001 - a sibling is extra; its source stands
+                logger.warning("trial %d %s (its sibling) failed: %s: %s", trial.number, what, type(exc).__name__, exc)
+                continue
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
+            write_json(out_dir / "spec.json", spec.to_dict())
+            record = self._metrics(metric, latency, artifact, parity, started, ctx, stats)
+            constraints = record.pop("constraints")
+            write_json(out_dir / "metrics.json", record)
+            attrs = {SIBLING_OF: trial.number, TOGGLE_ATTRS[switched_on][1]: method,
+                     SEED_OF: trial.user_attrs.get(SEED_OF, trial.number),
+                     FILES_IN: out_dir.relative_to(run.root).as_posix(), "skipped": ctx.skipped,
+                     **{key: record[key] for key in ("drop", "latency_p90_ms", "size_bytes", "feasible", "speedup")}}
+            trial.study.add_trial(optuna.trial.create_trial(
+                params=fixed.params, distributions=fixed.distributions, values=[metric, record["latency_ms"]],
+                user_attrs=attrs, constraints=constraints))
+            logger.info("trial %d %s: built from its trained model", trial.number, what)
+            self.on_event("sibling_complete", {"number": trial.number, "what": what, **record})
+
+    def _score(self, trial, final: Path, out_dir: Path, ctx: CandidateContext) -> tuple[Path, float, Any]:
+        """Copy the built artifact ``final`` to ``out_dir``, score it on the validation split and
+        time it (a second window when :meth:`_recheck_reason` asks for one): (artifact, metric,
+        latency statistics)."""
+        cfg, wl = self.prep.config, self.prep.workload
+        from autocomp.ort import input_shapes_of
+
+        artifact = out_dir / "model.onnx"
+        copy_atomic(final, artifact)
+        # A method may leave an evaluation twin: the same numerics in ops this host can run
+        # (fp16 layers emulated in fp32 with fp16 rounding). The target still times the artifact.
+        evaluation = ctx.notes.pop(EVALUATION_ARTIFACT, None)
+        metric = evaluate(Path(evaluation) if evaluation else artifact, wl)
+        if evaluation:
+            ctx.notes["metric_from"] = "evaluation twin (fp16 rounding emulated)"
+        shapes = input_shapes_of(wl.example_input)
+        latency, cached = self.cache.latency(self.prep.target, artifact, shapes)
+        ctx.notes["latency_cached"] = cached
+        why = None if cached else self._recheck_reason(trial, metric, latency.value(cfg.latency_statistic))
+        if why:
+            ctx.notes["latency_rechecked"] = {"why": why, "first_ms": latency.value(cfg.latency_statistic)}
+            try:
+                latency, second = self.cache.recheck(self.prep.target, artifact, shapes, latency,
+                                                     cfg.latency_statistic)
+                ctx.notes["latency_rechecked"]["second_ms"] = second.value(cfg.latency_statistic)
+            except Exception as exc:  # noqa: BLE001 - the first reading stands
+                ctx.notes["latency_rechecked"]["failed"] = f"{type(exc).__name__}: {exc}"
+        return artifact, metric, latency
+
+    def _metrics(self, metric: float, latency, artifact: Path, parity: float, started: float,
+                 ctx: CandidateContext, stats: dict[str, int]) -> dict[str, Any]:
+        """A scored candidate's record (``metrics.json``), with its ``constraints`` (<= 0 feasible)."""
+        cfg = self.prep.config
         drop = _drop(metric, self.baseline["metric"], cfg.relative_drop)
-        trial.set_constraint("max_drop", drop - cfg.max_drop)
         ms = latency.value(cfg.latency_statistic)
+        constraints = {"max_drop": drop - cfg.max_drop}
         if cfg.max_latency_ms is not None:
-            trial.set_constraint("max_latency", ms - cfg.max_latency_ms)
-        metrics = {
+            constraints["max_latency"] = ms - cfg.max_latency_ms
+        return {
             "status": "complete",
             "metric": metric,
             "drop": drop,
@@ -425,13 +526,8 @@ class _Objective:
             "skipped": ctx.skipped,
             "notes": ctx.notes,
             **stats,
+            "constraints": constraints,
         }
-        write_json(trial_dir / "metrics.json", metrics)
-        for key in ("drop", "latency_p90_ms", "size_bytes", "feasible", "speedup"):
-            trial.set_user_attr(key, metrics[key])
-        trial.set_user_attr("skipped", ctx.skipped)
-        self.on_event("trial_complete", {"number": trial.number, **metrics})
-        return metric, ms
 
 
 class _StopOnSignal:
@@ -517,6 +613,12 @@ def _final_measurements(prep: Prepared, members: list[dict[str, Any]], baseline:
         member["final_speedup"] = baseline["final_latency_ms"] / member["final_latency_ms"]
 
 
+def _files_of(run: RunDir, trial) -> Path:
+    """The directory holding ``trial``'s spec, metrics and model: its trial directory, or for a
+    sibling, the one inside its source's (:data:`FILES_IN`)."""
+    return run.root / trial.user_attrs[FILES_IN] if FILES_IN in trial.user_attrs else run.trial_dir(trial.number)
+
+
 def _summary(prep: Prepared, concrete: ConcreteSpace, study, baseline: dict[str, Any], status: str) -> dict[str, Any]:
     from optuna.trial import TrialState
 
@@ -531,8 +633,9 @@ def _summary(prep: Prepared, concrete: ConcreteSpace, study, baseline: dict[str,
         if candidate in first:
             first[candidate].setdefault("same_as", []).append(t.number)
             continue
-        artifact = prep.run.trial_dir(t.number) / "model.onnx"
-        metrics = read_json(prep.run.trial_dir(t.number) / "metrics.json")
+        files = _files_of(prep.run, t)
+        artifact = files / "model.onnx"
+        metrics = read_json(files / "metrics.json")
         members.append({
             "trial": t.number,
             "metric": t.values[0],
@@ -546,7 +649,7 @@ def _summary(prep: Prepared, concrete: ConcreteSpace, study, baseline: dict[str,
             "params": metrics.get("params"),
             "artifact": str(artifact),
             "sha256": sha256_of(artifact),
-            "spec": read_json(prep.run.trial_dir(t.number) / "spec.json"),
+            "spec": read_json(files / "spec.json"),
             "skipped": metrics.get("skipped", []),
         })
         # proposed by the search: another member's setting with one method left out or put in, or a step
@@ -574,11 +677,15 @@ def _summary(prep: Prepared, concrete: ConcreteSpace, study, baseline: dict[str,
         "baseline": baseline,
         "pareto": members,
         "trials": {
-            "total": len(trials),
-            "complete": sum(t.state == TrialState.COMPLETE for t in trials),
+            "total": sum(not is_sibling(t) for t in trials),
+            "complete": sum(t.state == TrialState.COMPLETE and not is_sibling(t) for t in trials),
             "failed": len(failures),
             "rejected_before_training": rejected,
-            "feasible": sum(bool(t.user_attrs.get("feasible")) for t in trials if t.state == TrialState.COMPLETE),
+            "feasible": sum(bool(t.user_attrs.get("feasible")) for t in trials
+                            if t.state == TrialState.COMPLETE and not is_sibling(t)),
+            # built from a trial's trained model with quantization toggled; not in the counts above
+            "siblings": sum(is_sibling(t) for t in trials),
+            "siblings_feasible": sum(bool(t.user_attrs.get("feasible")) for t in trials if is_sibling(t)),
         },
         "failures": failures,
         "skipped": skipped,
@@ -642,7 +749,7 @@ def run_search(config: SearchConfig, registry: Registry, on_event: Event | None 
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = _open_study(prep)
-    done = [t for t in study.get_trials(deepcopy=False) if t.state.is_finished()]
+    done = [t for t in study.get_trials(deepcopy=False) if t.state.is_finished() and not is_sibling(t)]
     if not study.get_trials(deepcopy=False):
         for anchor in anchors(concrete):
             study.enqueue_trial(anchor, skip_if_exists=True)
@@ -677,7 +784,7 @@ def run_search(config: SearchConfig, registry: Registry, on_event: Event | None 
             keep = {m["trial"] for m in summary["pareto"]}
             for t in study.get_trials(deepcopy=False):
                 if t.number not in keep:
-                    (run.trial_dir(t.number) / "model.onnx").unlink(missing_ok=True)
+                    (_files_of(run, t) / "model.onnx").unlink(missing_ok=True)
     write_json(run.pareto, summary)
     run.update_manifest(status=status, finished=datetime.now(timezone.utc).isoformat(),
                         pareto_size=len(summary["pareto"]))

@@ -264,24 +264,27 @@ def test_a_candidate_drawn_twice_is_listed_once(tmp_path, registry, tiny_workloa
     assert Path(member["artifact"]).exists()
 
 
-def _optional_method_search(tmp_path, registry, space_text):
+def _optional_method_search(tmp_path, registry, space_text, **config):
     """A 4-trial search of ``space_text`` on the tiny workload; returns its result and its study."""
     import optuna
 
     space = tmp_path / "optional.toml"
     space.write_text(space_text)
     config = SearchConfig(workload="digits-tiny", target="cpu", target_options=FAST_TIMING, space=space,
-                          max_drop=0.5, trials=4, out=tmp_path / "run", final_rounds=0)
+                          max_drop=0.5, final_rounds=0, **{"trials": 4, "out": tmp_path / "run", **config})
     result = run_search(config, registry)
-    return result, optuna.load_study(study_name="autocomp", storage=f"sqlite:///{result.run_dir / 'study.db'}")
+    storage = config.storage or f"sqlite:///{result.run_dir / 'study.db'}"
+    return result, optuna.load_study(study_name="autocomp", storage=storage)
+
+
+QUANTIZE_OPTIONAL = "[prune]\nratio = [0.2, 0.4]\nround_to = 8\n\n[quantize]\noptional = true\nbits = [8, 32]\n"
 
 
 def test_a_front_member_is_tried_without_its_optional_method(tmp_path, registry, tiny_workload):
     """The first trial (the uniform anchor, with quantization on) is alone on the front, so the
     search tries the same pruning without quantization, with the same fine-tuning seed, and records
-    where that trial came from."""
-    result, study = _optional_method_search(
-        tmp_path, registry, "[prune]\nratio = [0.2, 0.4]\nround_to = 8\n\n[quantize]\noptional = true\nbits = [8, 32]\n")
+    where that trial came from (siblings off: they would have built that setting already)."""
+    result, study = _optional_method_search(tmp_path, registry, QUANTIZE_OPTIONAL, siblings=False)
     first = study.trials[0]
     assert first.params["quantize.enabled"] is True
     (ablation,) = [t for t in study.trials if t.user_attrs.get("ablation_of") == 0]
@@ -311,6 +314,65 @@ def test_a_front_member_is_tried_with_an_optional_method_it_left_out(tmp_path, r
         k: v for k, v in first.params.items() if not k.startswith("lowrank.")}
     assert addition.params["lowrank.enabled"] is True
     assert any(k.startswith("lowrank.") and k != "lowrank.enabled" for k in addition.params)
+
+
+def _siblings_of(study, number):
+    return [t for t in study.trials if t.user_attrs.get("sibling_of") == number]
+
+
+def _op_types(path):
+    return {node.op_type for node in onnx.load(str(path)).graph.node}
+
+
+def test_each_trained_candidate_is_also_scored_without_quantization(tmp_path, registry, tiny_workload):
+    """Every trial with quantization on gets a sibling: its own trained model exported without
+    quantization, scored and timed, added to the study without training and without using a trial
+    of the budget; the toggles then never spend a trial on that setting."""
+    result, study = _optional_method_search(tmp_path, registry, QUANTIZE_OPTIONAL, keep_all=True)
+    budget = [t for t in study.trials if "sibling_of" not in t.user_attrs]
+    assert len(budget) == result.summary["trials"]["total"] == 4
+    assert not any(t.user_attrs.get("ablated") == "quantize" for t in budget)
+    quantized = [t for t in budget if t.params["quantize.enabled"]]
+    assert quantized and result.summary["trials"]["siblings"] == len(study.trials) - 4
+    val = tiny_workload.val.inputs.numpy()
+    for source in quantized:
+        (sibling,) = _siblings_of(study, source.number)
+        assert sibling.user_attrs["ablated"] == "quantize"
+        assert sibling.user_attrs["seed_of"] == source.user_attrs.get("seed_of", source.number)
+        assert sibling.params == {**{k: v for k, v in source.params.items() if not k.startswith("quantize.")},
+                                  "quantize.enabled": False}
+        files = result.run_dir / sibling.user_attrs["files_in"]
+        assert json.loads((files / "metrics.json").read_text())["metric"] == sibling.values[0]
+        assert json.loads((files / "spec.json").read_text())["quantize"] == {"enabled": False}
+        model, quantized_model = files / "model.onnx", result.run_dir / "trials" / f"{source.number:04d}" / "model.onnx"
+        assert "QuantizeLinear" not in _op_types(model) and "QuantizeLinear" in _op_types(quantized_model)
+        # the same trained weights: the int8 artifact's outputs are the sibling's within int8 error
+        # (an untrained or differently fine-tuned model would be far off)
+        fp32_out, int8_out = run_batches(model, val), run_batches(quantized_model, val)
+        assert np.abs(int8_out - fp32_out).max() < 0.1 * np.abs(fp32_out).max()
+        accuracy = float((fp32_out.argmax(1) == tiny_workload.val.targets.numpy()).mean())
+        assert accuracy == pytest.approx(sibling.values[0])
+
+
+def test_a_candidate_without_quantization_is_also_scored_with_it(tmp_path, registry, tiny_workload):
+    """A trial with quantization off gets the sibling with every layer int8 (the anchors' setting);
+    a resumed run counts only the trials of the budget, not the siblings."""
+    import optuna
+
+    storage = f"sqlite:///{tmp_path / 'shared.db'}"
+    optuna.create_study(storage=storage, study_name="autocomp",
+                        directions=["maximize", "minimize"]).enqueue_trial({"quantize.enabled": False})
+    result, study = _optional_method_search(tmp_path, registry, QUANTIZE_OPTIONAL, trials=1, storage=storage,
+                                            keep_all=True)
+    source, sibling = study.trials
+    assert sibling.user_attrs["sibling_of"] == 0 and sibling.user_attrs["added"] == "quantize"
+    layers = {k: v for k, v in sibling.params.items() if k.startswith("quantize.") and k != "quantize.enabled"}
+    assert sibling.params["quantize.enabled"] is True and layers and set(layers.values()) == {"int8"}
+    assert result.summary["trials"] == {**result.summary["trials"], "total": 1, "siblings": 1}
+    assert "QuantizeLinear" in _op_types(result.run_dir / sibling.user_attrs["files_in"] / "model.onnx")
+    result, study = _optional_method_search(tmp_path, registry, QUANTIZE_OPTIONAL, trials=2, storage=storage,
+                                            resume=True)
+    assert sum("sibling_of" not in t.user_attrs for t in study.trials) == result.summary["trials"]["total"] == 2
 
 
 def _objective(tmp_path, registry, **config):

@@ -150,9 +150,12 @@ def _print_summary(console, summary: dict[str, Any]) -> None:
     console.print(table)
     # the paths below the table, where a narrow terminal cannot cut them
     for m in summary["pareto"]:
-        console.print(f"trial {m['trial']}: {m['artifact']}", highlight=False, soft_wrap=True)
+        sibling = (f" (trial {m['sibling_of']} {'with' if 'added' in m else 'without'} "
+                   f"{m.get('added') or m.get('ablated')}, not trained again)" if "sibling_of" in m else "")
+        console.print(f"trial {m['trial']}{sibling}: {m['artifact']}", highlight=False, soft_wrap=True)
     t = summary["trials"]
-    siblings = f" (+{t['siblings']} siblings, built without training)" if t.get("siblings") else ""
+    siblings = (f" (+{t['siblings']} siblings, not trained again, {t['siblings_feasible']} feasible)"
+                if t.get("siblings") else "")
     console.print(f"{t['complete']} trials complete{siblings}, {t['failed']} failed, "
                   f"{t.get('rejected_before_training', 0)} rejected before training, {t['feasible']} feasible; "
                   f"run directory: {summary['run_dir']}")

@@ -275,11 +275,14 @@ class MethodToggles(_FrontProposals):
             out.append((method, True, {**rest, gate: True, **added}))
         return out
 
+    @property
+    def post_export_methods(self) -> set[str]:
+        return {m.name for m, _, _ in self.space.entries if m.stage == "post_export"}
+
     def post_export(self, params: dict[str, Any]) -> list[tuple[str, bool, dict[str, Any]]]:
         """The :meth:`proposals` that toggle a post-export method: a trial's siblings, built from its
         trained model without training."""
-        post = {m.name for m, _, _ in self.space.entries if m.stage == "post_export"}
-        return [p for p in self.proposals(params) if p[0] in post]
+        return [p for p in self.proposals(params) if p[0] in self.post_export_methods]
 
     def _sampled(self, setting: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
         """The part of ``setting`` a trial with ``params`` samples (not the layers of a block it

@@ -64,6 +64,8 @@ STUDY_NAME = "autocomp"
 #: User attribute of a trial whose files are not in its own trial directory (a sibling's are in its
 #: source's): their directory, relative to the run directory.
 FILES_IN = "files_in"
+#: The parts of a trial's record (``metrics.json``) kept in the study too, as user attributes.
+RECORD_ATTRS = ("drop", "latency_p90_ms", "size_bytes", "feasible", "speedup")
 #: A measured candidate whose first reading puts it on the front, or misses the front or
 #: --max-latency by less than this factor, is measured once more and keeps the faster reading
 #: (``_Objective._recheck_reason``).
@@ -409,12 +411,15 @@ class _Objective:
             for key, value in metrics.pop("constraints").items():
                 trial.set_constraint(key, value)
             write_json(trial_dir / "metrics.json", metrics)
-            for key in ("drop", "latency_p90_ms", "size_bytes", "feasible", "speedup"):
+            for key in RECORD_ATTRS:
                 trial.set_user_attr(key, metrics[key])
             trial.set_user_attr("skipped", ctx.skipped)
             self.on_event("trial_complete", {"number": trial.number, **metrics})
             if cfg.siblings:
-                self._add_siblings(trial, fp32, metrics, stats, parity, ctx.seed)
+                try:
+                    self._add_siblings(trial, fp32, metrics, stats, parity, ctx.seed)
+                except KeyboardInterrupt:  # a stop while building siblings: the trained trial stands
+                    self.stop.requested = True  # and the search stops at its end (_StopOnSignal.after_trial)
         finally:
             shutil.rmtree(work, ignore_errors=True)
         return metric, metrics["latency_ms"]
@@ -426,10 +431,8 @@ class _Objective:
         scored and timed like any trial (``proposals`` module docs). A sibling the study already
         tried, one whose setting the sampler would have to complete, and quantization put into a
         candidate already over the accuracy budget (it only loses accuracy) are not built; a sibling
-        that fails is logged and dropped, the trial stands."""
+        that fails is logged and dropped (its directory removed), the trial stands."""
         import optuna
-
-        from autocomp.candidate import build_artifact
 
         cfg, run = self.prep.config, self.prep.run
         for method, switched_on, params in self.toggles.post_export(trial.params):
@@ -443,33 +446,49 @@ class _Objective:
             except ValueError:  # a parameter the sampler would draw
                 continue
             out_dir = run.trial_dir(trial.number) / f"sibling-{method}"
-            work = out_dir / "work"
-            work.mkdir(parents=True, exist_ok=True)
-            started = time.perf_counter()
-            ctx = CandidateContext(workload=self.prep.workload, teacher=self.prep.workload.model,
-                                   target=self.prep.target, work_dir=work, seed=seed)
             what = f"{'with' if switched_on else 'without'} {method}"
             try:
-                final = build_artifact(fp32, spec, self.concrete, ctx)
-                artifact, metric, latency = self._score(trial, final, out_dir, ctx)
-            except Exception as exc:  # noqa: BLE001 - a sibling is extra; its source stands
+                # the structure is its source's: so are the structural and recovery methods' skips
+                inherited = [s for s in metrics["skipped"] if s[0] not in self.toggles.post_export_methods]
+                record = self._sibling(trial, fp32, spec, out_dir, seed, stats, parity, inherited)
+                constraints = record.pop("constraints")
+                attrs = {SIBLING_OF: trial.number, TOGGLE_ATTRS[switched_on][1]: method,
+                         SEED_OF: trial.user_attrs.get(SEED_OF, trial.number),
+                         FILES_IN: out_dir.relative_to(run.root).as_posix(), "skipped": record["skipped"],
+                         **{key: record[key] for key in RECORD_ATTRS}}
+                trial.study.add_trial(optuna.trial.create_trial(
+                    params=fixed.params, distributions=fixed.distributions,
+                    values=[record["metric"], record["latency_ms"]], user_attrs=attrs, constraints=constraints))
+            except BaseException as exc:
+                shutil.rmtree(out_dir, ignore_errors=True)  # no trial holds it
+                if not isinstance(exc, Exception):
+                    raise
                 logger.warning("trial %d %s (its sibling) failed: %s: %s", trial.number, what, type(exc).__name__, exc)
                 continue
-            finally:
-                shutil.rmtree(work, ignore_errors=True)
-            write_json(out_dir / "spec.json", spec.to_dict())
-            record = self._metrics(metric, latency, artifact, parity, started, ctx, stats)
-            constraints = record.pop("constraints")
-            write_json(out_dir / "metrics.json", record)
-            attrs = {SIBLING_OF: trial.number, TOGGLE_ATTRS[switched_on][1]: method,
-                     SEED_OF: trial.user_attrs.get(SEED_OF, trial.number),
-                     FILES_IN: out_dir.relative_to(run.root).as_posix(), "skipped": ctx.skipped,
-                     **{key: record[key] for key in ("drop", "latency_p90_ms", "size_bytes", "feasible", "speedup")}}
-            trial.study.add_trial(optuna.trial.create_trial(
-                params=fixed.params, distributions=fixed.distributions, values=[metric, record["latency_ms"]],
-                user_attrs=attrs, constraints=constraints))
             logger.info("trial %d %s: built from its trained model", trial.number, what)
             self.on_event("sibling_complete", {"number": trial.number, "what": what, **record})
+
+    def _sibling(self, trial, fp32: Path, spec, out_dir: Path, seed: int, stats: dict[str, int],
+                 parity: float, skipped: list) -> dict[str, Any]:
+        """Build, score and time one sibling of ``trial`` in ``out_dir``, its record starting with
+        ``skipped``; its record, as a trial's."""
+        from autocomp.candidate import build_artifact
+
+        work = out_dir / "work"
+        work.mkdir(parents=True, exist_ok=True)
+        started = time.perf_counter()
+        ctx = CandidateContext(workload=self.prep.workload, teacher=self.prep.workload.model,
+                               target=self.prep.target, work_dir=work, seed=seed)
+        ctx.skipped.extend(skipped)
+        try:
+            final = build_artifact(fp32, spec, self.concrete, ctx)
+            artifact, metric, latency = self._score(trial, final, out_dir, ctx)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        write_json(out_dir / "spec.json", spec.to_dict())
+        record = self._metrics(metric, latency, artifact, parity, started, ctx, stats)
+        write_json(out_dir / "metrics.json", {k: v for k, v in record.items() if k != "constraints"})
+        return record
 
     def _score(self, trial, final: Path, out_dir: Path, ctx: CandidateContext) -> tuple[Path, float, Any]:
         """Copy the built artifact ``final`` to ``out_dir``, score it on the validation split and
@@ -534,9 +553,10 @@ class _StopOnSignal:
     """SIGTERM and SIGINT stop the search and leave it resumable.
 
     The handler raises KeyboardInterrupt so the running trial is closed at once (Optuna marks it
-    failed) instead of being left RUNNING in the storage. A raise can be lost (one that lands in a
-    finalizer during garbage collection is printed and dropped), so the request is also recorded and
-    the search stops at the next trial boundary at the latest.
+    failed) instead of being left RUNNING in the storage; one that lands while a trained trial's
+    siblings are built keeps the trial and stops the search after it. A raise can be lost (one that
+    lands in a finalizer during garbage collection is printed and dropped), so the request is also
+    recorded and the search stops at the next trial boundary at the latest.
     """
 
     def __init__(self) -> None:
@@ -658,6 +678,8 @@ def _summary(prep: Prepared, concrete: ConcreteSpace, study, baseline: dict[str,
         first[candidate] = members[-1]
     skipped: dict[str, int] = {}
     for t in trials:
+        if is_sibling(t):  # counted once per trained model: a sibling lists its source's skips again
+            continue
         for method, what, why in t.user_attrs.get("skipped", []):
             skipped[f"{method}: {what} ({why})"] = skipped.get(f"{method}: {what} ({why})", 0) + 1
     failures = [

@@ -333,7 +333,12 @@ def test_each_trained_candidate_is_also_scored_without_quantization(tmp_path, re
     assert len(budget) == result.summary["trials"]["total"] == 4
     assert not any(t.user_attrs.get("ablated") == "quantize" for t in budget)
     quantized = [t for t in budget if t.params["quantize.enabled"]]
-    assert quantized and result.summary["trials"]["siblings"] == len(study.trials) - 4
+    siblings = [t for t in study.trials if "sibling_of" in t.user_attrs]
+    assert quantized and result.summary["trials"]["siblings"] == len(siblings)
+    # one per trained trial: without quantization for the quantized ones, with it for the others
+    # (none is over this test's accuracy budget), unless the study already tried that setting
+    assert sorted(t.user_attrs["sibling_of"] for t in siblings) == sorted(
+        t.number for t in budget if t.params["quantize.enabled"] or _siblings_of(study, t.number))
     val = tiny_workload.val.inputs.numpy()
     for source in quantized:
         (sibling,) = _siblings_of(study, source.number)
@@ -362,17 +367,48 @@ def test_a_candidate_without_quantization_is_also_scored_with_it(tmp_path, regis
     storage = f"sqlite:///{tmp_path / 'shared.db'}"
     optuna.create_study(storage=storage, study_name="autocomp",
                         directions=["maximize", "minimize"]).enqueue_trial({"quantize.enabled": False})
-    result, study = _optional_method_search(tmp_path, registry, QUANTIZE_OPTIONAL, trials=1, storage=storage,
-                                            keep_all=True)
+    result, study = _optional_method_search(tmp_path, registry, QUANTIZE_OPTIONAL, trials=1, storage=storage)
     source, sibling = study.trials
     assert sibling.user_attrs["sibling_of"] == 0 and sibling.user_attrs["added"] == "quantize"
     layers = {k: v for k, v in sibling.params.items() if k.startswith("quantize.") and k != "quantize.enabled"}
     assert sibling.params["quantize.enabled"] is True and layers and set(layers.values()) == {"int8"}
     assert result.summary["trials"] == {**result.summary["trials"], "total": 1, "siblings": 1}
-    assert "QuantizeLinear" in _op_types(result.run_dir / sibling.user_attrs["files_in"] / "model.onnx")
+    files = result.run_dir / sibling.user_attrs["files_in"]
+    assert set(json.loads((files / "spec.json").read_text())["quantize"].values()) == {True, "int8"}
+    # without --keep-all the model stays only for a Pareto member, which points at it
+    members = {m["trial"]: m for m in result.pareto}
+    assert (files / "model.onnx").exists() is (sibling.number in members)
+    if sibling.number in members:
+        assert members[sibling.number]["artifact"] == str(files / "model.onnx")
+        assert members[sibling.number]["sibling_of"] == 0
     result, study = _optional_method_search(tmp_path, registry, QUANTIZE_OPTIONAL, trials=2, storage=storage,
                                             resume=True)
     assert sum("sibling_of" not in t.user_attrs for t in study.trials) == result.summary["trials"]["total"] == 2
+
+
+def test_a_stop_while_building_a_sibling_keeps_the_trained_trial(tmp_path, registry, tiny_workload, monkeypatch):
+    """A stop (SIGTERM or Ctrl-C) that lands while a sibling is built ends the search after the
+    trial, which is recorded complete; the resumed run goes on from there."""
+    import optuna
+
+    from autocomp.errors import Interrupted
+    from autocomp.search import _Objective
+
+    score = _Objective._score
+
+    def stop_at_the_sibling(self, trial, final, out_dir, ctx):
+        if out_dir.name.startswith("sibling-"):
+            raise KeyboardInterrupt
+        return score(self, trial, final, out_dir, ctx)
+
+    monkeypatch.setattr(_Objective, "_score", stop_at_the_sibling)
+    with pytest.raises(Interrupted):
+        _optional_method_search(tmp_path, registry, QUANTIZE_OPTIONAL, trials=2)
+    study = optuna.load_study(study_name="autocomp", storage=f"sqlite:///{tmp_path / 'run' / 'study.db'}")
+    assert [t.state for t in study.trials if t.state.is_finished()] == [optuna.trial.TrialState.COMPLETE]
+    monkeypatch.setattr(_Objective, "_score", score)
+    result, study = _optional_method_search(tmp_path, registry, QUANTIZE_OPTIONAL, trials=2, resume=True)
+    assert result.summary["trials"]["complete"] == 2
 
 
 def _objective(tmp_path, registry, **config):

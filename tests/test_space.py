@@ -530,6 +530,34 @@ def test_toggles_do_not_toggle_back_retry_a_failure_or_outrun_the_budget(registr
     assert [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,))] == [waiting[1].number]
 
 
+def test_siblings_use_no_trial_of_the_proposals_budget(registry, tiny_zoo):
+    """Siblings are trials in the study but not of the budget: a study whose trials fill all but one
+    of the budget still gets one toggle however many siblings it holds."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from autocomp.method import BaseModelInfo
+    from autocomp.proposals import SIBLING_OF, MethodToggles
+
+    model, x, onnx_path = tiny_zoo("resnet20")
+    space = load_space(default_space_path().with_name("joint.toml"), registry.methods)
+    concrete = space.concrete(BaseModelInfo(model, x, onnx_path, registry.target("jetson")))
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    off = {"remove_blocks.enabled": False, "prune.importance": "l2", "lowrank.enabled": False, "quantize.enabled": False}
+    for values in [(0.1, 10.0)] * 11 + [(0.9, 1.0)]:
+        study.enqueue_trial(off)
+        trial = study.ask()
+        concrete.sample(trial)
+        study.tell(trial, values)
+    member = study.best_trials[0]
+    for _ in range(3):
+        study.add_trial(optuna.trial.create_trial(params=member.params, distributions=member.distributions,
+                                                  values=[0.1, 10.0], user_attrs={SIBLING_OF: member.number}))
+    MethodToggles(concrete, trials=13, share=1.0)(study, member)
+    assert len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,))) == 1
+
+
 def test_strength_steps_move_every_sampled_compression_range_one_step(registry, tiny_zoo):
     """A step moves each pruning ratio and rank ratio the member sampled by a share of its range's
     width (kept on the ratio's grid and inside the range), toward the strong end or the neutral end;

@@ -51,19 +51,36 @@ ANCHOR_QUANTILES = (0.5, 0.67, 0.85)
 
 
 def anchors(space: ConcreteSpace) -> list[dict[str, Any]]:
-    """The trials enqueued before the sampler takes over, mildest first: the uniform recipe at each
-    of :data:`ANCHOR_QUANTILES`, dropping any that compresses nothing or repeats an earlier one.
+    """The trials enqueued before the sampler takes over, mildest first: the post-export methods
+    alone (:func:`_post_export_alone`), then the uniform recipe at each of :data:`ANCHOR_QUANTILES`,
+    dropping any that compresses nothing or repeats an earlier one.
 
     (Tried and measured twice, with the p50 and with the fastest run: adding, at each quantile, the
     recipe with each optional anchored method left out. On the digits benchmark at 40 trials it did
     not help the joint front either time; see benchmarks/joint_vs_single.md.)
     """
     found: list[dict[str, Any]] = []
-    for quantile in ANCHOR_QUANTILES:
-        anchor = _anchor_params(space, quantile)
+    for quantile in (None, *ANCHOR_QUANTILES):
+        anchor = _post_export_alone(space) if quantile is None else _anchor_params(space, quantile)
         if _compresses(anchor, space) and anchor not in found:
             found.append(anchor)
     return found
+
+
+def _post_export_alone(space: ConcreteSpace) -> dict[str, Any]:
+    """The post-export methods alone: the mildest uniform anchor with every parameter of the other
+    methods at its neutral value (no pruning where the ratio's range starts at 0), so every layer
+    int8 on the mildest structure the space allows. Quantization alone is the recipe users try
+    first (every quantization-only tool offers it); without this anchor the joint search met it
+    only when the sampler drew no pruning, and its front missed quantization alone's accuracy in
+    every run of benchmarks/joint_vs_single.md up to seed 2 of 2026-11-24. In a space without an
+    anchored post-export method it compresses nothing (or repeats the mildest anchor) and is not
+    enqueued."""
+    params = _anchor_params(space, ANCHOR_QUANTILES[0])
+    for method, _, declared in space.entries:
+        if method.stage != "post_export":
+            params.update({f"{method.name}.{p.name}": p.neutral for p in declared if p.neutral is not None})
+    return params
 
 
 def _anchor_params(space: ConcreteSpace, quantile: float) -> dict[str, Any]:

@@ -179,7 +179,14 @@ def test_anchor_trials_compress_uniformly_and_leave_blunt_methods_alone(tmp_path
     assert lowrank_concrete.size() > 0
     assert not _compresses(_anchor_params(lowrank_concrete, 0.85), lowrank_concrete)
     assert anchors(lowrank_concrete) == []
-    assert anchors(concrete) == [mild, _anchor_params(concrete, 0.67), strong]
+    # first, quantization alone: the mildest anchor with every structural parameter neutral (no pruning)
+    alone, *uniform = anchors(concrete)
+    assert uniform == [mild, _anchor_params(concrete, 0.67), strong]
+    assert alone == {**mild, **{f"prune.{p.name}": 0.0 for p in ratios}} and all(p.low == 0.0 for p in ratios)
+    # a space without quantization gets no such anchor
+    prune_only = load_space(_write(tmp_path, "[prune]\nratio = [0.0, 0.8]\n"), registry.methods)
+    prune_concrete = prune_only.concrete(BaseModelInfo(model, x, onnx_path, registry.target("jetson")))
+    assert len(anchors(prune_concrete)) == 3
     for p in ratios:
         assert p.low < mild[f"prune.{p.name}"] < strong[f"prune.{p.name}"] <= p.high
 

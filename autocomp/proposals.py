@@ -72,8 +72,9 @@ def _post_export_alone(space: ConcreteSpace) -> dict[str, Any]:
     methods at its neutral value (no pruning where the ratio's range starts at 0), so every layer
     int8 on the mildest structure the space allows. Quantization alone is the recipe users try
     first (every quantization-only tool offers it); without this anchor the joint search met it
-    only when the sampler drew no pruning, and its front missed quantization alone's accuracy in
-    every run of benchmarks/joint_vs_single.md up to seed 2 of 2026-11-24. In a space without an
+    only when the sampler drew no pruning, and its front missed quantization alone's most accurate
+    point in several runs of benchmarks/joint_vs_single.md (seeds 0 and 2 with the int8 glue on the
+    previous host, among others). In a space without an
     anchored post-export method it compresses nothing (or repeats the mildest anchor) and is not
     enqueued."""
     params = _anchor_params(space, ANCHOR_QUANTILES[0])

@@ -263,6 +263,7 @@ class MethodToggles(_FrontProposals):
 
     def __init__(self, space: ConcreteSpace, trials: int, share: float = TOGGLE_SHARE):
         self.gated = [m.name for m, _, _ in space.entries if m.name in space.gated]
+        self.post_export_methods = {m.name for m, _, _ in space.entries if m.stage == "post_export"}
         super().__init__(space, trials, share if self.gated else 0.0)
         #: per optional method that takes part in the anchors, the setting it is put in with: its
         #: mildest anchor's (every layer at the strongest precision offered)
@@ -292,10 +293,6 @@ class MethodToggles(_FrontProposals):
                 continue  # on but doing nothing (no block removed), and nothing of its own to bring in
             out.append((method, True, {**rest, gate: True, **added}))
         return out
-
-    @property
-    def post_export_methods(self) -> set[str]:
-        return {m.name for m, _, _ in self.space.entries if m.stage == "post_export"}
 
     def post_export(self, params: dict[str, Any]) -> list[tuple[str, bool, dict[str, Any]]]:
         """The :meth:`proposals` that toggle a post-export method: a trial's siblings, built from its

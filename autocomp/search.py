@@ -408,7 +408,7 @@ class _Objective:
                 self.on_event("trial_failed", {"number": trial.number, "reason": reason})
                 raise
             metrics = self._metrics(metric, latency, artifact, parity, started, ctx, stats)
-            for key, value in metrics.pop("constraints").items():
+            for key, value in self._constraints(metrics).items():
                 trial.set_constraint(key, value)
             write_json(trial_dir / "metrics.json", metrics)
             for key in RECORD_ATTRS:
@@ -451,14 +451,13 @@ class _Objective:
                 # the structure is its source's: so are the structural and recovery methods' skips
                 inherited = [s for s in metrics["skipped"] if s[0] not in self.toggles.post_export_methods]
                 record = self._sibling(trial, fp32, spec, out_dir, seed, stats, parity, inherited)
-                constraints = record.pop("constraints")
                 attrs = {SIBLING_OF: trial.number, TOGGLE_ATTRS[switched_on][1]: method,
                          SEED_OF: trial.user_attrs.get(SEED_OF, trial.number),
                          FILES_IN: out_dir.relative_to(run.root).as_posix(), "skipped": record["skipped"],
                          **{key: record[key] for key in RECORD_ATTRS}}
                 trial.study.add_trial(optuna.trial.create_trial(
                     params=fixed.params, distributions=fixed.distributions,
-                    values=[record["metric"], record["latency_ms"]], user_attrs=attrs, constraints=constraints))
+                    values=[record["metric"], record["latency_ms"]], user_attrs=attrs, constraints=self._constraints(record)))
             except BaseException as exc:
                 shutil.rmtree(out_dir, ignore_errors=True)  # no trial holds it
                 if not isinstance(exc, Exception):
@@ -487,7 +486,7 @@ class _Objective:
             shutil.rmtree(work, ignore_errors=True)
         write_json(out_dir / "spec.json", spec.to_dict())
         record = self._metrics(metric, latency, artifact, parity, started, ctx, stats)
-        write_json(out_dir / "metrics.json", {k: v for k, v in record.items() if k != "constraints"})
+        write_json(out_dir / "metrics.json", record)
         return record
 
     def _score(self, trial, final: Path, out_dir: Path, ctx: CandidateContext) -> tuple[Path, float, Any]:
@@ -521,13 +520,10 @@ class _Objective:
 
     def _metrics(self, metric: float, latency, artifact: Path, parity: float, started: float,
                  ctx: CandidateContext, stats: dict[str, int]) -> dict[str, Any]:
-        """A scored candidate's record (``metrics.json``), with its ``constraints`` (<= 0 feasible)."""
+        """A scored candidate's record (``metrics.json``)."""
         cfg = self.prep.config
         drop = _drop(metric, self.baseline["metric"], cfg.relative_drop)
         ms = latency.value(cfg.latency_statistic)
-        constraints = {"max_drop": drop - cfg.max_drop}
-        if cfg.max_latency_ms is not None:
-            constraints["max_latency"] = ms - cfg.max_latency_ms
         return {
             "status": "complete",
             "metric": metric,
@@ -545,8 +541,15 @@ class _Objective:
             "skipped": ctx.skipped,
             "notes": ctx.notes,
             **stats,
-            "constraints": constraints,
         }
+
+    def _constraints(self, record: dict[str, Any]) -> dict[str, float]:
+        """The Optuna constraints of a scored candidate's record (<= 0 feasible)."""
+        cfg = self.prep.config
+        constraints = {"max_drop": record["drop"] - cfg.max_drop}
+        if cfg.max_latency_ms is not None:
+            constraints["max_latency"] = record["latency_ms"] - cfg.max_latency_ms
+        return constraints
 
 
 class _StopOnSignal:

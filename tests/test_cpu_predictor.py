@@ -69,7 +69,7 @@ def _tiny_fp32():
 
 
 def test_tiny_fp32_features_match_hand_count():
-    f = cp.graph_features(_tiny_fp32(), {"x": (1, 3, 16, 16)})
+    f = cp.graph_features(_tiny_fp32(), {"x": (1, 3, 16, 16)}, block=1)
     hw = 16 * 16
     assert f["run"] == 1
     assert f["conv.fp32.mmacs"] == pytest.approx(8 * hw * 27 / 1e6)
@@ -84,6 +84,31 @@ def test_tiny_fp32_features_match_hand_count():
     # pool reads 16 x 16 x 16 and writes 16
     assert f["other.fp32.melems"] == pytest.approx((16 * hw + 16) / 1e6)
     assert all(f[k] == 0 for k in f if ".int8." in k or k.startswith("qdq"))
+
+
+def test_nchwc_padding_counts_the_channels_onnx_runtime_computes():
+    """With 16-channel blocks (AVX-512) an fp32 convolution's output channels, and input channels of
+    16 or more, are padded to whole blocks: 3 -> 24 computes 3 -> 32, 24 -> 24 computes 32 -> 32."""
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[1, 1, 1, 1], name="stem"),
+             helper.make_node("Conv", ["c1", "w2"], ["c2"], pads=[1, 1, 1, 1], name="conv"),
+             helper.make_node("Conv", ["c2", "w3"], ["y"], pads=[1, 1, 1, 1], group=24, name="depthwise")]
+    model = _model(nodes, [_init("w1", (24, 3, 3, 3)), _init("w2", (24, 24, 3, 3)), _init("w3", (24, 1, 3, 3))])
+    hw = 16 * 16
+    exact = cp.graph_features(model, {"x": (1, 3, 16, 16)}, block=1)
+    padded = cp.graph_features(model, {"x": (1, 3, 16, 16)}, block=16)
+    assert exact["conv.fp32.mmacs"] == pytest.approx(hw * (24 * 27 + 24 * 24 * 9) / 1e6)
+    assert padded["conv.fp32.mmacs"] == pytest.approx(hw * (32 * 27 + 32 * 32 * 9) / 1e6)
+    assert padded["depthwise.fp32.mmacs"] == pytest.approx(hw * 32 * 9 / 1e6)
+    assert cp.graph_features(model, {"x": (1, 3, 16, 16)}, block=8) == exact  # 24 is a whole number of 8-blocks
+
+
+def test_nchwc_block_is_what_onnx_runtime_uses_on_this_cpu():
+    """MLAS blocks channels by 16 with AVX-512 and by 8 with AVX2 (x86 only)."""
+    flags = cp._cpu_flags()
+    expected = 16 if "avx512f" in flags else 8 if "avx2" in flags else None
+    if expected is None:
+        pytest.skip("not an x86 CPU with AVX2 or AVX-512")
+    assert cp.nchwc_block() == expected
 
 
 def _tiny_qdq():
@@ -114,11 +139,28 @@ def _tiny_qdq():
 
 
 def test_tiny_qdq_features_match_hand_count():
-    f = cp.graph_features(_tiny_qdq(), {"x": (1, 3, 16, 16)})
+    f = cp.graph_features(_tiny_qdq(), {"x": (1, 3, 16, 16)}, block=1)
     assert f["conv.int8.mmacs"] == pytest.approx(8 * 256 * 27 / 1e6)
+    # on x86 (NCHWc blocks) int8 output channels are priced in blocks of 16: 8 -> 16
+    padded = cp.graph_features(_tiny_qdq(), {"x": (1, 3, 16, 16)}, block=8)
+    assert padded["conv.int8.mmacs"] == pytest.approx(16 * 256 * 27 / 1e6)
     assert f["kernels.int8"] == 1 and f["kernels.fp32"] == 0
     assert f["qdq.kernels"] == 4  # Q(x), DQ(conv) -> Q(relu) requantization, DQ(output)
     assert f["qdq.melems"] == pytest.approx((3 * 256 + 3 * 8 * 256) / 1e6)
+
+
+def test_a_relu_after_int8_runs_in_float_unless_quantized_again():
+    """int8 conv -> Q -> DQ -> Relu -> output: ONNX Runtime folds the ReLU into the QLinearConv only
+    when a QuantizeLinear reads it; here it is a float kernel over the conv's output, in NHWC."""
+    model = _tiny_qdq()
+    nodes = list(model.graph.node)[:-2]  # drop q_relu and dq_out
+    nodes[-1].output[0] = "y"
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    f = cp.graph_features(model, {"x": (1, 3, 16, 16)}, block=1)
+    assert f["kernels.int8"] == 1 and f["kernels.fp32"] == 1
+    assert f["unfused.int8.melems"] == pytest.approx(2 * 8 * 256 / 1e6)  # float, after an int8 layer
+    assert f["qdq.kernels"] == 2  # Q(x) and the DQ after the conv (its Q folds into the QLinearConv)
 
 
 @pytest.mark.parametrize("make", [_tiny_fp32, _tiny_qdq])

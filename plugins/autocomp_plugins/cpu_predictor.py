@@ -14,7 +14,10 @@ ONNX Runtime's CPU provider differs from the edge model's TensorRT-like view, th
 ONNX Runtime: a PRelu after a convolution is a kernel of its own (between NCHWc layout reorders),
 an Add after a MatMul is not fused, an int8 residual Add is a QLinearAdd, Q/DQ pairs that QDQ fusion
 leaves (fp32/int8 boundaries, requantization between an int8 convolution and its ReLU) are kernels,
-and shape arithmetic runs at run time (the batch axis is dynamic). The prediction is linear::
+and shape arithmetic runs at run time (the batch axis is dynamic). Convolutions are priced at the
+channel counts ONNX Runtime computes, not the ones the graph declares: at fp32 its NCHWc layout pads
+channels to whole blocks (16 with AVX-512, 8 with AVX2; :func:`nchwc_block` asks ONNX Runtime), and
+int8 output channels are rounded up to :data:`INT8_CHANNEL_BLOCK`. The prediction is linear::
 
     latency_ms = sum(coefficient[f] * feature[f] for f in FEATURES)
 
@@ -42,6 +45,7 @@ Importing this module is cheap: onnx, onnxruntime, torch and scipy are imported 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -100,9 +104,13 @@ FEATURES: dict[str, str] = {
                             f"data-movement kernels at {p} read and write" for p in _PRECISIONS},
     "unfused.melems": "million elements read and written by activations ONNX Runtime cannot fuse into an "
                       "fp32 convolution (PRelu ...), each run between layout reorders",
+    "unfused.int8.melems": "million elements read and written by float activations between int8 layers that "
+                           "ONNX Runtime has no int8 kernel for (PRelu ...), run in the int8 layers' NHWC layout",
     "qdq.kernels": "QuantizeLinear/DequantizeLinear nodes ONNX Runtime keeps as kernels "
                    "(fp32/int8 boundaries, requantization after an int8 convolution's activation)",
     "qdq.melems": "million elements those QuantizeLinear/DequantizeLinear kernels convert",
+    "matmul.batches": "matrix products run by MatMul nodes whose operands are both activations (attention: one "
+                      "per head and image)",
     "shape.kernels": "shape arithmetic and reshape-like nodes (free in the cost model, run by ONNX Runtime)",
 }
 
@@ -196,20 +204,21 @@ def _qdq_kernels(g: Any) -> list[int]:
     return kept
 
 
-def _unfused_kernel(node: Any, host: Any, host_precision: str) -> tuple[str, str] | None:
+def _unfused_kernel(node: Any, host: Any, host_precision: str, quantized_output: bool) -> tuple[str, str] | None:
     """(feature, precision) of a node the edge model fuses but ONNX Runtime runs as a kernel; None if fused.
 
     fp32 convolutions fold activations, batch norm and residual Adds; MatMul folds a scale
     (FusedMatMul) but not its bias Add on 3-D inputs; an int8 layer drops a following ReLU/Clip into
-    its output quantization and runs a residual Add as QLinearAdd. Anything else (PRelu after any
-    convolution, an Add after a MatMul) is an element-wise kernel of its own; after an fp32
-    convolution it also costs two layout reorders (NCHWc), hence a feature of its own.
+    its output quantization when that output is quantized again (``quantized_output``) and runs a
+    residual Add as QLinearAdd. Anything else (PRelu after any convolution, an Add after a MatMul) is
+    an element-wise kernel of its own; after an fp32 convolution it also costs two layout reorders
+    (NCHWc), after an int8 one it runs in the NHWC layout: each has a feature of its own.
     """
     op = node.op_type
     if host_precision == "int8":
-        if op in ("Relu", "Clip"):
+        if op in ("Relu", "Clip") and quantized_output:
             return None
-        return ("other.int8.melems", "int8") if op in ("Add", "Sub", "Mul") else ("other.fp32.melems", "fp32")
+        return ("other.int8.melems", "int8") if op in ("Add", "Sub", "Mul") else ("unfused.int8.melems", "fp32")
     if host.op_type in ("Conv", "ConvTranspose"):
         return None if op in _ORT_FUSES else ("unfused.melems", "fp32")
     if op in ("Mul", "Div") or (host.op_type == "Gemm" and op in _ORT_FUSES):
@@ -217,13 +226,89 @@ def _unfused_kernel(node: Any, host: Any, host_precision: str) -> tuple[str, str
     return ("other.fp32.melems", "fp32")
 
 
-def graph_features(graph_or_path: Any, input_shapes: Mapping[str, Sequence[int]]) -> dict[str, float]:
+def _round_up(n: int, block: int) -> int:
+    return -(-n // block) * block
+
+
+#: Output channels of an int8 convolution are priced in whole blocks of this many on x86 (where
+#: ``nchwc_block() > 1``). Fitted, not read from ONNX Runtime: on the AVX-512 VNNI host of
+#: benchmarks/cpu_predictor.md, blocks of 16 cut the cross-validated error most (8 changed
+#: nothing; 32 and 64 were worse), which fits int8 GEMM kernels that produce 16 columns at a time.
+INT8_CHANNEL_BLOCK = 16
+
+
+def _channel_padding(node: Any, g: Any, precision: str, block: int) -> tuple[float, float]:
+    """How much more work a convolution does than its channel counts say: (MACs, elements) factors.
+
+    At fp32, ONNX Runtime's NCHWc transformer (x86) stores channels in blocks of ``block`` and pads
+    the filter's output channels, and input channels of ``block`` or more, up to a whole block: a
+    24-channel convolution runs as 32 channels on AVX-512 (block 16), as 24 on AVX2 (block 8). At
+    int8 the output channels are priced in blocks of :data:`INT8_CHANNEL_BLOCK`.
+    """
+    if block <= 1 or node.op_type != "Conv":
+        return 1.0, 1.0
+    w = g.shapes.get(node.input[1]) if len(node.input) > 1 else None
+    if not w or len(w) != 4 or not all(isinstance(d, int) and d > 0 for d in w[:2]):
+        return 1.0, 1.0
+    cout, cin = w[0], w[1]
+    if precision == "int8":
+        out = _round_up(cout, INT8_CHANNEL_BLOCK) / cout
+        return out, out
+    group = next((a.i for a in node.attribute if a.name == "group"), 1)
+    out = _round_up(cout, block) / cout
+    if group > 1:  # depthwise: one input channel per output channel
+        return out, out
+    return out * (_round_up(cin, block) / cin if cin >= block else 1.0), out
+
+
+def nchwc_block() -> int:
+    """Channels per block of ONNX Runtime's NCHWc layout on this CPU (1: no NCHWc layout).
+
+    Asked of ONNX Runtime itself, once per process: a one-channel convolution is optimised and the
+    padded filter read back (16 on AVX-512, 8 on AVX2).
+    """
+    return _nchwc_block_cached()
+
+
+@functools.lru_cache(maxsize=1)
+def _nchwc_block_cached() -> int:
+    import tempfile
+
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = numpy_helper.from_array(np.ones((1, 1, 1, 1), dtype=np.float32), "w")
+    graph = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"])], "probe",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 4, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1, 4, 4])], [weight])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    with tempfile.TemporaryDirectory(prefix="autocomp-nchwc-") as tmp:
+        options = ort.SessionOptions()
+        options.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
+        options.log_severity_level = 3
+        try:
+            ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+            optimized = onnx.load(options.optimized_model_filepath)
+        except Exception as exc:  # noqa: BLE001 - a probe that fails means no padding is assumed
+            logger.debug("cpu predictor: NCHWc probe failed (%s); assuming no channel padding", exc)
+            return 1
+    dims = [list(i.dims) for i in optimized.graph.initializer if len(i.dims) == 4]
+    return int(dims[0][0]) if dims else 1
+
+
+def graph_features(graph_or_path: Any, input_shapes: Mapping[str, Sequence[int]],
+                   block: int | None = None) -> dict[str, float]:
     """The :data:`FEATURES` of an ONNX model (path or ``ModelProto``) at ``input_shapes``.
 
-    Raises :class:`autocomp.errors.CandidateError` when the graph cannot be analysed.
+    ``block`` is the NCHWc channel block fp32 convolutions are padded to (:func:`nchwc_block`, this
+    CPU's, when None; 1 for none). Raises :class:`autocomp.errors.CandidateError` when the graph
+    cannot be analysed.
     """
     a = _analyze(graph_or_path, input_shapes)
     g, labels = a.graph, a.labels
+    block = nchwc_block() if block is None else block
     values = dict.fromkeys(FEATURES, 0.0)
     values["run"] = 1.0
     costed_or_fused = 0
@@ -233,7 +318,9 @@ def graph_features(graph_or_path: Any, input_shapes: Mapping[str, Sequence[int]]
             continue
         if work.fused_into is not None:
             costed_or_fused += 1
-            kernel = _unfused_kernel(node, g.nodes[labels.host[i]], p)  # a fused node has its host's precision
+            readers = g.consumers.get(node.output[0], [])
+            quantized = bool(readers) and all(g.nodes[r].op_type == "QuantizeLinear" for r in readers)
+            kernel = _unfused_kernel(node, g.nodes[labels.host[i]], p, quantized)  # a fused node has its host's precision
             if kernel is not None:
                 moved = (sum(g.numel(t) for t in g.activations(node)) + g.numel(node.output[0])) / 1e6
                 feature, kind = kernel
@@ -245,10 +332,13 @@ def graph_features(graph_or_path: Any, input_shapes: Mapping[str, Sequence[int]]
         costed_or_fused += 1
         values[f"kernels.{p}"] += 1
         if work.kind in _CONV_KINDS:
-            values[f"{work.kind}.{p}.mmacs"] += work.macs / 1e6
-            values[f"weights.{p}.melems"] += work.weight_elements / 1e6
+            macs_scale, elems_scale = _channel_padding(node, g, p, block)
+            values[f"{work.kind}.{p}.mmacs"] += macs_scale * work.macs / 1e6
+            values[f"weights.{p}.melems"] += macs_scale * work.weight_elements / 1e6
             if work.kind != "gemm":
-                values[f"{work.kind}.{p}.melems"] += work.activation_elements / 1e6
+                values[f"{work.kind}.{p}.melems"] += elems_scale * work.activation_elements / 1e6
+            elif len(g.activations(node)) == 2:
+                values["matmul.batches"] += math.prod((g.shapes.get(node.output[0]) or (1, 1))[:-2])
         else:
             values[f"other.{p}.melems"] += work.activation_elements / 1e6
     for i in _qdq_kernels(g):
@@ -440,6 +530,12 @@ def fit_coefficients(rows: Sequence[Mapping[str, float]], latencies_ms: Sequence
 # --- candidates for calibration -------------------------------------------------------------------
 
 
+#: Version of :func:`build_candidate`'s recipe, part of a candidate's key, so files built by an
+#: older recipe are not reused. 2: int8 as the quantize method writes it (with the ops between int8
+#: layers, :func:`autocomp_plugins.quantize.quantize_layers_int8`), not the layers alone.
+CANDIDATE_BUILD = 2
+
+
 @dataclass(frozen=True)
 class CandidateSpec:
     """One calibration model: an architecture at some size, maybe pruned, at some precision.
@@ -458,7 +554,7 @@ class CandidateSpec:
 
     @property
     def key(self) -> str:
-        text = json.dumps(asdict(self), sort_keys=True)
+        text = json.dumps({**asdict(self), "build": CANDIDATE_BUILD}, sort_keys=True)
         return f"{self.family}-{self.precision}-{hashlib.sha256(text.encode()).hexdigest()[:10]}"
 
     def describe(self) -> str:
@@ -543,9 +639,12 @@ def build_candidate(spec: CandidateSpec, directory: Path) -> Path:
         return out
     import torch
 
+    import onnx
+
     from autocomp.export import export_onnx
+    from autocomp_plugins._precision import inline_layer_constants, layer_table, name_nodes
     from autocomp_plugins.prune import prunable_groups, prune_model
-    from autocomp_plugins.quantize import quantizable_layers, quantize_int8
+    from autocomp_plugins.quantize import quantize_layers_int8
 
     rng = random.Random(spec.seed)
     torch.manual_seed(spec.seed)
@@ -571,12 +670,15 @@ def build_candidate(spec: CandidateSpec, directory: Path) -> Path:
         if spec.precision == "fp32":
             os.replace(fp32, out)
             return out
-        nodes = list(quantizable_layers(fp32).values())
+        graph = onnx.load(str(fp32))
+        name_nodes(graph)
+        graph = inline_layer_constants(graph)
+        nodes = [layer.node for layer in layer_table(graph).values()]
         if spec.precision == "mixed" and len(nodes) > 1:
             nodes = rng.sample(nodes, rng.randint(1, len(nodes) - 1))
         calibration_inputs = torch.randn(8, *spec.input_shape[1:])
         tmp = out.with_name(f"{spec.key}.int8.tmp.onnx")
-        quantize_int8(fp32, tmp, nodes, calibration_inputs)
+        onnx.save(quantize_layers_int8(graph, nodes, calibration_inputs, directory), str(tmp))
         os.replace(tmp, out)
         return out
     finally:

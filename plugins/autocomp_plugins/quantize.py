@@ -48,6 +48,7 @@ __all__ = [
     "quantizable_layers",
     "layer_name",
     "quantize_int8",
+    "quantize_layers_int8",
 ]
 
 logger = logging.getLogger("autocomp")
@@ -192,6 +193,28 @@ def quantize_int8(onnx_in: Path, onnx_out: Path, node_names: Sequence[str], cali
     return onnx_out
 
 
+def quantize_layers_int8(model: "onnx.ModelProto", node_names: Sequence[str], calibration_inputs, work_dir: Path,
+                         per_channel: bool = True, reduce_range: bool | None = None) -> "onnx.ModelProto":
+    """int8 as the quantize method writes it: the layers ``node_names``, the ops between them
+    (:func:`_precision.int8_glue`), and every float layer detached from the Q/DQ nodes.
+
+    ``model`` should have its layer constants inlined (:func:`_precision.inline_layer_constants`);
+    ``work_dir`` holds the intermediate files while this runs. Raises :class:`CandidateError`.
+    """
+    import onnx
+
+    source = Path(work_dir) / "quantize.stage.onnx"
+    quantized = Path(work_dir) / "quantize.int8.onnx"
+    try:
+        onnx.save(model, str(source))
+        quantize_int8(source, quantized, [*node_names, *_precision.int8_glue(model, node_names)],
+                      calibration_inputs, per_channel, reduce_range)
+        return _precision.detach_from_qdq(onnx.load(str(quantized)), node_names, source=model)
+    finally:
+        source.unlink(missing_ok=True)
+        quantized.unlink(missing_ok=True)
+
+
 def _expand_to_factors(setting: Mapping[str, Any], layers: Mapping[str, Layer]) -> dict[str, Any]:
     """A layer replaced by several (low-rank factors ``fc.0``, ``fc.1`` of ``fc``) takes the
     precision sampled for the layer it replaced; :data:`ALL_LAYERS` gives every layer its value,
@@ -276,54 +299,42 @@ class QuantizeMethod(Method):
         plan = self._plan(layers, setting, ctx)
         by_node = {layer.node: name for name, layer in layers.items()}
         counts = {precision: len(chosen) for precision, chosen in plan.items()}
-        staged: list[Path] = []
-        try:
-            if plan["int4"]:
-                nodes = [layer.node for layer in plan["int4"]]
-                try:
-                    model = _precision.gemm_to_matmul(model, nodes)
-                    model, left = _precision.quantize_int4(model, nodes, config.int4_block_size)
-                except Exception as exc:
-                    raise CandidateError(f"int4 weight-only quantization failed: {type(exc).__name__}: {exc}") from exc
-                for node in left:
-                    ctx.skip(self.name, by_node[node], "int4: ONNX Runtime's MatMulNBits quantizer left it; left in fp32")
-                counts["int4"] -= len(left)
-            if plan["int8"]:
-                source = ctx.work_dir / "quantize.stage.onnx"
-                onnx.save(model, str(source))
-                staged.append(source)
-                calib = ctx.workload.train.inputs[: config.calibration_samples]
-                nodes = [layer.node for layer in plan["int8"]]
-                quantized = quantize_int8(source, ctx.work_dir / "quantize.int8.onnx",
-                                          [*nodes, *_precision.int8_glue(model, nodes)], calib,
-                                          config.per_channel, config.resolved_reduce_range())
-                staged.append(quantized)
-                model = _precision.detach_from_qdq(onnx.load(str(quantized)), nodes, source=model)
-            out = ctx.work_dir / "quantized.onnx"
-            if plan["fp16"]:
-                nodes = [layer.node for layer in plan["fp16"]]
-                try:
-                    deployable, left = _precision.convert_float16(model, nodes)
-                    twin, _ = _precision.convert_float16(model, nodes, emulate=True)
-                except Exception as exc:
-                    raise CandidateError(f"fp16 conversion failed: {type(exc).__name__}: {exc}") from exc
-                for node, why in left.items():
-                    ctx.skip(self.name, by_node[node], f"fp16: {why}; left in fp32")
-                counts["fp16"] -= len(left)
-                if counts["fp16"]:
-                    evaluation = ctx.work_dir / "quantized.eval.onnx"
-                    onnx.save(twin, str(evaluation))
-                    ctx.notes[EVALUATION_ARTIFACT] = str(evaluation)
-                model = deployable
-            for precision, count in counts.items():
-                ctx.notes[f"{precision}_layers"] = count
-            if not any(counts.values()):
-                return onnx_path
-            onnx.save(model, str(out))
-            return out
-        finally:
-            for path in staged:
-                path.unlink(missing_ok=True)
+        if plan["int4"]:
+            nodes = [layer.node for layer in plan["int4"]]
+            try:
+                model = _precision.gemm_to_matmul(model, nodes)
+                model, left = _precision.quantize_int4(model, nodes, config.int4_block_size)
+            except Exception as exc:
+                raise CandidateError(f"int4 weight-only quantization failed: {type(exc).__name__}: {exc}") from exc
+            for node in left:
+                ctx.skip(self.name, by_node[node], "int4: ONNX Runtime's MatMulNBits quantizer left it; left in fp32")
+            counts["int4"] -= len(left)
+        if plan["int8"]:
+            calib = ctx.workload.train.inputs[: config.calibration_samples]
+            model = quantize_layers_int8(model, [layer.node for layer in plan["int8"]], calib, ctx.work_dir,
+                                         config.per_channel, config.resolved_reduce_range())
+        out = ctx.work_dir / "quantized.onnx"
+        if plan["fp16"]:
+            nodes = [layer.node for layer in plan["fp16"]]
+            try:
+                deployable, left = _precision.convert_float16(model, nodes)
+                twin, _ = _precision.convert_float16(model, nodes, emulate=True)
+            except Exception as exc:
+                raise CandidateError(f"fp16 conversion failed: {type(exc).__name__}: {exc}") from exc
+            for node, why in left.items():
+                ctx.skip(self.name, by_node[node], f"fp16: {why}; left in fp32")
+            counts["fp16"] -= len(left)
+            if counts["fp16"]:
+                evaluation = ctx.work_dir / "quantized.eval.onnx"
+                onnx.save(twin, str(evaluation))
+                ctx.notes[EVALUATION_ARTIFACT] = str(evaluation)
+            model = deployable
+        for precision, count in counts.items():
+            ctx.notes[f"{precision}_layers"] = count
+        if not any(counts.values()):
+            return onnx_path
+        onnx.save(model, str(out))
+        return out
 
 
 @hookimpl

@@ -86,6 +86,18 @@ def test_tiny_fp32_features_match_hand_count():
     assert all(f[k] == 0 for k in f if ".int8." in k or k.startswith("qdq"))
 
 
+def test_exponentiating_and_normalising_kernels_are_priced_apart():
+    """Softmax and LayerNormalization cost more per element than a ReLU or an Add: their own feature."""
+    nodes = [helper.make_node("Relu", ["x"], ["r"], name="relu"),
+             helper.make_node("Softmax", ["r"], ["s"], axis=-1, name="softmax"),
+             helper.make_node("LayerNormalization", ["s", "g"], ["y"], axis=-1, name="norm")]
+    f = cp.graph_features(_model(nodes, [_init("g", (16,))]), {"x": (1, 3, 16, 16)}, block=1)
+    n = 3 * 16 * 16
+    assert f["other.fp32.melems"] == pytest.approx(2 * n / 1e6)  # the ReLU reads and writes
+    assert f["transcendental.melems"] == pytest.approx(4 * n / 1e6)  # Softmax and LayerNorm, each n in, n out
+    assert f["kernels.fp32"] == 3
+
+
 def test_nchwc_padding_counts_the_channels_onnx_runtime_computes():
     """With 16-channel blocks (AVX-512) an fp32 convolution's output channels, and input channels of
     16 or more, are padded to whole blocks: 3 -> 24 computes 3 -> 32, 24 -> 24 computes 32 -> 32."""

@@ -102,6 +102,9 @@ FEATURES: dict[str, str] = {
     **{f"weights.{p}.melems": f"million weight elements of convolution and GEMM nodes at {p}" for p in _PRECISIONS},
     **{f"other.{p}.melems": f"million activation elements element-wise, pooling, normalisation and "
                             f"data-movement kernels at {p} read and write" for p in _PRECISIONS},
+    "transcendental.melems": "million activation elements read and written by kernels that "
+                                  "exponentiate or normalise each element (Softmax, LayerNormalization, "
+                                  "Erf/GELU, Exp, Sigmoid, Tanh)",
     "unfused.melems": "million elements read and written by activations ONNX Runtime cannot fuse into an "
                       "fp32 convolution (PRelu ...), each run between layout reorders",
     "unfused.int8.melems": "million elements read and written by float activations between int8 layers that "
@@ -123,6 +126,10 @@ _ORT_FUSES = {"Relu", "Clip", "Sigmoid", "Tanh", "LeakyRelu", "HardSigmoid", "Ba
 _QLINEAR_OPS = {"Conv", "MatMul", "Gemm", "Add", "Mul", "GlobalAveragePool", "AveragePool", "MaxPool",
                 "Concat", "Sigmoid", "LeakyRelu", "Softmax", "Transpose", "Reshape", "Flatten", "Squeeze",
                 "Unsqueeze", "Resize", "Gather", "Split", "Slice"}
+#: Element-wise kernels whose per-element cost is an exponential or a normalisation, not a copy: in
+#: benchmarks/cpu_predictor.md pricing them as other element-wise kernels left the attention-heavy
+#: ViT candidates (64 tokens) 12-22 % too fast.
+_TRANSCENDENTAL = {"Softmax", "LogSoftmax", "LayerNormalization", "Erf", "Gelu", "Exp", "Sigmoid", "Tanh"}
 #: Graph nodes that never reach a kernel (removed or folded by ONNX Runtime before the run).
 _NOT_RUN = {"Constant", "Identity", "Dropout"}
 
@@ -339,6 +346,8 @@ def graph_features(graph_or_path: Any, input_shapes: Mapping[str, Sequence[int]]
                 values[f"{work.kind}.{p}.melems"] += elems_scale * work.activation_elements / 1e6
             elif len(g.activations(node)) == 2:
                 values["matmul.batches"] += math.prod((g.shapes.get(node.output[0]) or (1, 1))[:-2])
+        elif node.op_type in _TRANSCENDENTAL:
+            values["transcendental.melems"] += work.activation_elements / 1e6
         else:
             values[f"other.{p}.melems"] += work.activation_elements / 1e6
     for i in _qdq_kernels(g):

@@ -114,6 +114,27 @@ def test_nchwc_padding_counts_the_channels_onnx_runtime_computes():
     assert cp.graph_features(model, {"x": (1, 3, 16, 16)}, block=8) == exact  # 24 is a whole number of 8-blocks
 
 
+def test_padded_macs_are_the_ones_onnx_runtime_computes(tmp_path):
+    """The filters in ONNX Runtime's optimised graph (padded by its NCHWc transformer where it applies)
+    hold the MACs the features count, on this host: 3 -> 24, 24 -> 24 and a 24-channel depthwise."""
+    import onnx
+
+    from autocomp.ort import optimised_model
+
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[1, 1, 1, 1], name="stem"),
+             helper.make_node("Conv", ["c1", "w2"], ["c2"], pads=[1, 1, 1, 1], name="conv"),
+             helper.make_node("Conv", ["c2", "w3"], ["y"], pads=[1, 1, 1, 1], group=24, name="depthwise")]
+    model = _model(nodes, [_init("w1", (24, 3, 3, 3)), _init("w2", (24, 24, 3, 3)), _init("w3", (24, 1, 3, 3))])
+    onnx.save(model, str(tmp_path / "convs.onnx"))
+    optimised = optimised_model(tmp_path / "convs.onnx", tmp_path / "optimised.onnx")
+    weights = {i.name: list(i.dims) for i in optimised.graph.initializer}
+    filters = [weights[n.input[1]] for n in optimised.graph.node if n.op_type == "Conv"]
+    assert len(filters) == 3
+    run = sum(np.prod(w) for w in filters) * 16 * 16 / 1e6  # every output pixel meets the whole filter
+    f = cp.graph_features(model, {"x": (1, 3, 16, 16)})
+    assert f["conv.fp32.mmacs"] + f["depthwise.fp32.mmacs"] == pytest.approx(run)
+
+
 def test_nchwc_block_is_what_onnx_runtime_uses_on_this_cpu():
     """MLAS blocks channels by 16 with AVX-512 and by 8 with AVX2 (x86 only)."""
     flags = cp._cpu_flags()

@@ -102,9 +102,9 @@ FEATURES: dict[str, str] = {
     **{f"weights.{p}.melems": f"million weight elements of convolution and GEMM nodes at {p}" for p in _PRECISIONS},
     **{f"other.{p}.melems": f"million activation elements element-wise, pooling, normalisation and "
                             f"data-movement kernels at {p} read and write" for p in _PRECISIONS},
-    "transcendental.melems": "million activation elements read and written by kernels that "
-                                  "exponentiate or normalise each element (Softmax, LayerNormalization, "
-                                  "Erf/GELU, Exp, Sigmoid, Tanh)",
+    "transcendental.melems": "million activation elements read and written by kernels of their own that "
+                             "exponentiate or normalise each element (Softmax, LayerNormalization, "
+                             "Erf/GELU, Exp, Sigmoid, Tanh), at any precision",
     "unfused.melems": "million elements read and written by activations ONNX Runtime cannot fuse into an "
                       "fp32 convolution (PRelu ...), each run between layout reorders",
     "unfused.int8.melems": "million elements read and written by float activations between int8 layers that "
@@ -271,10 +271,17 @@ def _channel_padding(node: Any, g: Any, precision: str, block: int) -> tuple[flo
 def nchwc_block() -> int:
     """Channels per block of ONNX Runtime's NCHWc layout on this CPU (1: no NCHWc layout).
 
-    Asked of ONNX Runtime itself, once per process: a one-channel convolution is optimised and the
-    padded filter read back (16 on AVX-512, 8 on AVX2).
+    Asked of ONNX Runtime itself, once per process: a one-channel convolution is optimised as a
+    measurement would be (:func:`autocomp.ort.optimised_model`) and its padded filter read back (16
+    on AVX-512, 8 on AVX2). When that fails, a warning is logged and the block is guessed from the
+    CPU's flags.
     """
     return _nchwc_block_cached()
+
+
+def _nchwc_block_from_flags() -> int:
+    flags = _cpu_flags()
+    return 16 if "avx512f" in flags else 8 if ("avx2" in flags or "avx" in flags) else 1
 
 
 @functools.lru_cache(maxsize=1)
@@ -283,26 +290,26 @@ def _nchwc_block_cached() -> int:
 
     import numpy as np
     import onnx
-    import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
+
+    from autocomp.ort import optimised_model
 
     weight = numpy_helper.from_array(np.ones((1, 1, 1, 1), dtype=np.float32), "w")
     graph = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"])], "probe",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 4, 4])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1, 4, 4])], [weight])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    with tempfile.TemporaryDirectory(prefix="autocomp-nchwc-") as tmp:
-        options = ort.SessionOptions()
-        options.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
-        options.log_severity_level = 3
-        try:
-            ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-            optimized = onnx.load(options.optimized_model_filepath)
-        except Exception as exc:  # noqa: BLE001 - a probe that fails means no padding is assumed
-            logger.debug("cpu predictor: NCHWc probe failed (%s); assuming no channel padding", exc)
-            return 1
-    dims = [list(i.dims) for i in optimized.graph.initializer if len(i.dims) == 4]
-    return int(dims[0][0]) if dims else 1
+    try:
+        with tempfile.TemporaryDirectory(prefix="autocomp-nchwc-") as tmp:
+            onnx.save(model, str(Path(tmp) / "probe.onnx"))
+            optimized = optimised_model(Path(tmp) / "probe.onnx", Path(tmp) / "optimized.onnx")
+    except Exception as exc:  # noqa: BLE001 - the probe is a refinement; the flags give a fallback
+        block = _nchwc_block_from_flags()
+        logger.warning("cpu predictor: could not ask ONNX Runtime for its NCHWc block (%s: %s); assuming %d "
+                       "from the CPU flags", type(exc).__name__, exc, block)
+        return block
+    dims = [int(i.dims[0]) for i in optimized.graph.initializer if len(i.dims) == 4]
+    return max(dims, default=1)
 
 
 def graph_features(graph_or_path: Any, input_shapes: Mapping[str, Sequence[int]],
@@ -648,6 +655,8 @@ def build_candidate(spec: CandidateSpec, directory: Path) -> Path:
         return out
     import torch
 
+    import tempfile
+
     import onnx
 
     from autocomp.export import export_onnx
@@ -687,7 +696,8 @@ def build_candidate(spec: CandidateSpec, directory: Path) -> Path:
             nodes = rng.sample(nodes, rng.randint(1, len(nodes) - 1))
         calibration_inputs = torch.randn(8, *spec.input_shape[1:])
         tmp = out.with_name(f"{spec.key}.int8.tmp.onnx")
-        onnx.save(quantize_layers_int8(graph, nodes, calibration_inputs, directory), str(tmp))
+        with tempfile.TemporaryDirectory(prefix=f"{spec.key}-", dir=directory) as work:
+            onnx.save(quantize_layers_int8(graph, nodes, calibration_inputs, Path(work)), str(tmp))
         os.replace(tmp, out)
         return out
     finally:

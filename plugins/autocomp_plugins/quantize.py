@@ -203,6 +203,7 @@ def quantize_layers_int8(model: "onnx.ModelProto", node_names: Sequence[str], ca
     """
     import onnx
 
+    node_names = list(node_names)
     source = Path(work_dir) / "quantize.stage.onnx"
     quantized = Path(work_dir) / "quantize.int8.onnx"
     try:

@@ -392,34 +392,35 @@ def test_a_stop_while_building_a_sibling_keeps_the_trained_trial(tmp_path, regis
     import optuna
 
     from autocomp.errors import Interrupted
-    from autocomp.search import _Objective
+    from autocomp.trial import Objective
 
-    score = _Objective._score
+    score = Objective._score
 
     def stop_at_the_sibling(self, trial, final, out_dir, ctx):
         if out_dir.name.startswith("sibling-"):
             raise KeyboardInterrupt
         return score(self, trial, final, out_dir, ctx)
 
-    monkeypatch.setattr(_Objective, "_score", stop_at_the_sibling)
+    monkeypatch.setattr(Objective, "_score", stop_at_the_sibling)
     with pytest.raises(Interrupted):
         _optional_method_search(tmp_path, registry, QUANTIZE_OPTIONAL, trials=2)
     study = optuna.load_study(study_name="autocomp", storage=f"sqlite:///{tmp_path / 'run' / 'study.db'}")
     assert [t.state for t in study.trials if t.state.is_finished()] == [optuna.trial.TrialState.COMPLETE]
-    monkeypatch.setattr(_Objective, "_score", score)
+    monkeypatch.setattr(Objective, "_score", score)
     result, study = _optional_method_search(tmp_path, registry, QUANTIZE_OPTIONAL, trials=2, resume=True)
     assert result.summary["trials"]["complete"] == 2
 
 
 def _objective(tmp_path, registry, **config):
     """The search's objective over the tiny workload, its base model said to score 0.9."""
-    from autocomp.search import _Objective, _StopOnSignal, prepare
+    from autocomp.search import _StopOnSignal, prepare
+    from autocomp.trial import Objective
 
     options = FAST_TIMING if config.get("target", "cpu") == "cpu" else {}
     prep = prepare(SearchConfig(workload="digits-tiny", target_options=options, out=tmp_path / "run",
                                 **{"max_drop": 0.05, **config}), registry)
     prep.run.root.mkdir(parents=True)
-    return _Objective(prep, None, {"metric": 0.9, "latency_ms": 2.0}, lambda kind, data: None, _StopOnSignal())
+    return Objective(prep, None, {"metric": 0.9, "latency_ms": 2.0}, lambda kind, data: None, _StopOnSignal())
 
 
 def _study_with_front(*members):
@@ -508,12 +509,12 @@ def test_a_second_window_replaces_a_slowed_first_reading(tmp_path, tiny_workload
     from autocomp.latency import LatencyCache, graph_hash, target_identity
     from autocomp.ort import input_shapes_of
     from autocomp.plugins import load_registry
-    from autocomp.search import _Objective
+    from autocomp.trial import Objective
 
     from .conftest import builtin_plugins
 
     registry = load_registry(entry_points=[], extra_plugins=[*builtin_plugins(), ("slow", _SlowFirstWindow.plugin())])
-    monkeypatch.setattr(_Objective, "_recheck_reason", lambda self, trial, metric, ms: "forced")
+    monkeypatch.setattr(Objective, "_recheck_reason", lambda self, trial, metric, ms: "forced")
     space = tmp_path / "space.toml"
     space.write_text("[prune]\nratio = [0.1, 0.6]\nround_to = 2\n")  # two anchors, two models
     result = run_search(SearchConfig(workload="digits-tiny", target="cpu-slow-first", target_options=FAST_TIMING,

@@ -14,7 +14,6 @@ import json
 import logging
 import os
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 from autocomp.cache import cache_dir

@@ -33,13 +33,16 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from autocomp.errors import CandidateError, SpaceError
 from autocomp.hookspecs import hookimpl
 from autocomp.method import EVALUATION_ARTIFACT, BaseModelInfo, CandidateContext, ChoiceParam, Method
 from autocomp_plugins import _precision
 from autocomp_plugins._precision import Layer, layer_name, layer_table, name_nodes
+
+if TYPE_CHECKING:
+    import onnx
 
 __all__ = [
     "QuantizeConfig",

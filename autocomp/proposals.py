@@ -203,7 +203,7 @@ class _FrontProposals(abc.ABC):
         """Enqueue again every proposal of this kind a stopped run left unfinished (failed by the
         interruption, or closed as failed on resume); returns how many."""
         existing = study.get_trials(deepcopy=False)
-        seen = [self.space.canonical(_setting(t)) for t in existing if not _interrupted(t)]
+        seen = _settings(self.space, [t for t in existing if not _interrupted(t)])
         return sum(self._enqueue_new(study, t.system_attrs.get("fixed_params", {}),
                                      proposal_origin(t.user_attrs, with_seed=True), seen)
                    for t in existing if self.mine(t) and _interrupted(t))
@@ -213,7 +213,7 @@ class _FrontProposals(abc.ABC):
         """Enqueue ``params`` and add its canonical form to ``seen`` (canonical forms), unless a trial
         in ``seen`` already has that setting; returns whether it was enqueued."""
         canonical = self.space.canonical(params)
-        if not params or any(_agrees(canonical, other) for other in seen):
+        if not params or _among(canonical, seen):
             return False
         study.enqueue_trial(params, user_attrs=user_attrs)
         seen.append(canonical)
@@ -237,7 +237,7 @@ class _FrontProposals(abc.ABC):
 
         if full():
             return
-        seen = [self.space.canonical(_setting(t)) for t in trials]  # a failed one too: a failure is not retried
+        seen = _settings(self.space, trials)  # a failed one too: a failure is not retried
         for member in sorted(study.best_trials, key=lambda t: t.number, reverse=True):
             for attrs, params, what in self.variants(member):
                 if full():
@@ -382,8 +382,17 @@ def _on_grid(p: FloatParam | IntParam, value: float) -> float | int:
 def tried(space: ConcreteSpace, trials, params: dict[str, Any]) -> bool:
     """Whether one of ``trials`` (finished, running or waiting) already tried the setting ``params``,
     however either is written (their canonical forms agree)."""
-    canonical = space.canonical(params)
-    return any(_agrees(canonical, space.canonical(_setting(t))) for t in trials)
+    return _among(space.canonical(params), _settings(space, trials))
+
+
+def _settings(space: ConcreteSpace, trials) -> list[dict[str, Any]]:
+    """The canonical forms of the settings ``trials`` tried, or will try."""
+    return [space.canonical(_setting(t)) for t in trials]
+
+
+def _among(canonical: dict[str, Any], seen: list[dict[str, Any]]) -> bool:
+    """Whether a trial with one of the canonical settings ``seen`` already tried ``canonical``."""
+    return any(_agrees(canonical, other) for other in seen)
 
 
 def _setting(trial) -> dict[str, Any]:

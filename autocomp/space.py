@@ -12,6 +12,7 @@ import logging
 import math
 import tomllib
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
@@ -149,9 +150,7 @@ class ConcreteSpace:
 
         spec = self._walk(value_of)
         out: dict[str, Any] = {}
-        declared_names: set[str] = set()
-        for method, config, declared in self.entries:
-            declared_names.update(f"{method.name}.{p.name}" for p in declared)
+        for method, config, _ in self.entries:
             own = dict(spec.settings.get(method.name, {}))
             gate = own.pop(GATE, None)
             if method.name not in incomplete:
@@ -165,8 +164,13 @@ class ConcreteSpace:
             if gate is not None:
                 out[f"{method.name}.{GATE}"] = gate
             out.update({f"{method.name}.{k}": v for k, v in own.items()})
-        out.update({k: v for k, v in params.items() if k not in declared_names})
+        out.update({k: v for k, v in params.items() if k not in self.declared_names})
         return out
+
+    @cached_property
+    def declared_names(self) -> frozenset[str]:
+        """The full names (``<method>.<param>``) of every parameter this space declares."""
+        return frozenset(f"{method.name}.{p.name}" for method, _, params in self.entries for p in params)
 
     def _walk(self, value_of: Callable[[str, Param], Any]) -> CandidateSpec:
         """Every parameter a trial samples, in order, each given the value ``value_of(key, param)``

@@ -253,6 +253,14 @@ def test_shipped_calibration_loads():
     assert loaded.source == str(cp.SHIPPED_CALIBRATION) and loaded.coefficients == shipped.coefficients
 
 
+def test_autocomp_targets_says_how_close_the_cpu_predictor_came():
+    shipped = cp._read_calibrations(cp.SHIPPED_CALIBRATION)[0]
+    share = shipped.fit["cross_validated_within_10pct"]
+    text = CpuTarget().validation
+    assert text.startswith("measured; ") and f"{100 * share:.0f} % within 10 %" in text
+    assert ("this host" in text) == shipped.matches(cp.host_identity())
+
+
 def test_cached_calibration_for_this_host_is_preferred(digits_models):
     host = cp.host_identity()
     mine = cp.CpuCalibration(host=host, threads=1, coefficients={"run": 7.0})

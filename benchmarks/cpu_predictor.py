@@ -336,7 +336,7 @@ def markdown(report: dict) -> str:
         "## Caveats",
         "",
         "- The shipped coefficients are for this host, one thread, this ONNX Runtime; another host gets a warning and "
-        "these numbers until it runs `autocomp_plugins.cpu_predictor.calibrate_cpu()`.",
+        "these numbers until it runs `autocomp calibrate --target cpu`.",
         "- Candidates are untrained; batch-norm statistics and per-layer constants are randomised so the export does "
         "not share initializers between layers (which would stop ONNX Runtime's int8 fusion), as in a trained model.",
         "- int8 is ONNX Runtime's QDQ format as the quantize method writes it (u8 activations, s8 per-channel weights, "
@@ -451,6 +451,7 @@ def main(argv: list[str] | None = None) -> int:
         "models": len(models),
         "rounds": report["repeatability"]["rounds"],
         "target": cp.FIT_TARGET,
+        "feature_set": cp.FEATURE_SET,
         "in_sample_within_10pct": float(np.mean(in_sample <= BAR_ERROR)),
         "in_sample_median_error": float(np.median(in_sample)),
         "cross_validated_within_10pct": report["validation"]["predictor"]["within_10pct"],

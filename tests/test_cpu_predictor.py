@@ -263,7 +263,7 @@ def test_autocomp_targets_says_how_close_the_cpu_predictor_came():
 
 def test_cached_calibration_for_this_host_is_preferred(digits_models):
     host = cp.host_identity()
-    mine = cp.CpuCalibration(host=host, threads=1, coefficients={"run": 7.0})
+    mine = cp.CpuCalibration(host=host, threads=1, coefficients={"run": 7.0}, fit={"feature_set": cp.FEATURE_SET})
     path = cp.write_calibrations(cp.cache_path(host, 1), [mine])
     loaded = cp.load_calibration(threads=1)
     assert loaded.source == str(path) and loaded.coefficients == {"run": 7.0}
@@ -278,6 +278,18 @@ def test_a_cached_calibration_fitted_on_the_p50_gives_way_to_the_shipped_one(cap
     with caplog.at_level(logging.WARNING, logger="autocomp"):
         loaded = cp.load_calibration(threads=1)
     assert loaded.source == str(cp.SHIPPED_CALIBRATION) and "fitted on the p50" in caplog.text
+
+
+def test_a_cached_calibration_of_older_features_gives_way_to_the_shipped_one(caplog):
+    """Coefficients fitted to what the features counted before (no channel padding ...) would
+    misprice every graph; the shipped calibration, fitted to the current features, is used."""
+    host = cp.host_identity()
+    old = cp.CpuCalibration(host=host, threads=1, coefficients={"run": 7.0}, fit={"target": cp.FIT_TARGET})
+    cp.write_calibrations(cp.cache_path(host, 1), [old])
+    with caplog.at_level(logging.WARNING, logger="autocomp"):
+        loaded = cp.load_calibration(threads=1)
+    assert loaded.source == str(cp.SHIPPED_CALIBRATION) and "older version" in caplog.text
+    assert loaded.fit["feature_set"] == cp.FEATURE_SET  # the shipped one is current
 
 
 def test_other_host_logs_a_warning_and_still_predicts(digits_models, caplog):

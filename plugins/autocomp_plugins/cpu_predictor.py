@@ -88,6 +88,10 @@ FORMAT_VERSION = 1
 #: What a calibration is fitted to (its ``fit["target"]``): the statistic the search measures by
 #: default. Calibrations written before that (fitted on the p50) say otherwise and are passed over.
 FIT_TARGET = "median of the rounds' fastest runs, TimingPolicy() defaults"
+#: Version of :func:`graph_features` (what each feature counts), stored in a calibration's
+#: ``fit["feature_set"]``; a cached calibration of another version is passed over. 2: channel
+#: padding, NHWC float activations, per-head MatMuls, exponentiating kernels (2026-11-25).
+FEATURE_SET = 2
 
 _PRECISIONS = ("fp32", "int8")
 _CONV_KINDS = ("conv", "pointwise", "depthwise", "gemm")
@@ -482,15 +486,21 @@ def load_calibration(threads: int = 1, host: Mapping[str, str] | None = None,
                     if calibration.fit.get("target", FIT_TARGET) != FIT_TARGET:
                         # fitted before the search measured the fastest run: it predicts the p50
                         logger.warning("cpu predictor: the calibration in %s was fitted on the p50, not on the "
-                                       "fastest run the search measures; using the shipped one. Re-run "
-                                       "calibrate_cpu() to calibrate this host again", cached)
+                                       "fastest run the search measures; using the shipped one. Run `autocomp "
+                                       "calibrate --target cpu` to calibrate this host again", cached)
+                        break
+                    if calibration.fit.get("feature_set", 1) != FEATURE_SET:
+                        logger.warning("cpu predictor: the calibration in %s was fitted on an older version of "
+                                       "the predictor's features; using the shipped one. Run `autocomp "
+                                       "calibrate --target cpu` to calibrate this host again", cached)
                         break
                     return calibration
         except (OSError, ValueError, KeyError) as exc:
             logger.warning("cpu predictor: ignoring unreadable calibration %s (%s)", cached, exc)
     options = _read_calibrations(shipped) if shipped.exists() else []
     if not options:
-        raise FileNotFoundError(f"no cpu calibration: {cached} and {shipped} are missing; run calibrate_cpu()")
+        raise FileNotFoundError(f"no cpu calibration: {cached} and {shipped} are missing; run "
+                                "`autocomp calibrate --target cpu`")
     same_host = [c for c in options if c.matches(host)]
     for calibration in same_host:
         if calibration.threads == threads:
@@ -504,8 +514,7 @@ def load_calibration(threads: int = 1, host: Mapping[str, str] | None = None,
         why = "it was calibrated on another host (" + "; ".join(
             f"{k}: {a!r} there, {b!r} here" for k, (a, b) in differ.items()) + ")"
     logger.warning("cpu predictor: %s, so latency estimates may be off by the speed ratio; run "
-                   "autocomp_plugins.cpu_predictor.calibrate_cpu(threads=%d) to calibrate this host",
-                   why, threads)
+                   "`autocomp calibrate --target cpu --threads %d` to calibrate this host", why, threads)
     return best
 
 
@@ -792,6 +801,7 @@ def calibrate_cpu(threads: int = 1, count: int = 100, rounds: int = 3, seed: int
         "models": len(rows),
         "rounds": rounds,
         "target": FIT_TARGET,
+        "feature_set": FEATURE_SET,
         "in_sample_within_10pct": sum(e <= 0.10 for e in errors) / len(errors),
         "in_sample_median_error": statistics.median(errors),
         "load_1min_before": load_before[0],

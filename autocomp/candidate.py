@@ -1,8 +1,8 @@
 """Build one candidate from a sampled spec: a pure function of the base model and the spec.
 
 Structural methods run on a deep copy (the base model is never touched), batch-norm statistics
-are re-estimated after any structural change, then recovery methods train the copy back (not when
-nothing changed). Export and post-export methods turn it into the final artifact.
+are re-estimated after any structural change, then recovery methods train the copy back. Export and
+post-export methods turn it into the final artifact.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any
 
 from autocomp.method import CandidateContext, Method
 from autocomp.space import GATE, CandidateSpec, ConcreteSpace
@@ -18,8 +18,7 @@ from autocomp.space import GATE, CandidateSpec, ConcreteSpace
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["build_structure", "changes_structure", "recover", "build_model", "build_artifact", "recalibrate_batchnorm",
-           "count_macs"]
+__all__ = ["build_structure", "recover", "build_model", "build_artifact", "recalibrate_batchnorm", "count_macs"]
 
 logger = logging.getLogger("autocomp")
 
@@ -63,35 +62,14 @@ def _setting(spec: CandidateSpec, method: Method, space: ConcreteSpace) -> dict[
     return setting
 
 
-def _changes_model(method: Method, setting: Mapping[str, Any], config: Any) -> bool:
-    """Whether ``method`` applied with ``setting`` changes the model: not when its canonical setting
-    :meth:`~autocomp.method.Method.changes_nothing` (no ratio above 0, no block removed, full rank);
-    a method whose answer fails is taken to change it."""
-    try:
-        return not method.changes_nothing(method.canonical(setting, config), config)
-    except Exception as exc:  # noqa: BLE001 - a plugin's bug must not stop the trial
-        logger.warning("method %r: changes_nothing failed (%s: %s); taken to change the model",
-                       method.name, type(exc).__name__, exc)
-        return True
-
-
-def changes_structure(spec: CandidateSpec, space: ConcreteSpace) -> bool:
-    """Whether any structural method of ``spec`` changes the model (:func:`build_structure`)."""
-    return any(method.stage == "structural" and (setting := _setting(spec, method, space)) is not None
-               and _changes_model(method, setting, config) for method, config, _ in space.entries)
-
-
 def build_structure(base_model: "torch.nn.Module", spec: CandidateSpec, space: ConcreteSpace,
                     ctx: CandidateContext) -> "torch.nn.Module":
-    """A deep copy of ``base_model`` with the structural methods of ``spec`` applied (untrained).
-
-    A method whose setting changes nothing is not applied, and when none changes anything the copy
-    is the base model as it is (its batch-norm statistics are not re-estimated)."""
+    """A deep copy of ``base_model`` with the structural methods of ``spec`` applied (untrained)."""
     model = copy.deepcopy(base_model).eval()
     structural = False
     for method, config, params in space.entries:
         setting = _setting(spec, method, space)
-        if method.stage != "structural" or setting is None or not _changes_model(method, setting, config):
+        if method.stage != "structural" or setting is None:
             continue
         model = method.apply(model, setting, config, ctx)
         structural = True
@@ -102,17 +80,10 @@ def build_structure(base_model: "torch.nn.Module", spec: CandidateSpec, space: C
 
 def recover(model: "torch.nn.Module", spec: CandidateSpec, space: ConcreteSpace,
             ctx: CandidateContext) -> "torch.nn.Module":
-    """Run the recovery methods of ``spec`` (fine-tuning, distillation) on ``model``; none when no
-    structural method changed it (:func:`changes_structure`): there is nothing to recover, and the
-    candidate keeps the base model's trained weights (quantization alone quantizes the base model
-    itself). The trial's notes then say ``recovery: skipped ...``."""
-    recovery = [(method, config, _setting(spec, method, space)) for method, config, _ in space.entries
-                if method.stage == "recovery"]
-    if any(setting is not None for _, _, setting in recovery) and not changes_structure(spec, space):
-        ctx.notes["recovery"] = "skipped: no structural method changed the model"
-        return model.eval()
-    for method, config, setting in recovery:
-        if setting is not None:
+    """Run the recovery methods of ``spec`` (fine-tuning, distillation) on ``model``."""
+    for method, config, params in space.entries:
+        setting = _setting(spec, method, space)
+        if method.stage == "recovery" and setting is not None:
             model = method.apply(model, setting, config, ctx)
     return model.eval()
 

@@ -153,34 +153,3 @@ def test_a_candidate_with_progressive_taylor_pruning_and_feature_distillation(tm
     assert all(kept < channels for channels, kept in ctx.notes["prune_channels"].values())
     path = export_onnx(model, tiny_workload.example_input, tmp_path / "candidate.onnx")
     assert check_parity(model, path, tiny_workload.val.inputs[:16]) < 1e-4
-
-
-@pytest.mark.parametrize("ratio", [0.0, 0.4])
-def test_nothing_is_recovered_when_no_structural_method_changed_the_model(tmp_path, tiny_workload, ratio):
-    """Pruning at 0 everywhere changes nothing: the candidate is the base model as trained (no
-    fine-tuning, its own batch-norm statistics), so quantization alone quantizes the base model
-    itself. Any ratio above 0 prunes, and distillation recovers."""
-    import optuna
-    import torch
-
-    from autocomp.candidate import build_model
-    from autocomp.method import BaseModelInfo
-    from autocomp.space import parse_space
-    from autocomp_plugins.prune import PruneMethod
-
-    tables = {"prune": {"ratio": [0.0, 0.5], "round_to": 2}, "distill": {"steps": 5}}
-    space = parse_space(tables, {"prune": PruneMethod(), "distill": DistillMethod()}, source="t.toml")
-    concrete = space.concrete(BaseModelInfo(tiny_workload.model, tiny_workload.example_input, tmp_path / "m.onnx",
-                                            None))
-    groups = [f"prune.{p.name}" for m, _, params in concrete.entries if m.name == "prune" for p in params]
-    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
-    study.enqueue_trial(dict.fromkeys(groups, ratio))
-    ctx = _context(tiny_workload, tmp_path)
-    model = build_model(tiny_workload.model, concrete.sample(study.ask()), concrete, ctx)
-    base = tiny_workload.model.state_dict()
-    same = model.state_dict().keys() == base.keys() and all(torch.equal(v, base[k]) for k, v in model.state_dict().items())
-    if ratio == 0:
-        assert same and ctx.notes["recovery"].startswith("skipped")
-        assert "distill_steps" not in ctx.notes and "bn_recalibrated" not in ctx.notes
-    else:
-        assert not same and ctx.notes["distill_steps"] == 5 and "recovery" not in ctx.notes

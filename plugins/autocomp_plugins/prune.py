@@ -673,12 +673,6 @@ class PruneMethod(Method):
                        for g in groups if g.unsupported is None and g.name not in _RESERVED]
         return params
 
-    def changes_nothing(self, setting: Mapping[str, Any], config: PruneConfig) -> bool:
-        """No channel pruned: every group's ratio (or the global one) at 0."""
-        if setting.get("scope", config.scope[0]) == "global":
-            return float(setting.get("global_ratio", 0.0)) <= 0
-        return all(float(v) <= 0 for k, v in setting.items() if k not in _RESERVED)
-
     def apply(self, model, setting: Mapping[str, Any], config: PruneConfig, ctx: CandidateContext):
         importance = setting.get("importance", config.importance[0])
         scope = setting.get("scope", config.scope[0])

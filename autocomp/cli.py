@@ -316,7 +316,7 @@ def _cmd_calibrate(args) -> int:
 
 def _calibrate_cpu(args) -> int:
     """Fit the cpu target's latency predictor on this host (run it on a quiet machine)."""
-    from autocomp_plugins.cpu_predictor import calibrate_cpu
+    from autocomp_plugins.cpu_calibrate import calibrate_cpu
 
     console = _console()
     console.print(f"Measuring {args.count} candidates on this host at {args.threads} thread(s); keep the machine quiet ...")

@@ -4,7 +4,7 @@ Run ``python benchmarks/cpu_predictor.py`` (about 14 minutes on two shared cores
 11 once the candidates are cached; ``--count`` and ``--rounds`` trade time for noise). It
 
 1. builds ``--count`` candidates like the ones a search produces
-   (:func:`autocomp_plugins.cpu_predictor.candidate_specs`: the digits ResNet at several widths and
+   (:func:`autocomp_plugins.cpu_calibrate.candidate_specs`: the digits ResNet at several widths and
    image sizes, resnet20, mobilenet_v2, a small ViT and mobilefacenet, randomly pruned per group
    with ``round_to = 8``, in fp32, fully int8 or partly int8), cached in ``benchmarks/.cache/``;
 2. measures every one ``--rounds`` times with the cpu target's harness (``TimingPolicy()``: one
@@ -46,6 +46,7 @@ CACHE = HERE / ".cache" / "cpu_predictor"
 OUT_JSON = HERE / "cpu_predictor.json"
 OUT_MD = HERE / "cpu_predictor.md"
 
+from autocomp_plugins import cpu_calibrate as cc  # noqa: E402
 from autocomp_plugins import cpu_predictor as cp  # noqa: E402
 from autocomp_plugins.quantize import needs_reduce_range  # noqa: E402
 
@@ -95,9 +96,9 @@ def _flops_rows(rows: list[dict]) -> list[dict]:
 def build(count: int, seed: int) -> list[dict]:
     CACHE.mkdir(parents=True, exist_ok=True)
     models = []
-    for n, spec in enumerate(cp.candidate_specs(count, seed)):
+    for n, spec in enumerate(cc.candidate_specs(count, seed)):
         try:
-            path = cp.build_candidate(spec, CACHE)
+            path = cc.build_candidate(spec, CACHE)
         except Exception as exc:  # noqa: BLE001 - a candidate that cannot be built is reported, not fatal
             _say(f"  skipped {spec.describe()}: {type(exc).__name__}: {exc}")
             continue
@@ -431,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
         models = build(args.count, args.seed)
         _say(f"measuring {len(models)} candidates x {args.rounds} rounds (about "
              f"{len(models) * args.rounds * 1.3 / 60:.0f} min) ...")
-        results = cp.measure_candidates([REPO / m["path"] for m in models],
+        results = cc.measure_candidates([REPO / m["path"] for m in models],
                                         [{"input": m["input_shape"]} for m in models],
                                         threads=threads, rounds=args.rounds, seed=args.seed, progress=_say)
         for m, r in zip(models, results):

@@ -2,7 +2,7 @@
 
 ``benchmarks/cpu_predictor.py`` cross-validates the predictor on its 100 candidates, but its
 features were chosen by looking at those same candidates, so its figure is optimistic. This
-benchmark builds a fresh set (:func:`autocomp_plugins.cpu_predictor.candidate_specs` with another
+benchmark builds a fresh set (:func:`autocomp_plugins.cpu_calibrate.candidate_specs` with another
 seed; any candidate already in ``cpu_predictor.json`` is dropped), measures each with the cpu
 target's harness (interleaved rounds, each measurement's fastest run, median over rounds), and
 compares with the shipped calibration's predictions, unchanged. Run
@@ -24,6 +24,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 
+from autocomp_plugins import cpu_calibrate as cc  # noqa: E402
 from autocomp_plugins import cpu_predictor as cp  # noqa: E402
 
 BAR_ERROR = 0.10
@@ -48,13 +49,13 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="autocomp-holdout-") as tmp:
         specs, paths = [], []
-        for spec in cp.candidate_specs(args.count, args.seed):
+        for spec in cc.candidate_specs(args.count, args.seed):
             if spec.key in fitted_on:
                 continue
             specs.append(spec)
-            paths.append(cp.build_candidate(spec, Path(tmp)))
+            paths.append(cc.build_candidate(spec, Path(tmp)))
         shapes = [{"input": spec.input_shape} for spec in specs]
-        measured = cp.measure_candidates(paths, shapes, rounds=args.rounds, seed=args.seed,
+        measured = cc.measure_candidates(paths, shapes, rounds=args.rounds, seed=args.seed,
                                          progress=lambda m: print(m, file=sys.stderr, flush=True))
         predicted = [cp.predict_latency_ms(p, s, calibration) for p, s in zip(paths, shapes)]
     models = [{"spec": spec.describe(), "key": spec.key, "family": spec.family, "precision": spec.precision,

@@ -96,7 +96,7 @@ def main() -> None:
     from autocomp.plugins import get_registry
     from autocomp.search import evaluate, resolve_target, resolve_workload
     from autocomp.zoo import build
-    from autocomp_plugins.cpu_predictor import _randomise_constants, measure_candidates
+    from autocomp_plugins.cpu_calibrate import _randomise_constants, measure_candidates
     from autocomp_plugins.prune import prunable_groups, prune_model
 
     started = time.time()

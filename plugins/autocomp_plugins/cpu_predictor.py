@@ -32,7 +32,7 @@ Calibrations
 A calibration is per host and per thread count (:class:`CpuCalibration`, keyed by CPU model,
 instruction-set flags, ONNX Runtime version and threads). :func:`load_calibration` looks for
 
-1. one written by :func:`calibrate_cpu` on this host, in ``$AUTOCOMP_CACHE_DIR/cpu_predictor/``
+1. one written by :func:`autocomp_plugins.cpu_calibrate.calibrate_cpu` on this host, in ``$AUTOCOMP_CACHE_DIR/cpu_predictor/``
    (``~/.cache/autocomp`` when the variable is unset);
 2. the one shipped with autocomp (``cpu_calibration.json``), measured on the host named in it;
 
@@ -50,12 +50,10 @@ import hashlib
 import json
 import logging
 import math
-import os
 import platform
-import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 from autocomp.results import write_json
 from autocomp_plugins.edge.costmodel import _QDQ_OPS
@@ -64,7 +62,6 @@ __all__ = [
     "FEATURES",
     "SHIPPED_CALIBRATION",
     "CpuCalibration",
-    "CandidateSpec",
     "graph_features",
     "host_identity",
     "cache_path",
@@ -72,10 +69,6 @@ __all__ = [
     "write_calibrations",
     "predict_latency_ms",
     "fit_coefficients",
-    "candidate_specs",
-    "build_candidate",
-    "measure_candidates",
-    "calibrate_cpu",
 ]
 
 logger = logging.getLogger("autocomp")
@@ -401,7 +394,7 @@ def host_identity() -> dict[str, str]:
 
 
 def cache_path(host: Mapping[str, str], threads: int) -> Path:
-    """Where :func:`calibrate_cpu` writes (and :func:`load_calibration` looks for) a host's calibration."""
+    """Where :func:`autocomp_plugins.cpu_calibrate.calibrate_cpu` writes (and :func:`load_calibration` looks for) a host's calibration."""
     from autocomp.cache import cache_dir
 
     key = json.dumps({k: host[k] for k in sorted(host)}, sort_keys=True)
@@ -472,7 +465,7 @@ def load_calibration(threads: int = 1, host: Mapping[str, str] | None = None,
                      shipped: Path = SHIPPED_CALIBRATION) -> CpuCalibration:
     """The calibration to predict with for ``threads`` intra-op threads on ``host`` (default: this one).
 
-    Prefers this host's cached calibration (written by :func:`calibrate_cpu`), then the shipped one
+    Prefers this host's cached calibration (written by :func:`autocomp_plugins.cpu_calibrate.calibrate_cpu`), then the shipped one
     when it was measured on a host like this one. Otherwise it falls back to the shipped calibration
     nearest in thread count and logs a warning naming the difference. Raises ``FileNotFoundError``
     when there is no calibration at all.
@@ -550,267 +543,3 @@ def fit_coefficients(rows: Sequence[Mapping[str, float]], latencies_ms: Sequence
     scale = np.where(np.abs(a).max(axis=0) > 0, np.abs(a).max(axis=0), 1.0)  # conditioning only
     c, _ = nnls(a / scale, np.ones_like(y), maxiter=50 * len(features))
     return {f: float(v) for f, v in zip(features, c / scale)}
-
-
-# --- candidates for calibration -------------------------------------------------------------------
-
-
-#: Version of :func:`build_candidate`'s recipe, part of a candidate's key, so files built by an
-#: older recipe are not reused. 2: int8 as the quantize method writes it (with the ops between int8
-#: layers, :func:`autocomp_plugins.quantize.quantize_layers_int8`), not the layers alone.
-CANDIDATE_BUILD = 2
-
-
-@dataclass(frozen=True)
-class CandidateSpec:
-    """One calibration model: an architecture at some size, maybe pruned, at some precision.
-
-    ``family`` is ``digits`` (:func:`autocomp_plugins.digits.DigitsResNet`) or a zoo name;
-    ``prune_max`` the upper bound of the random per-group pruning ratios (0: not pruned);
-    ``precision`` ``fp32``, ``int8`` (every Conv/Gemm/MatMul) or ``mixed`` (a random subset).
-    """
-
-    family: str
-    kwargs: tuple[tuple[str, Any], ...]
-    input_shape: tuple[int, ...]
-    prune_max: float = 0.0
-    precision: str = "fp32"
-    seed: int = 0
-
-    @property
-    def key(self) -> str:
-        text = json.dumps({**asdict(self), "build": CANDIDATE_BUILD}, sort_keys=True)
-        return f"{self.family}-{self.precision}-{hashlib.sha256(text.encode()).hexdigest()[:10]}"
-
-    def describe(self) -> str:
-        args = ",".join(f"{k}={v}" for k, v in self.kwargs)
-        pruned = f" pruned<={self.prune_max:.2f}" if self.prune_max else ""
-        return f"{self.family}({args}) {'x'.join(map(str, self.input_shape))}{pruned} {self.precision}"
-
-
-def _sample_architecture(rng: random.Random) -> tuple[str, dict[str, Any], tuple[int, ...]]:
-    family = rng.choices(["digits", "resnet20", "mobilenet_v2", "vit", "mobilefacenet"],
-                         weights=[4, 2, 2, 1.5, 1.5])[0]
-    if family == "digits":
-        size = rng.choice([16, 24, 32, 48, 64])
-        width = rng.choice([8, 16, 24, 32, 48, 64] if size <= 32 else [8, 16, 24, 32, 48])
-        return family, {"width": width}, (1, 1, size, size)
-    if family == "resnet20":
-        size = rng.choice([16, 32])
-        return family, {"width": rng.choice([8, 16, 24, 32]), "num_classes": 10}, (1, 3, size, size)
-    if family == "mobilenet_v2":
-        size = rng.choice([32, 64, 96])
-        return family, {"width_mult": rng.choice([0.25, 0.35, 0.5, 0.75, 1.0]),
-                        "last_channels": rng.choice([64, 128, 256]), "num_classes": 10}, (1, 3, size, size)
-    if family == "vit":
-        return family, {"image_size": 32, "patch_size": rng.choice([4, 8]), "dim": rng.choice([32, 48, 64, 96]),
-                        "depth": rng.choice([2, 4]), "heads": rng.choice([2, 4]), "num_classes": 10}, (1, 3, 32, 32)
-    size = rng.choice([32, 64])
-    return family, {"width": rng.choice([8, 16, 24, 32]), "embedding_size": 64, "input_size": size}, (1, 3, size, size)
-
-
-def candidate_specs(count: int, seed: int = 0) -> list[CandidateSpec]:
-    """``count`` random calibration candidates, like the ones a search produces (deterministic in ``seed``).
-
-    The 100 of benchmarks/cpu_predictor.md ran in 0.07 to 10.9 ms (fastest run; p50 0.08 to 12.5 ms)
-    on one thread here: from heavily pruned
-    versions of the built-in digits model to models several times its size, so the fit sees both
-    overhead-bound and compute-bound graphs.
-    """
-    rng = random.Random(seed)
-    specs: list[CandidateSpec] = []
-    seen: set[str] = set()
-    while len(specs) < count:
-        family, kwargs, shape = _sample_architecture(rng)
-        prune_max = rng.choice([0.0, 0.0, 0.3, 0.5, 0.7])
-        precision = rng.choices(["fp32", "int8", "mixed"], weights=[4, 3, 3])[0]
-        seed_used = rng.randrange(10**6)
-        if prune_max == 0 and precision != "mixed":  # nothing random left: one model, whatever the seed
-            seed_used = 0
-        spec = CandidateSpec(family, tuple(sorted(kwargs.items())), shape, prune_max, precision, seed_used)
-        if spec.key not in seen:
-            seen.add(spec.key)
-            specs.append(spec)
-    return specs
-
-
-def _randomise_constants(model: Any) -> None:
-    """Give every layer its own batch-norm statistics, norm scales and activation slopes.
-
-    Freshly initialised layers of one width share identical constants (zero biases, unit scales);
-    the exporter then stores one initializer for all of them, and ONNX Runtime's int8 fusion
-    cannot fuse a convolution whose bias is shared. A trained model has distinct values.
-    """
-    import torch
-
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-                module.running_mean.normal_(0.0, 0.1)
-                module.running_var.uniform_(0.5, 1.5)
-        for parameter in model.parameters():
-            if parameter.numel() > 1 and bool((parameter == parameter.flatten()[0]).all()):
-                parameter.add_(0.05 * torch.randn_like(parameter))
-
-
-def build_candidate(spec: CandidateSpec, directory: Path) -> Path:
-    """Build, prune, export and quantize ``spec`` into ``directory``; reuse a file built before.
-
-    Untrained weights: latency does not depend on their values. Raises the errors of export,
-    pruning and quantization (:class:`autocomp.errors.AutocompError` subclasses).
-    """
-    out = Path(directory) / f"{spec.key}.onnx"
-    if out.exists():
-        return out
-    import torch
-
-    import tempfile
-
-    import onnx
-
-    from autocomp.export import export_onnx
-    from autocomp_plugins._precision import inline_layer_constants, layer_table, name_nodes
-    from autocomp_plugins.prune import prunable_groups, prune_model
-    from autocomp_plugins.quantize import quantize_layers_int8
-
-    rng = random.Random(spec.seed)
-    torch.manual_seed(spec.seed)
-    kwargs = dict(spec.kwargs)
-    if spec.family == "digits":
-        from autocomp_plugins.digits import DigitsResNet
-
-        model = DigitsResNet(**kwargs)
-    else:
-        from autocomp import zoo
-
-        model = zoo.build(spec.family, **kwargs)
-    _randomise_constants(model)
-    model.eval()
-    example = torch.randn(*spec.input_shape)
-    if spec.prune_max > 0:
-        groups = prunable_groups(model, example)
-        ratios = {name: rng.uniform(0.0, spec.prune_max) for name in groups}
-        prune_model(model, example, ratios, importance="l2", round_to=8)
-    fp32 = out.with_name(f"{spec.key}.fp32.tmp.onnx")
-    export_onnx(model, example, fp32)
-    try:
-        if spec.precision == "fp32":
-            os.replace(fp32, out)
-            return out
-        graph = onnx.load(str(fp32))
-        name_nodes(graph)
-        graph = inline_layer_constants(graph)
-        nodes = [layer.node for layer in layer_table(graph).values()]
-        if spec.precision == "mixed" and len(nodes) > 1:
-            nodes = rng.sample(nodes, rng.randint(1, len(nodes) - 1))
-        calibration_inputs = torch.randn(8, *spec.input_shape[1:])
-        tmp = out.with_name(f"{spec.key}.int8.tmp.onnx")
-        with tempfile.TemporaryDirectory(prefix=f"{spec.key}-", dir=directory) as work:
-            onnx.save(quantize_layers_int8(graph, nodes, calibration_inputs, Path(work)), str(tmp))
-        os.replace(tmp, out)
-        return out
-    finally:
-        fp32.unlink(missing_ok=True)
-
-
-def measure_candidates(paths: Sequence[Path], input_shapes: Sequence[Mapping[str, Sequence[int]]], *,
-                       threads: int = 1, rounds: int = 3, seed: int = 0,
-                       progress: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
-    """Measure every model ``rounds`` times, interleaved (shuffled order each round), with the cpu
-    target's harness (:func:`autocomp.ort.measure_latency`, default :class:`TimingPolicy` but for
-    ``threads``). Returns per model ``{"round_min_ms": [...], "round_p50_ms": [...], "round_load": [...],
-    "min_ms": median of the round minima, "p50_ms": median of the round p50s}``, where ``round_min_ms``
-    holds each measurement's fastest run, ``round_load`` the 1-minute load average when that round's
-    measurement started and
-    ``round_cpu_share`` the share of one core this process got while measuring (CPU time over wall
-    time; below 1 when other jobs took the core away).
-    """
-    import itertools
-    import statistics
-    import time
-
-    from autocomp.latency import interleaved
-    from autocomp.ort import TimingPolicy, measure_latency
-
-    policy = TimingPolicy(threads=threads)
-    calls = itertools.count()
-
-    def measure(i: int) -> tuple[Any, float, float]:
-        done = next(calls)
-        load = os.getloadavg()[0]
-        if progress and done % len(paths) % 20 == 0:
-            progress(f"round {done // len(paths) + 1}/{rounds}: {done % len(paths)}/{len(paths)} measured, "
-                     f"load {load:.2f}")
-        wall, cpu = time.perf_counter(), time.process_time()
-        stats = measure_latency(paths[i], input_shapes[i], policy)
-        share = (time.process_time() - cpu) / max(time.perf_counter() - wall, 1e-9) / threads
-        return stats, load, round(share, 3)
-
-    results = []
-    for row in interleaved(range(len(paths)), measure, rounds, random.Random(seed)):
-        result = {"round_p50_ms": [s.p50_ms for s, _, _ in row], "round_min_ms": [s.min_ms for s, _, _ in row],
-                  "round_load": [load for _, load, _ in row], "round_cpu_share": [share for _, _, share in row]}
-        result["min_ms"] = statistics.median(result["round_min_ms"])
-        result["p50_ms"] = statistics.median(result["round_p50_ms"])
-        results.append(result)
-    return results
-
-
-def calibrate_cpu(threads: int = 1, count: int = 100, rounds: int = 3, seed: int = 0,
-                  work_dir: Path | None = None, write: bool = True,
-                  progress: Callable[[str], None] | None = None) -> CpuCalibration:
-    """Calibrate the predictor on this host: build ``count`` candidates, measure, fit, and cache.
-
-    Builds candidates of different shapes and precisions (:func:`candidate_specs`) in ``work_dir``
-    (a temporary directory by default), measures each ``rounds`` times with the cpu target's harness
-    at ``threads`` threads, fits :data:`FEATURES`' coefficients and, with ``write``, stores the
-    calibration where :func:`load_calibration` finds it first. Takes about ``count * rounds * 1.5``
-    seconds plus a second per candidate to build; run it on a quiet machine. Candidates that fail to
-    build are skipped (logged). Raises ``ValueError`` when fewer than 10 candidates could be measured.
-    """
-    import statistics
-    import tempfile
-    import time
-
-    from autocomp.errors import AutocompError
-
-    with tempfile.TemporaryDirectory(prefix="autocomp-cpu-calibration-") as tmp:
-        directory = Path(work_dir) if work_dir is not None else Path(tmp)
-        directory.mkdir(parents=True, exist_ok=True)
-        paths, shapes, rows = [], [], []
-        for spec in candidate_specs(count, seed):
-            try:
-                path = build_candidate(spec, directory)
-                shape = {"input": spec.input_shape}
-                rows.append(graph_features(path, shape))
-            except AutocompError as exc:
-                logger.warning("cpu calibration: skipping %s: %s", spec.describe(), exc)
-                continue
-            paths.append(path)
-            shapes.append(shape)
-        if len(paths) < 10:
-            raise ValueError(f"only {len(paths)} calibration candidates could be built; need at least 10")
-        load_before = os.getloadavg()
-        measured = measure_candidates(paths, shapes, threads=threads, rounds=rounds, seed=seed, progress=progress)
-    latencies = [m["min_ms"] for m in measured]
-    coefficients = fit_coefficients(rows, latencies)
-    host = host_identity()
-    calibration = CpuCalibration(host=host, threads=threads, coefficients=coefficients)
-    errors = sorted(abs(calibration.predict(r) / y - 1) for r, y in zip(rows, latencies))
-    fit = {
-        "models": len(rows),
-        "rounds": rounds,
-        "target": FIT_TARGET,
-        "feature_set": FEATURE_SET,
-        "in_sample_within_10pct": sum(e <= 0.10 for e in errors) / len(errors),
-        "in_sample_median_error": statistics.median(errors),
-        "load_1min_before": load_before[0],
-        "load_1min_after": os.getloadavg()[0],
-        "date": time.strftime("%Y-%m-%d"),
-    }
-    calibration = CpuCalibration(host=host, threads=threads, coefficients=coefficients, fit=fit)
-    if write:
-        path = write_calibrations(cache_path(host, threads), [calibration])
-        calibration = CpuCalibration(host=host, threads=threads, coefficients=coefficients, fit=fit, source=str(path))
-        logger.info("cpu calibration for %d thread(s) written to %s", threads, path)
-    return calibration

@@ -320,3 +320,18 @@ def test_calibration_round_trips_through_json(tmp_path):
     path = cp.write_calibrations(tmp_path / "c.json", [calibration])
     (loaded,) = cp._read_calibrations(path)
     assert loaded.to_dict() == calibration.to_dict()
+
+
+def test_a_calibration_on_few_candidates_warns(tmp_path, monkeypatch, caplog):
+    """Ten candidates for the predictor's coefficients fit those ten and little else: calibrating
+    on them works and says so. (Timing is not what is tested here: the measurements are given.)"""
+    from autocomp_plugins import cpu_calibrate as cc
+
+    specs = [cc.CandidateSpec("digits", (("width", 8),), (1, 1, 16, 16), 0.5, "fp32", seed) for seed in range(10)]
+    monkeypatch.setattr(cc, "candidate_specs", lambda count, seed=0: specs[:count])
+    monkeypatch.setattr(cc, "measure_candidates", lambda paths, shapes, **kw: [
+        {"min_ms": 0.05 + 0.01 * i} for i in range(len(paths))])
+    with caplog.at_level(logging.WARNING, logger="autocomp"):
+        calibration = cc.calibrate_cpu(count=10, work_dir=tmp_path, write=False)
+    assert "10 candidates for" in caplog.text and "recommended" in caplog.text
+    assert calibration.fit["models"] == 10 and calibration.fit["feature_set"] == cp.FEATURE_SET

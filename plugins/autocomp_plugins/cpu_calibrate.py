@@ -21,6 +21,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from autocomp_plugins.cpu_predictor import (
     FEATURE_SET,
+    FEATURES,
     FIT_TARGET,
     CpuCalibration,
     cache_path,
@@ -34,6 +35,10 @@ __all__ = ["CANDIDATE_BUILD", "CandidateSpec", "candidate_specs", "build_candida
            "calibrate_cpu"]
 
 logger = logging.getLogger("autocomp")
+
+#: Fewer candidates than this many per coefficient get a warning: the fit then reproduces its own
+#: candidates (``autocomp calibrate --target cpu --count 10`` fitted them exactly) and little else.
+WELL_DETERMINED = 3
 
 
 #: Version of :func:`build_candidate`'s recipe, part of a candidate's key, so files built by an
@@ -271,6 +276,10 @@ def calibrate_cpu(threads: int = 1, count: int = 100, rounds: int = 3, seed: int
             shapes.append(shape)
         if len(paths) < 10:
             raise ValueError(f"only {len(paths)} calibration candidates could be built; need at least 10")
+        if len(paths) < WELL_DETERMINED * len(FEATURES):
+            logger.warning("cpu calibration: %d candidates for %d coefficients; a fit this small matches its own "
+                           "candidates and little else (at least %d recommended, 100 by default)", len(paths),
+                           len(FEATURES), WELL_DETERMINED * len(FEATURES))
         load_before = os.getloadavg()
         measured = measure_candidates(paths, shapes, threads=threads, rounds=rounds, seed=seed, progress=progress)
     latencies = [m["min_ms"] for m in measured]

@@ -457,14 +457,15 @@ def run_search(config: SearchConfig, registry: Registry, on_event: Event | None 
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if config.storage is None:  # with a shared storage, heartbeats do this for live workers
             study.tell(t.number, state=TrialState.FAIL)
-    proposals = [MethodToggles(concrete, config.trials), StrengthSteps(concrete, config.trials)]
+    toggles = MethodToggles(concrete, config.trials)  # also what a trial's siblings toggle
+    proposals = [toggles, StrengthSteps(concrete, config.trials)]
     if config.resume:
         for kind in proposals:
             kind.requeue_interrupted(study)
     remaining = max(0, config.trials - len(done))
     on_event("search_start", {"trials": config.trials, "done": len(done), "remaining": remaining})
     stop = _StopOnSignal()
-    objective = Objective(prep, concrete, baseline, on_event, stop)
+    objective = Objective(prep, concrete, baseline, on_event, stop, toggles)
     status = "complete"
     try:
         with stop:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import shutil
 import time
-from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
@@ -76,21 +75,19 @@ class Objective:
     """The Optuna objective of a search: one trial from sampled spec to scored record (module docs)."""
 
     def __init__(self, prep: Prepared, concrete: ConcreteSpace, baseline: dict[str, Any], on_event: Event,
-                 stop: Any):
+                 stop: Any, toggles: MethodToggles):
         self.stop = stop
         self.prep = prep
         self.concrete = concrete
         self.baseline = baseline
         self.on_event = on_event
+        #: the search's method toggles; a trial's siblings are their post-export ones
+        #: (:meth:`MethodToggles.post_export`)
+        self.toggles = toggles
         from autocomp.latency import LatencyCache
 
         self.cache = LatencyCache(prep.run.root / "latency_cache.sqlite")
         self.can_predict: bool | None = None  # found out on the first candidate checked against --max-latency
-
-    @cached_property
-    def toggles(self) -> MethodToggles:
-        """What a trial's siblings toggle (:meth:`MethodToggles.post_export`)."""
-        return MethodToggles(self.concrete, self.prep.config.trials)
 
     def margin(self) -> float:
         """Slack on predictions of measured targets: a candidate is dropped only when clearly too slow.

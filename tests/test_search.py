@@ -420,7 +420,8 @@ def _objective(tmp_path, registry, **config):
     prep = prepare(SearchConfig(workload="digits-tiny", target_options=options, out=tmp_path / "run",
                                 **{"max_drop": 0.05, **config}), registry)
     prep.run.root.mkdir(parents=True)
-    return Objective(prep, None, {"metric": 0.9, "latency_ms": 2.0}, lambda kind, data: None, _StopOnSignal())
+    return Objective(prep, None, {"metric": 0.9, "latency_ms": 2.0}, lambda kind, data: None, _StopOnSignal(),
+                     toggles=None)
 
 
 def _study_with_front(*members):

@@ -155,9 +155,9 @@ def build_candidate(spec: CandidateSpec, directory: Path) -> Path:
     import onnx
 
     from autocomp.export import export_onnx
-    from autocomp_plugins._precision import inline_layer_constants, layer_table, name_nodes
+    from autocomp_plugins._precision import inline_layer_constants, layer_table
     from autocomp_plugins.prune import prunable_groups, prune_model
-    from autocomp_plugins.quantize import quantize_layers_int8
+    from autocomp_plugins.quantize import load_named, quantize_layers_int8
 
     rng = random.Random(spec.seed)
     torch.manual_seed(spec.seed)
@@ -183,9 +183,7 @@ def build_candidate(spec: CandidateSpec, directory: Path) -> Path:
         if spec.precision == "fp32":
             os.replace(fp32, out)
             return out
-        graph = onnx.load(str(fp32))
-        name_nodes(graph)
-        graph = inline_layer_constants(graph)
+        graph = inline_layer_constants(load_named(fp32))  # as the quantize method reads its input
         nodes = [layer.node for layer in layer_table(graph).values()]
         if spec.precision == "mixed" and len(nodes) > 1:
             nodes = rng.sample(nodes, rng.randint(1, len(nodes) - 1))

@@ -159,6 +159,12 @@ def _analyze(graph_or_path: Any, input_shapes: Mapping[str, Sequence[int]]) -> _
     return _Analysis(g, labels, work, runs)
 
 
+def _quantized_again(g: Any, tensor: str) -> bool:
+    """Whether ``tensor`` has readers and every one is a QuantizeLinear."""
+    readers = g.consumers.get(tensor, [])
+    return bool(readers) and all(g.nodes[r].op_type == "QuantizeLinear" for r in readers)
+
+
 def _qdq_kernels(g: Any) -> list[int]:
     """Activation Q/DQ nodes ONNX Runtime's QDQ fusion leaves as kernels of their own.
 
@@ -177,9 +183,7 @@ def _qdq_kernels(g: Any) -> list[int]:
         return nodes[p] if p is not None else None
 
     def dropped_activation(node: Any) -> bool:
-        readers = consumers(node.output[0])
-        return node.op_type in ("Relu", "Clip") and bool(readers) and all(r.op_type == "QuantizeLinear"
-                                                                          for r in readers)
+        return node.op_type in ("Relu", "Clip") and _quantized_again(g, node.output[0])
 
     def runs_int8(node: Any) -> bool:
         if node is None or node.op_type not in _QLINEAR_OPS:
@@ -190,7 +194,7 @@ def _qdq_kernels(g: Any) -> list[int]:
         readers = consumers(node.output[0])
         if len(readers) == 1 and dropped_activation(readers[0]):
             return True
-        return bool(readers) and all(r.op_type == "QuantizeLinear" for r in readers)
+        return _quantized_again(g, node.output[0])
 
     kept = []
     for i, node in enumerate(nodes):
@@ -237,7 +241,8 @@ def _round_up(n: int, block: int) -> int:
 #: Output channels of an int8 convolution are priced in whole blocks of this many on x86 (where
 #: ``nchwc_block() > 1``). Fitted, not read from ONNX Runtime: on the AVX-512 VNNI host of
 #: benchmarks/cpu_predictor.md, blocks of 16 cut the cross-validated error most (8 changed
-#: nothing; 32 and 64 were worse), which fits int8 GEMM kernels that produce 16 columns at a time.
+#: nothing; 32 and 64 were worse). Why is not checked; int8 GEMM kernels that write 16 columns at a
+#: time would explain it.
 INT8_CHANNEL_BLOCK = 16
 
 
@@ -265,6 +270,7 @@ def _channel_padding(node: Any, g: Any, precision: str, block: int) -> tuple[flo
     return out * (_round_up(cin, block) / cin if cin >= block else 1.0), out
 
 
+@functools.lru_cache(maxsize=1)
 def nchwc_block() -> int:
     """Channels per block of ONNX Runtime's NCHWc layout on this CPU (1: no NCHWc layout).
 
@@ -273,16 +279,6 @@ def nchwc_block() -> int:
     on AVX-512, 8 on AVX2). When that fails, a warning is logged and the block is guessed from the
     CPU's flags.
     """
-    return _nchwc_block_cached()
-
-
-def _nchwc_block_from_flags() -> int:
-    flags = _cpu_flags()
-    return 16 if "avx512f" in flags else 8 if ("avx2" in flags or "avx" in flags) else 1
-
-
-@functools.lru_cache(maxsize=1)
-def _nchwc_block_cached() -> int:
     import tempfile
 
     import numpy as np
@@ -301,7 +297,8 @@ def _nchwc_block_cached() -> int:
             onnx.save(model, str(Path(tmp) / "probe.onnx"))
             optimized = optimised_model(Path(tmp) / "probe.onnx", Path(tmp) / "optimized.onnx")
     except Exception as exc:  # noqa: BLE001 - the probe is a refinement; the flags give a fallback
-        block = _nchwc_block_from_flags()
+        flags = _cpu_flags()
+        block = 16 if "avx512f" in flags else 8 if ("avx2" in flags or "avx" in flags) else 1
         logger.warning("cpu predictor: could not ask ONNX Runtime for its NCHWc block (%s: %s); assuming %d "
                        "from the CPU flags", type(exc).__name__, exc, block)
         return block
@@ -329,9 +326,8 @@ def graph_features(graph_or_path: Any, input_shapes: Mapping[str, Sequence[int]]
             continue
         if work.fused_into is not None:
             costed_or_fused += 1
-            readers = g.consumers.get(node.output[0], [])
-            quantized = bool(readers) and all(g.nodes[r].op_type == "QuantizeLinear" for r in readers)
-            kernel = _unfused_kernel(node, g.nodes[labels.host[i]], p, quantized)  # a fused node has its host's precision
+            # a fused node has its host's precision
+            kernel = _unfused_kernel(node, g.nodes[labels.host[i]], p, _quantized_again(g, node.output[0]))
             if kernel is not None:
                 moved = (sum(g.numel(t) for t in g.activations(node)) + g.numel(node.output[0])) / 1e6
                 feature, kind = kernel

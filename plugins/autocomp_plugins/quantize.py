@@ -49,6 +49,7 @@ __all__ = [
     "QuantizeMethod",
     "PRECISION_BITS",
     "quantizable_layers",
+    "load_named",
     "layer_name",
     "quantize_int8",
     "quantize_layers_int8",
@@ -144,7 +145,9 @@ def needs_reduce_range() -> bool:
     return not any(flag in flags for flag in ("avx512_vnni", "avx_vnni", "amx_int8"))
 
 
-def _load(onnx_path: Path):
+def load_named(onnx_path: Path) -> "onnx.ModelProto":
+    """The ONNX file at ``onnx_path`` with every node named (:func:`name_nodes`), as the quantize
+    method reads its input: layer names map to node names."""
     import onnx
 
     model = onnx.load(str(onnx_path))
@@ -154,7 +157,7 @@ def _load(onnx_path: Path):
 
 def quantizable_layers(onnx_path: Path) -> dict[str, str]:
     """Quantizable layers of an ONNX file: layer name -> node name."""
-    return {name: layer.node for name, layer in layer_table(_load(onnx_path)).items()}
+    return {name: layer.node for name, layer in layer_table(load_named(onnx_path)).items()}
 
 
 class _Calibration:
@@ -246,7 +249,7 @@ class QuantizeMethod(Method):
     def parameters(self, config: QuantizeConfig, base: BaseModelInfo) -> Sequence[ChoiceParam]:
         offered = tuple(p for p in config.precisions() if p in base.target.precisions)
         # int4 is weight-only: only for a MatMul/Gemm with a constant weight
-        layers = layer_table(_load(base.onnx_path))
+        layers = layer_table(load_named(base.onnx_path))
         choices = {name: tuple(p for p in offered if p != "int4" or layer.int4_unsupported is None)
                    for name, layer in layers.items()}
         per_layer = [ChoiceParam(name, c, module=layers[name].module, neutral=c[0])
@@ -298,7 +301,7 @@ class QuantizeMethod(Method):
     def apply(self, onnx_path: Path, setting: Mapping[str, Any], config: QuantizeConfig, ctx: CandidateContext) -> Path:
         import onnx
 
-        model = _precision.inline_layer_constants(_load(onnx_path))
+        model = _precision.inline_layer_constants(load_named(onnx_path))
         layers = layer_table(model)
         plan = self._plan(layers, setting, ctx)
         by_node = {layer.node: name for name, layer in layers.items()}

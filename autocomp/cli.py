@@ -326,7 +326,11 @@ def _calibrate_cpu(args) -> int:
     if args.json:
         _print_json(summary)
     else:
-        console.print("cpu predictor calibrated for this host; later searches use it")
+        fit = calibration.fit
+        console.print(f"cpu predictor calibrated for this host on {fit['models']} candidates: "
+                      f"{100 * fit['cross_validated_within_10pct']:.0f} % of cross-validated predictions within 10 % "
+                      f"of measured (median error {100 * fit['cross_validated_median_error']:.1f} %); stored in "
+                      f"{calibration.source}; later searches use it")
     return EXIT_OK
 
 

@@ -13,6 +13,7 @@ estimate of what the model itself costs. The search optimises the fastest run by
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import time
@@ -163,15 +164,29 @@ def run_batches(onnx_path: Path | str, inputs: np.ndarray, batch_size: int = 256
     return np.concatenate(outputs, axis=0).astype(np.float32)
 
 
-def _cpu_model() -> str:
+@functools.lru_cache(maxsize=1)
+def _cpuinfo() -> dict[str, str]:
+    """The first processor's fields in /proc/cpuinfo; empty where there is none (not Linux)."""
+    fields: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as fh:
             for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                if not line.strip():
+                    break  # the first processor ends at a blank line; the others repeat it
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return fields
+
+
+def cpu_flags() -> frozenset[str]:
+    """This CPU's feature flags (``avx2``, ``avx512f``, ``avx512_vnni`` ...); empty where unknown."""
+    return frozenset(_cpuinfo().get("flags", "").split())
+
+
+def _cpu_model() -> str:
+    return _cpuinfo().get("model name") or platform.processor() or platform.machine()
 
 
 def host_facts(threads: int | None = None) -> dict[str, Any]:

@@ -42,7 +42,7 @@ from autocomp.proposals import MethodToggles, StrengthSteps, anchors, is_sibling
 from autocomp.results import RunDir, read_json, sha256_of, write_json
 from autocomp.space import ConcreteSpace, SearchSpace, default_space_path, load_space
 from autocomp.target import STATISTICS
-from autocomp.trial import FILES_IN, Event, Objective, _drop, _model_stats, evaluate
+from autocomp.trial import FILES_IN, Event, Objective, evaluate, metric_drop, model_stats
 from autocomp.workload import Workload, resolve_workload
 
 __all__ = ["SearchConfig", "SearchResult", "run_search", "prepare", "evaluate"]
@@ -183,7 +183,7 @@ def _test_metrics(prep: Prepared, members: list[dict[str, Any]], baseline: dict[
     base = baseline["test_metric"]
     for member in members:
         member["test_drop"] = (None if member["test_metric"] is None or base is None
-                               else _drop(member["test_metric"], base, prep.config.relative_drop))
+                               else metric_drop(member["test_metric"], base, prep.config.relative_drop))
 
 
 def _measure_baseline(prep: Prepared) -> dict[str, Any]:
@@ -211,7 +211,7 @@ def _measure_baseline(prep: Prepared) -> dict[str, Any]:
         "size_bytes": path.stat().st_size,
         "parity_max_abs": parity,
         "artifact": str(path),
-        **_model_stats(wl.model, wl.example_input),
+        **model_stats(wl.model, wl.example_input),
     }
 
 

@@ -26,7 +26,7 @@ from autocomp.workload import Workload
 if TYPE_CHECKING:
     from autocomp.search import Prepared
 
-__all__ = ["Objective", "evaluate", "FILES_IN", "RECORD_ATTRS", "RECHECK_WITHIN", "Event"]
+__all__ = ["Objective", "evaluate", "metric_drop", "model_stats", "FILES_IN", "RECORD_ATTRS", "RECHECK_WITHIN", "Event"]
 
 logger = logging.getLogger("autocomp")
 
@@ -56,7 +56,7 @@ def evaluate(onnx_path: Path, workload: Workload, split: str = "val") -> float:
     return value
 
 
-def _drop(metric: float, base: float, relative: bool) -> float:
+def metric_drop(metric: float, base: float, relative: bool) -> float:
     """How far ``metric`` falls below the base model's ``base``: in points, or as a fraction of it."""
     drop = base - metric
     if relative:
@@ -64,7 +64,8 @@ def _drop(metric: float, base: float, relative: bool) -> float:
     return drop
 
 
-def _model_stats(model, example_input) -> dict[str, int]:
+def model_stats(model, example_input) -> dict[str, int]:
+    """The torch model's MACs and parameters at ``example_input``."""
     from autocomp.candidate import count_macs
 
     macs, params = count_macs(model, example_input)
@@ -113,7 +114,8 @@ class Objective:
         figure. Two runs with identical first 23 trials read 4 of them 1.25-1.44x slower in one run
         and parted from there (benchmarks/joint_vs_single.md)."""
         cfg = self.prep.config
-        if not self.prep.target.measured or _drop(metric, self.baseline["metric"], cfg.relative_drop) > cfg.max_drop:
+        if (not self.prep.target.measured
+                or metric_drop(metric, self.baseline["metric"], cfg.relative_drop) > cfg.max_drop):
             return None
         needed = min((t.values[1] for t in trial.study.best_trials if t.values[0] >= metric), default=None)
         bound = cfg.max_latency_ms
@@ -185,7 +187,7 @@ class Objective:
                     self.on_event("trial_rejected", {"number": trial.number, "reason": reason})
                     raise optuna.TrialPruned(reason)
                 model = recover(model, spec, self.concrete, ctx)
-                stats = _model_stats(model, wl.example_input)
+                stats = model_stats(model, wl.example_input)
                 fp32 = export_onnx(model, wl.example_input, work / "fp32.onnx")
                 parity = check_parity(model, fp32, wl.val.inputs[:32])
                 final = build_artifact(fp32, spec, self.concrete, ctx)
@@ -316,9 +318,9 @@ class Objective:
                  ctx: CandidateContext, stats: dict[str, int]) -> dict[str, Any]:
         """A scored candidate's record (``metrics.json``)."""
         cfg = self.prep.config
-        drop = _drop(metric, self.baseline["metric"], cfg.relative_drop)
+        drop = metric_drop(metric, self.baseline["metric"], cfg.relative_drop)
         ms = latency.value(cfg.latency_statistic)
-        return {
+        record = {
             "status": "complete",
             "metric": metric,
             "drop": drop,
@@ -330,12 +332,14 @@ class Objective:
             "speedup": self.baseline["latency_ms"] / ms if ms else None,
             "size_bytes": artifact.stat().st_size,
             "parity_max_abs": parity,
-            "feasible": drop <= cfg.max_drop and (cfg.max_latency_ms is None or ms <= cfg.max_latency_ms),
+            "feasible": None,  # from the constraints, below
             "seconds": round(time.perf_counter() - started, 2),
             "skipped": ctx.skipped,
             "notes": ctx.notes,
             **stats,
         }
+        record["feasible"] = all(v <= 0 for v in self._constraints(record).values())
+        return record
 
     def _constraints(self, record: dict[str, Any]) -> dict[str, float]:
         """The Optuna constraints of a scored candidate's record (<= 0 feasible)."""

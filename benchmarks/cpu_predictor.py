@@ -74,19 +74,12 @@ def _score(errors: np.ndarray) -> dict:
 
 
 def _folds(n: int, k: int, seed: int) -> list[np.ndarray]:
-    order = np.random.default_rng(seed).permutation(n)
-    return [order[f::k] for f in range(k)]
+    return [np.asarray(group) for group in cp.random_folds(n, k, seed)]
 
 
 def _out_of_fold(rows: list[dict], y: np.ndarray, groups: list[np.ndarray], features=tuple(cp.FEATURES)) -> np.ndarray:
     """Predictions for each held-out group from coefficients fitted on all the others."""
-    predicted = np.full(len(y), np.nan)
-    for test in groups:
-        train = np.setdiff1d(np.arange(len(y)), test)
-        coefficients = cp.fit_coefficients([rows[i] for i in train], y[train], features)
-        for i in test:
-            predicted[i] = sum(coefficients[f] * rows[i].get(f, 0.0) for f in features)
-    return predicted
+    return np.asarray(cp.out_of_fold_ms(rows, list(y), groups, features))
 
 
 def _flops_rows(rows: list[dict]) -> list[dict]:

@@ -137,7 +137,9 @@ def test_padded_macs_are_the_ones_onnx_runtime_computes(tmp_path):
 
 def test_nchwc_block_is_what_onnx_runtime_uses_on_this_cpu():
     """MLAS blocks channels by 16 with AVX-512 and by 8 with AVX2 (x86 only)."""
-    flags = cp._cpu_flags()
+    from autocomp.ort import cpu_flags
+
+    flags = cpu_flags()
     expected = 16 if "avx512f" in flags else 8 if "avx2" in flags else None
     if expected is None:
         pytest.skip("not an x86 CPU with AVX2 or AVX-512")
@@ -335,3 +337,20 @@ def test_a_calibration_on_few_candidates_warns(tmp_path, monkeypatch, caplog):
         calibration = cc.calibrate_cpu(count=10, work_dir=tmp_path, write=False)
     assert "10 candidates for" in caplog.text and "recommended" in caplog.text
     assert calibration.fit["models"] == 10 and calibration.fit["feature_set"] == cp.FEATURE_SET
+    assert 0 <= calibration.fit["cross_validated_within_10pct"] <= 1  # `autocomp targets` shows it
+
+
+def test_out_of_fold_predictions_never_see_their_own_measurement():
+    """Cross-validation: latencies exactly linear in the features are predicted exactly from the
+    other folds, and a wild measurement does not move its own prediction (it moves the others')."""
+    rows = [{"run": 1.0, "conv.fp32.mmacs": float(m)} for m in range(1, 21)]
+    latencies = [0.01 + 0.02 * r["conv.fp32.mmacs"] for r in rows]
+    folds = cp.random_folds(len(rows), 5, seed=0)
+    assert sorted(i for f in folds for i in f) == list(range(len(rows)))
+    predicted = cp.out_of_fold_ms(rows, latencies, folds)
+    assert predicted == pytest.approx(latencies, rel=1e-6)
+    wild = list(latencies)
+    wild[7] *= 10
+    moved = cp.out_of_fold_ms(rows, wild, folds)
+    assert moved[7] == pytest.approx(latencies[7], rel=1e-6)
+    assert any(abs(m / p - 1) > 1e-3 for m, p in zip(moved, predicted))  # relative error bounds its pull

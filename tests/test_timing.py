@@ -93,3 +93,23 @@ def test_a_second_window_keeps_the_faster_reading_in_the_cache_too(small_onnx, t
     quick = replace(first, min_ms=first.min_ms / 1000)
     kept, second = cache.recheck(target, small_onnx, shapes, quick, "min")
     assert kept == quick and second.min_ms > quick.min_ms and cache.get(key) == quick
+
+
+def test_a_rewritten_file_is_hashed_again(small_onnx, tmp_path):
+    """The graph hash is remembered per file version (a rechecked trial asks twice), never reused for
+    a file rewritten since."""
+    import shutil
+
+    import onnx
+
+    from autocomp.latency import graph_hash
+
+    path = tmp_path / "m.onnx"
+    shutil.copy(small_onnx, path)
+    before = graph_hash(path)
+    assert graph_hash(path) == before == graph_hash(small_onnx)
+    model = onnx.load(str(path))
+    model.graph.node.pop()  # another graph in the same file
+    model.graph.output[0].name = model.graph.node[-1].output[0]
+    onnx.save(model, str(path))
+    assert graph_hash(path) != before

@@ -28,6 +28,8 @@ from autocomp_plugins.cpu_predictor import (
     fit_coefficients,
     graph_features,
     host_identity,
+    out_of_fold_ms,
+    random_folds,
     write_calibrations,
 )
 
@@ -285,6 +287,7 @@ def calibrate_cpu(threads: int = 1, count: int = 100, rounds: int = 3, seed: int
     host = host_identity()
     calibration = CpuCalibration(host=host, threads=threads, coefficients=coefficients)
     errors = sorted(abs(calibration.predict(r) / y - 1) for r, y in zip(rows, latencies))
+    held_out = [abs(p / y - 1) for p, y in zip(out_of_fold_ms(rows, latencies, random_folds(len(rows))), latencies)]
     fit = {
         "models": len(rows),
         "rounds": rounds,
@@ -292,6 +295,8 @@ def calibrate_cpu(threads: int = 1, count: int = 100, rounds: int = 3, seed: int
         "feature_set": FEATURE_SET,
         "in_sample_within_10pct": sum(e <= 0.10 for e in errors) / len(errors),
         "in_sample_median_error": statistics.median(errors),
+        "cross_validated_within_10pct": sum(e <= 0.10 for e in held_out) / len(held_out),
+        "cross_validated_median_error": statistics.median(held_out),
         "load_1min_before": load_before[0],
         "load_1min_after": os.getloadavg()[0],
         "date": time.strftime("%Y-%m-%d"),

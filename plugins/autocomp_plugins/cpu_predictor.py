@@ -69,6 +69,8 @@ __all__ = [
     "write_calibrations",
     "predict_latency_ms",
     "fit_coefficients",
+    "random_folds",
+    "out_of_fold_ms",
 ]
 
 logger = logging.getLogger("autocomp")
@@ -297,7 +299,9 @@ def nchwc_block() -> int:
             onnx.save(model, str(Path(tmp) / "probe.onnx"))
             optimized = optimised_model(Path(tmp) / "probe.onnx", Path(tmp) / "optimized.onnx")
     except Exception as exc:  # noqa: BLE001 - the probe is a refinement; the flags give a fallback
-        flags = _cpu_flags()
+        from autocomp.ort import cpu_flags
+
+        flags = cpu_flags()
         block = 16 if "avx512f" in flags else 8 if ("avx2" in flags or "avx" in flags) else 1
         logger.warning("cpu predictor: could not ask ONNX Runtime for its NCHWc block (%s: %s); assuming %d "
                        "from the CPU flags", type(exc).__name__, exc, block)
@@ -360,17 +364,6 @@ def graph_features(graph_or_path: Any, input_shapes: Mapping[str, Sequence[int]]
 # --- host and calibration files -------------------------------------------------------------------
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            for line in fh:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
 def host_identity() -> dict[str, str]:
     """What a calibration is valid for: CPU model, its vector ISA, and the ONNX Runtime version.
 
@@ -379,10 +372,10 @@ def host_identity() -> dict[str, str]:
     """
     import onnxruntime as ort
 
-    from autocomp.ort import host_facts
+    from autocomp.ort import cpu_flags, host_facts
 
     facts = host_facts()
-    flags = _cpu_flags()
+    flags = cpu_flags()
     isa = sorted(f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "asimd",
                              "asimddp") if f in flags)
     return {"cpu_model": str(facts["cpu_model"]), "machine": platform.machine(),
@@ -539,3 +532,25 @@ def fit_coefficients(rows: Sequence[Mapping[str, float]], latencies_ms: Sequence
     scale = np.where(np.abs(a).max(axis=0) > 0, np.abs(a).max(axis=0), 1.0)  # conditioning only
     c, _ = nnls(a / scale, np.ones_like(y), maxiter=50 * len(features))
     return {f: float(v) for f, v in zip(features, c / scale)}
+
+
+def random_folds(n: int, k: int = 5, seed: int = 0) -> list[list[int]]:
+    """``k`` disjoint groups of the indices ``0 .. n-1``, shuffled deterministically in ``seed``."""
+    import numpy as np
+
+    order = np.random.default_rng(seed).permutation(n)
+    return [order[f::k].tolist() for f in range(k)]
+
+
+def out_of_fold_ms(rows: Sequence[Mapping[str, float]], latencies_ms: Sequence[float],
+                   groups: Sequence[Sequence[int]], features: Sequence[str] = tuple(FEATURES)) -> list[float]:
+    """Each row's prediction (ms) from coefficients fitted on every group but its own: the
+    cross-validated figure a calibration reports (``groups`` from :func:`random_folds`, or by family)."""
+    predicted = [math.nan] * len(rows)
+    for test in groups:
+        held = set(test)
+        train = [i for i in range(len(rows)) if i not in held]
+        coefficients = fit_coefficients([rows[i] for i in train], [latencies_ms[i] for i in train], features)
+        for i in test:
+            predicted[i] = sum(coefficients[f] * rows[i].get(f, 0.0) for f in features)
+    return predicted

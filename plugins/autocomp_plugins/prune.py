@@ -39,6 +39,15 @@ from typing import Any, Callable, Mapping, Sequence
 from autocomp.errors import CandidateError, SpaceError
 from autocomp.hookspecs import hookimpl
 from autocomp.method import BaseModelInfo, CandidateContext, ChoiceParam, FloatParam, Method, Param, parse_range
+from autocomp_plugins._prune_groups import (
+    Group,
+    UntraceableModel,
+    dependency_graph,
+    find_groups,
+    keep_count,
+    prunable_groups,
+    score_groups,
+)
 
 __all__ = ["PruneConfig", "PruneMethod", "prunable_groups", "prune_model"]
 
@@ -107,262 +116,6 @@ class PruneConfig:
             raise SpaceError(f"finetune_lr must lie in (0, 10), got {lr!r}", key="prune.finetune_lr")
 
 
-# --- groups -------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Group:
-    name: str
-    root: Any  # the layer whose output channels define the group
-    prune_fn: Any  # torch-pruning's function for the root's output channels
-    channels: int  # output channels of the root
-    attention: Any = None  # the attention module whose fused qkv is the root
-    consumer: Any = None  # the layer reading the heads (attention only)
-    unsupported: str | None = None  # why this group is never pruned
-
-    def current_channels(self) -> int:
-        return int(self.root.out_channels if hasattr(self.root, "out_channels") else self.root.out_features)
-
-    def units(self) -> int:
-        """What a ratio counts, now: the root's channels, or head dimensions for attention."""
-        return int(self.attention.head_dim) if self.attention is not None else self.current_channels()
-
-
-class _UntraceableModel(CandidateError):
-    """torch-pruning cannot trace the model at all."""
-
-
-def _ignored_layers(model) -> list:
-    """Layers whose outputs are the model's outputs: the last Linear / conv is never pruned."""
-    import torch.nn as nn
-
-    last = None
-    for module in model.modules():
-        if isinstance(module, (nn.Linear, nn.Conv2d)):
-            last = module
-    return [last] if last is not None else []
-
-
-def _dependency_graph(model, example_input):
-    import warnings
-
-    import torch_pruning as tp
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # notices about unwrapped parameters (a ViT's pos_embed)
-            return tp.DependencyGraph().build_dependency(model, example_inputs=example_input, verbose=False)
-    except Exception as exc:
-        raise _UntraceableModel(f"torch-pruning cannot trace the model: {type(exc).__name__}: {exc}") from exc
-
-
-def _attention_by_qkv(model) -> dict:
-    import torch.nn as nn
-
-    found = {}
-    for module in model.modules():
-        qkv = getattr(module, "qkv", None)
-        if (isinstance(qkv, nn.Linear) and isinstance(getattr(module, "num_heads", None), int)
-                and isinstance(getattr(module, "head_dim", None), int)):
-            found[qkv] = module
-    return found
-
-
-def _is_depthwise(module) -> bool:
-    import torch.nn as nn
-
-    return isinstance(module, nn.Conv2d) and module.groups > 1 and module.groups == module.in_channels
-
-
-def _find_groups(model, dg) -> list[_Group]:
-    import torch.nn as nn
-    import torch_pruning as tp
-
-    names = {m: n for n, m in model.named_modules()}
-    attention_of = _attention_by_qkv(model)
-    groups = []
-    for group in dg.get_all_groups(ignored_layers=_ignored_layers(model), root_module_types=(nn.Conv2d, nn.Linear)):
-        root = group[0].dep.target.module
-        if root not in names:
-            continue
-        if _is_depthwise(root):
-            # torch-pruning may start a group at a depthwise conv; it follows the layer feeding it
-            producers = [dep.target.module for dep, _ in group
-                         if isinstance(dep.target.module, (nn.Conv2d, nn.Linear)) and not _is_depthwise(dep.target.module)
-                         and dg.is_out_channel_pruning_fn(dep.handler) and dep.target.module in names]
-            if not producers:
-                continue
-            root = producers[0]
-        name = names[root]
-        if isinstance(root, nn.Conv2d):
-            unsupported = (f"grouped convolution (groups={root.groups}); only whole-group pruning would keep "
-                           "it valid" if root.groups > 1 else None)
-            groups.append(_Group(name, root, tp.prune_conv_out_channels, root.out_channels, unsupported=unsupported))
-            continue
-        attention = attention_of.get(root)
-        if attention is None:
-            groups.append(_Group(name, root, tp.prune_linear_out_channels, root.out_features))
-            continue
-        heads, head_dim = attention.num_heads, attention.head_dim
-        readers = [dep.target.module for dep, _ in group
-                   if isinstance(dep.target.module, nn.Linear) and dep.target.module is not root
-                   and dg.is_in_channel_pruning_fn(dep.handler)]
-        consumer = readers[-1] if readers else None
-        if consumer is None or consumer.in_features != heads * head_dim or root.out_features != 3 * heads * head_dim:
-            groups.append(_Group(name, root, tp.prune_linear_out_channels, root.out_features,
-                                 unsupported="attention layout torch-pruning cannot map to heads "
-                                             f"(num_heads={heads}, head_dim={head_dim})"))
-        else:
-            groups.append(_Group(name, root, tp.prune_linear_out_channels, root.out_features,
-                                 attention=attention, consumer=consumer))
-    return groups
-
-
-def prunable_groups(model, example_input) -> dict[str, int]:
-    """Prunable groups of ``model``: name of the group's root layer -> its channel count.
-
-    Groups known to be unprunable (grouped convolutions, unmappable attention) are left out.
-    Raises :class:`CandidateError` when torch-pruning cannot trace the model.
-    """
-    return {g.name: g.channels for g in _find_groups(model, _dependency_graph(model, example_input))
-            if g.unsupported is None}
-
-
-def _keep_count(channels: int, ratio: float, round_to: int) -> int:
-    keep = channels * (1.0 - ratio)
-    if channels <= round_to:
-        return channels if ratio < 0.5 else max(1, int(round(keep)))
-    return int(min(channels, max(round_to, round_to * round(keep / round_to))))
-
-
-# --- importance ---------------------------------------------------------------------------------
-
-
-def _full_group(dg, g: _Group):
-    """The torch-pruning group over all current units of ``g`` (for attention: the heads' reader)."""
-    import torch_pruning as tp
-
-    if g.attention is not None:
-        return dg.get_pruning_group(g.consumer, tp.prune_linear_in_channels, idxs=list(range(g.consumer.in_features)))
-    return dg.get_pruning_group(g.root, g.prune_fn, idxs=list(range(g.current_channels())))
-
-
-def _batches(workload, seed: int, count: int) -> list:
-    import torch
-
-    train = workload.train
-    size = max(1, int(workload.batch_size))
-    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
-    order = order[: size * count]
-    return [(train.inputs[order[i : i + size]], train.targets[order[i : i + size]])
-            for i in range(0, len(order), size)]
-
-
-def _input_activations(model, batches) -> dict:
-    """Mean absolute value of each input channel of every conv / Linear over ``batches``."""
-    import torch
-    import torch.nn as nn
-
-    sums: dict = {}
-
-    def record(module, inputs):
-        x = inputs[0].detach().abs()
-        if isinstance(module, nn.Linear):
-            per_channel = x.reshape(-1, x.shape[-1]).mean(0)
-        else:
-            per_channel = x.transpose(0, 1).reshape(x.shape[1], -1).mean(1)
-        total, n = sums.get(module, (0.0, 0))
-        sums[module] = (total + per_channel, n + 1)
-
-    hooks = [m.register_forward_pre_hook(record) for m in model.modules()
-             if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))]
-    try:
-        with torch.no_grad():
-            for x, _ in batches:
-                model(x)
-    finally:
-        for h in hooks:
-            h.remove()
-    return {m: total / n for m, (total, n) in sums.items()}
-
-
-def _activation_scores(dg, group, stats: dict, size: int):
-    """Per root channel: mean over the group's readers of the activation that channel feeds them."""
-    import torch
-    import torch.nn as nn
-
-    total, count = torch.zeros(size), torch.zeros(size)
-    for item in group:
-        dep, idxs = item.dep, item.idxs
-        layer = dep.target.module
-        if (not isinstance(layer, (nn.Linear, nn.modules.conv._ConvNd)) or layer not in stats
-                or not dg.is_in_channel_pruning_fn(dep.handler) or any(r is None for r in item.root_idxs)):
-            continue
-        values = stats[layer]
-        if not idxs or max(idxs) >= len(values):
-            continue
-        root = torch.as_tensor(item.root_idxs, dtype=torch.long)
-        total.scatter_add_(0, root, values[torch.as_tensor(idxs, dtype=torch.long)].float())
-        count.scatter_add_(0, root, torch.ones(len(root)))
-    if count.sum() == 0:
-        return None
-    return total / count.clamp(min=1)
-
-
-def _score_groups(model, dg, groups: Sequence[_Group], importance: str, *, workload, seed: int,
-                  batches: int, fallbacks: list[str]) -> dict[str, Any]:
-    """Importance of every current unit of each group (higher is kept), as a float tensor."""
-    import torch
-    import torch_pruning as tp
-
-    magnitude = {"l1": tp.importance.GroupMagnitudeImportance(p=1, normalizer=None),
-                 "l2": tp.importance.GroupMagnitudeImportance(p=2, normalizer=None)}
-    generator = torch.Generator().manual_seed(seed)
-    data = _batches(workload, seed, batches) if importance in ("taylor", "activation") else []
-    stats: dict = {}
-    if importance == "taylor":
-        model.zero_grad(set_to_none=True)
-        with torch.enable_grad():
-            for x, y in data:
-                workload.compute_loss(model(x), y).backward()
-        scorer = tp.importance.GroupTaylorImportance(normalizer=None)
-    elif importance == "activation":
-        stats = _input_activations(model, data)
-    scores: dict[str, Any] = {}
-    try:
-        for g in groups:
-            size = g.consumer.in_features if g.attention is not None else g.current_channels()
-            score = None
-            if importance == "random":
-                score = torch.rand(size, generator=generator)
-            else:
-                group = _full_group(dg, g)
-                try:
-                    with torch.no_grad():
-                        if importance == "activation":
-                            score = _activation_scores(dg, group, stats, size)
-                        else:
-                            score = (scorer if importance == "taylor" else magnitude[importance])(group)
-                except Exception:  # a layer without gradients, an index the scorer cannot map
-                    score = None
-                if score is None or score.numel() != size or not bool(torch.isfinite(score).all()):
-                    if importance in magnitude:
-                        continue
-                    fallbacks.append(g.name)  # unscorable by this criterion: fall back on magnitude
-                    with torch.no_grad():
-                        score = magnitude["l2"](group)
-                    if score is None or score.numel() != size:
-                        continue
-            score = score.detach().float().flatten()
-            if g.attention is not None:  # one score per head dimension, shared by q, k, v of every head
-                score = score.view(g.attention.num_heads, -1).mean(0)
-            scores[g.name] = score
-    finally:
-        if importance == "taylor":
-            model.zero_grad(set_to_none=True)
-    return scores
-
-
 # --- pruning with rollback ----------------------------------------------------------------------
 
 
@@ -410,7 +163,7 @@ def _touches(dg, group) -> str:
     return f"; it touches parameter(s) {', '.join(sorted(set(names)))} of a layer it does not know" if names else ""
 
 
-def _units_group(dg, g: _Group, units: list[int]):
+def _units_group(dg, g: Group, units: list[int]):
     """The torch-pruning group that removes ``units`` of ``g``."""
     import torch_pruning as tp
 
@@ -421,7 +174,7 @@ def _units_group(dg, g: _Group, units: list[int]):
     return dg.get_pruning_group(g.root, g.prune_fn, idxs=units)
 
 
-def _prune_group(group, g: _Group) -> None:
+def _prune_group(group, g: Group) -> None:
     group.prune()
     if g.attention is not None:  # the zoo's and timm's attention read head_dim in forward
         g.attention.head_dim = g.root.out_features // (3 * g.attention.num_heads)
@@ -430,7 +183,7 @@ def _prune_group(group, g: _Group) -> None:
 _EMPTIES = "pruning would leave a layer with no channels"
 
 
-def _prune_plan(model, example_input, dg, plan: list[tuple[_Group, list[int]]], failed: dict[str, str]) -> None:
+def _prune_plan(model, example_input, dg, plan: list[tuple[Group, list[int]]], failed: dict[str, str]) -> None:
     """Prune every (group, units) of ``plan``; a group after which the model no longer runs (or
     that torch-pruning fails on) is rolled back and recorded in ``failed`` with the reason."""
     import torch
@@ -452,7 +205,7 @@ def _prune_plan(model, example_input, dg, plan: list[tuple[_Group, list[int]]], 
         for g, _ in plan:
             failed.pop(g.name, None)
     # Something broke the model: redo group by group, keeping only what leaves it runnable.
-    dg = _dependency_graph(model, example_input)
+    dg = dependency_graph(model, example_input)
     for g, units in plan:
         before = _snapshot(model)
         touches = ""
@@ -466,7 +219,7 @@ def _prune_plan(model, example_input, dg, plan: list[tuple[_Group, list[int]]], 
             _check_runs(model, example_input, expected)
         except Exception as exc:
             _restore(before)
-            dg = _dependency_graph(model, example_input)
+            dg = dependency_graph(model, example_input)
             message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             failed[g.name] = (f"torch-pruning cannot prune this group and keep the model running "
                               f"({type(exc).__name__}: {message}){touches}")
@@ -481,7 +234,7 @@ def _lowest(score, count: int) -> list[int]:
     return sorted(int(i) for i in torch.argsort(score, stable=True)[:count])
 
 
-def _global_keep(groups: Sequence[_Group], scores: Mapping[str, Any], original: Mapping[str, tuple[int, int]],
+def _global_keep(groups: Sequence[Group], scores: Mapping[str, Any], original: Mapping[str, tuple[int, int]],
                  fraction: float, max_ratio: float, round_to: int) -> dict[str, int]:
     """Units each group keeps so that about ``fraction`` of all original channels is gone."""
     total = sum(original[g.name][0] for g in groups)
@@ -511,7 +264,7 @@ def _global_keep(groups: Sequence[_Group], scores: Mapping[str, Any], original: 
     for name, units_now in current.items():
         units = original[name][1]
         ratio = 1.0 - (units_now - taken[name]) / units
-        keep[name] = min(units_now, _keep_count(units, ratio, round_to))
+        keep[name] = min(units_now, keep_count(units, ratio, round_to))
     return keep
 
 
@@ -568,13 +321,13 @@ def prune_model(model, example_input, ratios: Mapping[str, float] | float, impor
     fallbacks: list[str] = []
     original: dict[str, tuple[int, int]] = {}  # name -> (channels, units) before pruning
     wanted: list[str] = []
-    groups: list[_Group] = []
+    groups: list[Group] = []
     was_training = model.training
     model.eval()
     try:
         for step in range(1, steps + 1):
-            dg = _dependency_graph(model, example_input)
-            groups = _find_groups(model, dg)
+            dg = dependency_graph(model, example_input)
+            groups = find_groups(model, dg)
             if step == 1:
                 original = {g.name: (g.channels, g.units()) for g in groups}
                 known = {g.name: g for g in groups}
@@ -599,7 +352,7 @@ def prune_model(model, example_input, ratios: Mapping[str, float] | float, impor
                 break
             fraction = step / steps
             if is_global:
-                scores = _score_groups(model, dg, active, importance, workload=workload, seed=seed + step,
+                scores = score_groups(model, dg, active, importance, workload=workload, seed=seed + step,
                                        batches=importance_batches, fallbacks=fallbacks)
                 for g in active:
                     if g.name not in scores:
@@ -607,10 +360,10 @@ def prune_model(model, example_input, ratios: Mapping[str, float] | float, impor
                 active = [g for g in active if g.name in scores]
                 keep = _global_keep(active, scores, original, fraction * float(ratios), max_ratio, round_to)
             else:
-                keep = {g.name: min(g.units(), _keep_count(original[g.name][1], ratios[g.name] * fraction, round_to))
+                keep = {g.name: min(g.units(), keep_count(original[g.name][1], ratios[g.name] * fraction, round_to))
                         for g in active}
                 active = [g for g in active if keep[g.name] < g.units()]
-                scores = _score_groups(model, dg, active, importance, workload=workload, seed=seed + step,
+                scores = score_groups(model, dg, active, importance, workload=workload, seed=seed + step,
                                        batches=importance_batches, fallbacks=fallbacks) if active else {}
                 for g in active:
                     if g.name not in scores:
@@ -650,11 +403,11 @@ class PruneMethod(Method):
             # Optuna needs (high - low) to be a multiple of step
             hi = round(lo + step * math.floor((hi - lo) / step + 1e-9), 10)
         try:
-            dg = _dependency_graph(base.model, base.example_input)
-        except _UntraceableModel as exc:
+            dg = dependency_graph(base.model, base.example_input)
+        except UntraceableModel as exc:
             logger.warning("prune: channel pruning is off for this model: %s", exc)
             return []
-        groups = _find_groups(base.model, dg)
+        groups = find_groups(base.model, dg)
         for g in groups:
             if g.unsupported:
                 logger.info("prune: group %s is never pruned: %s", g.name, g.unsupported)
@@ -693,7 +446,7 @@ class PruneMethod(Method):
                                progressive_steps=config.progressive_steps, finetune_steps=config.finetune_steps,
                                finetune_lr=config.finetune_lr, importance_batches=config.importance_batches,
                                notes=ctx.notes)
-        except _UntraceableModel as exc:
+        except UntraceableModel as exc:
             ctx.skip(self.name, "model", str(exc))
             return model
         ctx.notes["prune_channels"] = {k: list(v) for k, v in kept.items()}

@@ -137,12 +137,9 @@ def needs_reduce_range() -> bool:
 
     if platform.machine().lower() not in ("x86_64", "amd64", "i686", "x86"):
         return False
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            flags = fh.read()
-    except OSError:
-        return True
-    return not any(flag in flags for flag in ("avx512_vnni", "avx_vnni", "amx_int8"))
+    from autocomp.ort import cpu_flags
+
+    return not cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"}  # unknown flags: assume none
 
 
 def load_named(onnx_path: Path) -> "onnx.ModelProto":

@@ -101,7 +101,8 @@ def markdown(report: dict) -> str:
         lines.append(f"| {name} | {s['n']} | {pct(s['within_10pct'])} | {pct(s['median_abs_error'])} | "
                      f"{pct(s['p90_abs_error'])} | {pct(s['max_abs_error'])} |")
     if report.get("history"):
-        lines += ["", "Earlier runs (another calibration each time; the candidates are the same when the seed is):", "",
+        lines += ["", "Earlier runs (each scored the calibration shipped then; with one seed, a smaller --count "
+                  "draws the first of the same candidates):", "",
                   "| date | held-out candidates | calibration fitted on | within 10 % | median error |",
                   "|---|---:|---:|---:|---:|"]
         lines += [f"| {h['date']} | {h['models']} | {h['fitted_on']} | {pct(h['within_10pct'])} | "

@@ -42,12 +42,14 @@ def interleaved(items: Sequence[T], measure: Callable[[T], R], rounds: int, rng:
 
 def graph_hash(onnx_path: Path) -> str:
     """SHA-256 of the model's graph and opsets, independent of producer metadata and doc strings."""
-    status = os.stat(onnx_path)  # a trial asks twice for its artifact when it measures it again
-    return _graph_hash(str(Path(onnx_path).resolve()), status.st_mtime_ns, status.st_size)
+    # a trial asks twice for its artifact when it measures it again; any rewrite changes ctime
+    status = os.stat(onnx_path)
+    return _graph_hash(str(Path(onnx_path).resolve()), status.st_ino, status.st_size, status.st_mtime_ns,
+                       status.st_ctime_ns)
 
 
 @functools.lru_cache(maxsize=64)
-def _graph_hash(path: str, mtime_ns: int, size: int) -> str:
+def _graph_hash(path: str, *version: int) -> str:
     import onnx
 
     model = onnx.load(path, load_external_data=False)

@@ -181,8 +181,10 @@ def _cpuinfo() -> dict[str, str]:
 
 
 def cpu_flags() -> frozenset[str]:
-    """This CPU's feature flags (``avx2``, ``avx512f``, ``avx512_vnni`` ...); empty where unknown."""
-    return frozenset(_cpuinfo().get("flags", "").split())
+    """This CPU's feature flags (``avx2``, ``avx512f``, ``avx512_vnni`` ...; ``asimd``, ``asimddp`` on
+    Arm); empty where unknown."""
+    info = _cpuinfo()
+    return frozenset((info.get("flags") or info.get("Features", "")).split())  # x86 / Arm
 
 
 def _cpu_model() -> str:

@@ -94,8 +94,8 @@ class Objective:
         """Slack on predictions of measured targets: a candidate is dropped only when clearly too slow.
 
         30 %: above the cpu predictor's 90th-percentile error in every run of
-        benchmarks/cpu_predictor.md (14-28 %) and on candidates it was not fitted on (17 %,
-        benchmarks/cpu_predictor_holdout.md); a predicted target's prediction is its latency, no slack."""
+        benchmarks/cpu_predictor.md and on candidates it was not fitted on
+        (benchmarks/cpu_predictor_holdout.md); a predicted target's prediction is its latency, no slack."""
         return 0.0 if not self.prep.target.measured else 0.30
 
     def latency_bound(self) -> float:

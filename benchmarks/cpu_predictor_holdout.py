@@ -1,6 +1,6 @@
 """Score the shipped ``cpu`` predictor on candidates it was never fitted or designed on.
 
-``benchmarks/cpu_predictor.py`` cross-validates the predictor on its 100 candidates, but its
+``benchmarks/cpu_predictor.py`` cross-validates the predictor on its candidates, but its
 features were chosen by looking at those same candidates, so its figure is optimistic. This
 benchmark builds a fresh set (:func:`autocomp_plugins.cpu_calibrate.candidate_specs` with another
 seed; any candidate already in ``cpu_predictor.json`` is dropped), measures each with the cpu
@@ -34,6 +34,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.getLogger().setLevel(logging.ERROR)  # quantize_static's notices
 
+    out_json = HERE / "cpu_predictor_holdout.json"
+    try:  # read first: a broken file must not cost a finished run
+        previous = json.loads(out_json.read_text(encoding="utf-8")) if out_json.exists() else None
+    except (OSError, ValueError) as exc:
+        print(f"not keeping the earlier runs of {out_json.name}: {exc}", file=sys.stderr)
+        previous = None
     fitted_on = {m["key"] for m in json.loads((HERE / "cpu_predictor.json").read_text(encoding="utf-8"))["models"]}
     calibration = cp.load_calibration(threads=1)
     started = time.time()
@@ -58,12 +64,11 @@ def main(argv: list[str] | None = None) -> int:
               "host": cp.host_identity(), "calibration": {"source": calibration.source, "fit": dict(calibration.fit)},
               "seed": args.seed, "rounds": args.rounds, "seconds": time.time() - started,
               "all": _score(errors), "groups": groups, "models": models}
-    out_json = HERE / "cpu_predictor_holdout.json"
-    if out_json.exists():  # earlier runs stay on record
-        previous = json.loads(out_json.read_text(encoding="utf-8"))
+    if previous:  # earlier runs stay on record
         report["history"] = [*previous.get("history", []), {
-            "date": previous["date"], "models": previous["all"]["n"],
-            "fitted_on": previous["calibration"]["fit"].get("models"), "within_10pct": previous["all"]["within_10pct"],
+            "date": previous["date"], "seed": previous.get("seed"), "models": previous["all"]["n"],
+            "fitted_on": previous["calibration"]["fit"].get("models"),
+            "feature_set": previous["calibration"]["fit"].get("feature_set"), "within_10pct": previous["all"]["within_10pct"],
             "median_abs_error": previous["all"]["median_abs_error"]}]
     out_json.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
     (HERE / "cpu_predictor_holdout.md").write_text(markdown(report), encoding="utf-8")
@@ -101,11 +106,13 @@ def markdown(report: dict) -> str:
         lines.append(f"| {name} | {s['n']} | {pct(s['within_10pct'])} | {pct(s['median_abs_error'])} | "
                      f"{pct(s['p90_abs_error'])} | {pct(s['max_abs_error'])} |")
     if report.get("history"):
-        lines += ["", "Earlier runs (each scored the calibration shipped then; with one seed, a smaller --count "
-                  "draws the first of the same candidates):", "",
-                  "| date | held-out candidates | calibration fitted on | within 10 % | median error |",
-                  "|---|---:|---:|---:|---:|"]
-        lines += [f"| {h['date']} | {h['models']} | {h['fitted_on']} | {pct(h['within_10pct'])} | "
+        lines += ["", "Earlier runs (each scored the calibration shipped then, on the candidates of its seed that "
+                  "calibration was not fitted on; with one seed, a smaller --count draws the first of the same "
+                  "candidates):", "",
+                  "| date | seed | held-out candidates | calibration fitted on | feature set | within 10 % | median error |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
+        lines += [f"| {h['date']} | {h.get('seed', '?')} | {h['models']} | {h['fitted_on']} | {h.get('feature_set', '?')} | "
+                  f"{pct(h['within_10pct'])} | "
                   f"{pct(h['median_abs_error'])} |" for h in report["history"]]
     return "\n".join(lines) + "\n"
 

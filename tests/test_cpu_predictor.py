@@ -146,7 +146,7 @@ def test_nchwc_block_is_what_onnx_runtime_uses_on_this_cpu():
     assert cp.nchwc_block() == expected
 
 
-def _tiny_qdq():
+def _tiny_qdq(cin: int = 3, cout: int = 8):
     """x -> Q -> DQ -> Conv(int8 weight) -> Q -> DQ -> Relu -> Q -> DQ -> y, as quantize_static writes it.
 
     ONNX Runtime runs: QuantizeLinear(x), QLinearConv, then a DequantizeLinear -> QuantizeLinear
@@ -166,7 +166,7 @@ def _tiny_qdq():
         helper.make_node("Relu", ["cd"], ["r"], name="relu"),
         q("r", "rq", "q_relu"), dq("rq", "y", "dq_out"),
     ]
-    wq = numpy_helper.from_array(np.ones((8, 3, 3, 3), dtype=np.int8), "wq")
+    wq = numpy_helper.from_array(np.ones((cout, cin, 3, 3), dtype=np.int8), "wq")
     inits = [numpy_helper.from_array(np.array(0.1, np.float32), "s"),
              numpy_helper.from_array(np.array(0, np.uint8), "z"), wq,
              numpy_helper.from_array(np.array(0.01, np.float32), "ws")]
@@ -175,13 +175,32 @@ def _tiny_qdq():
 
 def test_tiny_qdq_features_match_hand_count():
     f = cp.graph_features(_tiny_qdq(), {"x": (1, 3, 16, 16)}, block=1)
-    assert f["conv.int8.mmacs"] == pytest.approx(8 * 256 * 27 / 1e6)
-    # on x86 (NCHWc blocks) int8 output channels are priced in blocks of 16: 8 -> 16
-    padded = cp.graph_features(_tiny_qdq(), {"x": (1, 3, 16, 16)}, block=8)
-    assert padded["conv.int8.mmacs"] == pytest.approx(16 * 256 * 27 / 1e6)
+    assert f["conv.int8.mmacs"] == pytest.approx(8 * 256 * 27 / 1e6) and f["generic.int8.mmacs"] == 0
+    # on x86 (NCHWc blocks) a 3 -> 8 int8 convolution is too narrow for the symmetric int8 kernels
+    generic = cp.graph_features(_tiny_qdq(), {"x": (1, 3, 16, 16)}, block=16)
+    assert generic["conv.int8.mmacs"] == 0 and generic["generic.int8.mmacs"] == pytest.approx(8 * 256 * 27 / 1e6)
+    assert generic["generic.int8.melems"] == pytest.approx((3 + 8) * 256 / 1e6)
+    # a 4 -> 24 one runs them, with output channels in blocks of 16: 24 -> 32
+    packed = cp.graph_features(_tiny_qdq(4, 24), {"x": (1, 4, 16, 16)}, block=16)
+    assert packed["conv.int8.mmacs"] == pytest.approx(32 * 256 * 36 / 1e6) and packed["generic.int8.mmacs"] == 0
     assert f["kernels.int8"] == 1 and f["kernels.fp32"] == 0
     assert f["qdq.kernels"] == 4  # Q(x), DQ(conv) -> Q(relu) requantization, DQ(output)
     assert f["qdq.melems"] == pytest.approx((3 * 256 + 3 * 8 * 256) / 1e6)
+
+
+@pytest.mark.parametrize("cout, cin_per_group, group, block, generic", [
+    (16, 4, 1, 16, False), (20, 16, 1, 16, False), (24, 16, 1, 8, False), (256, 128, 1, 16, False),
+    (12, 16, 1, 16, True),  # fewer than 16 output channels
+    (18, 16, 1, 16, True),  # output channels not a multiple of 4
+    (20, 16, 1, 8, True),  # ... of 8 (AVX2)
+    (16, 3, 1, 16, True),  # input channels not a multiple of 4 (an RGB stem)
+    (32, 1, 32, 16, False), (24, 1, 24, 16, True),  # depthwise: channels a multiple of 16
+    (32, 4, 8, 16, True),  # grouped, not depthwise
+    (8, 3, 1, 1, False),  # off x86 the rule is not known
+])
+def test_which_int8_convolutions_miss_the_symmetric_int8_kernels(cout, cin_per_group, group, block, generic):
+    """MLAS's MlasConvSymPackWSize conditions (onnxruntime mlas/lib/convsym.cpp)."""
+    assert cp.int8_conv_is_generic(cout, cin_per_group, group, block) is generic
 
 
 def test_a_relu_after_int8_runs_in_float_unless_quantized_again():

@@ -6,13 +6,10 @@ importance criteria exist.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 from autocomp.errors import CandidateError
-
-logger = logging.getLogger("autocomp")
 
 
 @dataclass(frozen=True)

@@ -100,7 +100,7 @@ def _sample_architecture(rng: random.Random) -> tuple[str, dict[str, Any], tuple
 def candidate_specs(count: int, seed: int = 0) -> list[CandidateSpec]:
     """``count`` random calibration candidates, like the ones a search produces (deterministic in ``seed``).
 
-    The 100 of benchmarks/cpu_predictor.md ran in 0.07 to 10.9 ms (fastest run; p50 0.08 to 12.5 ms)
+    The 300 of benchmarks/cpu_predictor.md ran in 0.05 to 10.5 ms (fastest run; p50 0.05 to 10.7 ms)
     on one thread here: from heavily pruned
     versions of the built-in digits model to models several times its size, so the fit sees both
     overhead-bound and compute-bound graphs.

@@ -17,7 +17,9 @@ leaves (fp32/int8 boundaries, requantization between an int8 convolution and its
 and shape arithmetic runs at run time (the batch axis is dynamic). Convolutions are priced at the
 channel counts ONNX Runtime computes, not the ones the graph declares: at fp32 its NCHWc layout pads
 channels to whole blocks (16 with AVX-512, 8 with AVX2; :func:`nchwc_block` asks ONNX Runtime), and
-int8 output channels are rounded up to :data:`INT8_CHANNEL_BLOCK`. The prediction is linear::
+int8 output channels are rounded up to :data:`INT8_CHANNEL_BLOCK`. An int8 convolution whose channel
+counts rule out MLAS's symmetric int8 kernels (:func:`int8_conv_is_generic`) runs a generic path
+several times slower per MAC, and is priced apart. The prediction is linear::
 
     latency_ms = sum(coefficient[f] * feature[f] for f in FEATURES)
 
@@ -68,6 +70,7 @@ __all__ = [
     "load_calibration",
     "write_calibrations",
     "predict_latency_ms",
+    "int8_conv_is_generic",
     "fit_coefficients",
     "random_folds",
     "out_of_fold_ms",
@@ -85,8 +88,9 @@ FORMAT_VERSION = 1
 FIT_TARGET = "median of the rounds' fastest runs, TimingPolicy() defaults"
 #: Version of :func:`graph_features` (what each feature counts), stored in a calibration's
 #: ``fit["feature_set"]``; a cached calibration of another version is passed over. 2: channel
-#: padding, NHWC float activations, per-head MatMuls, exponentiating kernels (2026-11-25).
-FEATURE_SET = 2
+#: padding, NHWC float activations, per-head MatMuls, exponentiating kernels (2026-11-25). 3: int8
+#: convolutions on the generic path priced apart (2026-11-25).
+FEATURE_SET = 3
 
 _PRECISIONS = ("fp32", "int8")
 _CONV_KINDS = ("conv", "pointwise", "depthwise", "gemm")
@@ -101,6 +105,9 @@ FEATURES: dict[str, str] = {
     **{f"weights.{p}.melems": f"million weight elements of convolution and GEMM nodes at {p}" for p in _PRECISIONS},
     **{f"other.{p}.melems": f"million activation elements element-wise, pooling, normalisation and "
                             f"data-movement kernels at {p} read and write" for p in _PRECISIONS},
+    "generic.int8.mmacs": "million MACs of int8 convolutions ONNX Runtime cannot run with its symmetric "
+                          "int8 kernels (channel counts they do not take: int8_conv_is_generic)",
+    "generic.int8.melems": "million activation elements those convolutions read and write",
     "transcendental.melems": "million activation elements read and written by kernels of their own that "
                              "exponentiate or normalise each element (Softmax, LayerNormalization, "
                              "Erf/GELU, Exp, Sigmoid, Tanh), at any precision",
@@ -241,11 +248,29 @@ def _round_up(n: int, block: int) -> int:
 
 
 #: Output channels of an int8 convolution are priced in whole blocks of this many on x86 (where
-#: ``nchwc_block() > 1``). Fitted, not read from ONNX Runtime: on the AVX-512 VNNI host of
-#: benchmarks/cpu_predictor.md, blocks of 16 cut the cross-validated error most (8 changed
-#: nothing; 32 and 64 were worse). Why is not checked; int8 GEMM kernels that write 16 columns at a
-#: time would explain it.
+#: ``nchwc_block() > 1``): MLAS's symmetric int8 convolution packs its filters 16 output channels
+#: at a time (``FilterOutputChannelPackCount`` of every x86 dispatch in onnxruntime's
+#: ``mlas/lib/convsym.cpp``). On the AVX-512 VNNI host of benchmarks/cpu_predictor.md, blocks of 16
+#: also cut the cross-validated error most (8 changed nothing; 32 and 64 were worse).
 INT8_CHANNEL_BLOCK = 16
+
+
+def int8_conv_is_generic(cout: int, cin_per_group: int, group: int, block: int) -> bool:
+    """Whether ONNX Runtime runs this int8 convolution without MLAS's symmetric int8 kernels.
+
+    Those kernels (``MlasConvSymPackWSize`` in onnxruntime's ``mlas/lib/convsym.cpp``, on x86) take
+    a dense convolution with at least 16 output channels, input channels a multiple of 4 and
+    output channels a multiple of 4 (AVX-512) or 8 (AVX2), and a depthwise one whose channel count
+    is a multiple of 16; anything else goes through im2col and a generic int8 GEMM. Measured here
+    (benchmarks/int8_conv_paths.md), a 3x3 convolution at 12 or 18 channels costs 2-3 times as much
+    per MAC as one at 16 or 20, and one at 8 channels 6 times as much as one at 16. ``block`` is
+    :func:`nchwc_block` (1 off x86, where this rule is not known and nothing is called generic).
+    """
+    if block <= 1:
+        return False
+    if group > 1:
+        return not (cin_per_group == 1 and cout == group and group % 16 == 0)
+    return not (cout >= 16 and cin_per_group % 4 == 0 and cout % (4 if block >= 16 else 8) == 0)
 
 
 def _channel_padding(node: Any, g: Any, precision: str, block: int) -> tuple[float, float]:
@@ -270,6 +295,16 @@ def _channel_padding(node: Any, g: Any, precision: str, block: int) -> tuple[flo
     if group > 1:  # depthwise: one input channel per output channel
         return out, out
     return out * (_round_up(cin, block) / cin if cin >= block else 1.0), out
+
+
+def _generic_int8(node: Any, g: Any, block: int) -> bool:
+    if node.op_type != "Conv":
+        return False
+    w = g.shapes.get(node.input[1]) if len(node.input) > 1 else None
+    if not w or len(w) != 4 or not all(isinstance(d, int) and d > 0 for d in w[:2]):
+        return False
+    group = next((a.i for a in node.attribute if a.name == "group"), 1)
+    return int8_conv_is_generic(w[0], w[1], group, block)
 
 
 @functools.lru_cache(maxsize=1)
@@ -344,6 +379,11 @@ def graph_features(graph_or_path: Any, input_shapes: Mapping[str, Sequence[int]]
         values[f"kernels.{p}"] += 1
         if work.kind in _CONV_KINDS:
             macs_scale, elems_scale = _channel_padding(node, g, p, block)
+            if p == "int8" and _generic_int8(node, g, block):  # no packing, so no padding either
+                values["generic.int8.mmacs"] += work.macs / 1e6
+                values["generic.int8.melems"] += work.activation_elements / 1e6
+                values["weights.int8.melems"] += work.weight_elements / 1e6
+                continue
             values[f"{work.kind}.{p}.mmacs"] += macs_scale * work.macs / 1e6
             values[f"weights.{p}.melems"] += macs_scale * work.weight_elements / 1e6
             if work.kind != "gemm":

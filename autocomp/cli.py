@@ -84,7 +84,8 @@ def _parser() -> argparse.ArgumentParser:
     cal.add_argument("--target", required=True, help="predicted target to correct, e.g. jetson-orin-nano")
     cal.add_argument("--agent", default=None, metavar="URL", help="agent running on that device (predicted targets)")
     cal.add_argument("--threads", type=int, default=1, help="cpu: thread count to calibrate the predictor for")
-    cal.add_argument("--count", type=int, default=100, help="cpu: candidates to measure (about 5 s each)")
+    cal.add_argument("--count", type=int, default=None,
+                     help="cpu: candidates to measure (about 5 s each; default 200, where more stopped helping)")
     cal.add_argument("--token-file", default=None, metavar="FILE")
     cal.add_argument("--models", choices=["standard", "tiny"], default="standard", help="reference model sizes")
     cal.add_argument("--json", action="store_true")
@@ -316,11 +317,12 @@ def _cmd_calibrate(args) -> int:
 
 def _calibrate_cpu(args) -> int:
     """Fit the cpu target's latency predictor on this host (run it on a quiet machine)."""
-    from autocomp_plugins.cpu_calibrate import calibrate_cpu
+    from autocomp_plugins.cpu_calibrate import DEFAULT_CANDIDATES, calibrate_cpu
 
     console = _console()
-    console.print(f"Measuring {args.count} candidates on this host at {args.threads} thread(s); keep the machine quiet ...")
-    calibration = calibrate_cpu(threads=args.threads, count=args.count, progress=lambda line: console.print(line))
+    count = DEFAULT_CANDIDATES if args.count is None else args.count
+    console.print(f"Measuring {count} candidates on this host at {args.threads} thread(s); keep the machine quiet ...")
+    calibration = calibrate_cpu(threads=args.threads, count=count, progress=lambda line: console.print(line))
     summary = {"target": "cpu", "threads": calibration.threads, "host": dict(calibration.host),
                "fit": dict(calibration.fit), "stored": calibration.source}
     if args.json:

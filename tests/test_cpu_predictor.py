@@ -373,3 +373,27 @@ def test_out_of_fold_predictions_never_see_their_own_measurement():
     moved = cp.out_of_fold_ms(rows, wild, folds)
     assert moved[7] == pytest.approx(latencies[7], rel=1e-6)
     assert any(abs(m / p - 1) > 1e-3 for m, p in zip(moved, predicted))  # relative error bounds its pull
+
+
+def test_autocomp_calibrate_cpu_reports_its_cross_validated_figure(tmp_path, monkeypatch, capsys):
+    """`autocomp calibrate --target cpu` fits, stores where later searches look, and says how close
+    the fit came out of sample; without --count it measures the default number of candidates.
+    (The measurements are given: timing is not what is tested here.)"""
+    from autocomp.cli import main
+    from autocomp_plugins import cpu_calibrate as cc
+
+    monkeypatch.setenv("AUTOCOMP_CACHE_DIR", str(tmp_path))
+    specs = [cc.CandidateSpec("digits", (("width", 8),), (1, 1, 16, 16), 0.5, "fp32", seed) for seed in range(12)]
+    monkeypatch.setattr(cc, "candidate_specs", lambda count, seed=0: specs[:count])
+    monkeypatch.setattr(cc, "measure_candidates", lambda paths, shapes, **kw: [
+        {"min_ms": 0.05 + 0.01 * i} for i in range(len(paths))])
+    assert main(["calibrate", "--target", "cpu", "--count", "12"]) == 0
+    said = " ".join(capsys.readouterr().err.split())  # messages go to stderr
+    assert "calibrated for this host on 12 candidates" in said and "cross-validated" in said
+    stored = cp.cache_path(cp.host_identity(), 1)
+    assert stored.is_file() and str(tmp_path) in str(stored)
+
+    asked = []
+    monkeypatch.setattr(cc, "calibrate_cpu", lambda **kw: asked.append(kw["count"]) or cp.load_calibration(threads=1))
+    assert main(["calibrate", "--target", "cpu", "--json"]) == 0
+    assert asked == [cc.DEFAULT_CANDIDATES]

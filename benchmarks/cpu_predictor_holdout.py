@@ -7,7 +7,8 @@ seed; any candidate already in ``cpu_predictor.json`` is dropped), measures each
 target's harness (interleaved rounds, each measurement's fastest run, median over rounds), and
 compares with the shipped calibration's predictions, unchanged. Run
 ``python benchmarks/cpu_predictor_holdout.py`` (about 6 minutes at the defaults); it writes
-``cpu_predictor_holdout.json`` and ``cpu_predictor_holdout.md``.
+``cpu_predictor_holdout.json`` and ``cpu_predictor_holdout.md``. ``--rescore JSON`` scores today's
+calibration on the measurements an earlier run recorded, without measuring again.
 """
 
 from __future__ import annotations
@@ -28,11 +29,16 @@ from cpu_predictor import _score  # noqa: E402  (benchmarks/cpu_predictor.py: on
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--count", type=int, default=60, help="candidates to draw (default 60)")
+    parser.add_argument("--count", type=int, default=100, help="candidates to draw (default 100)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved measurement rounds (default 3)")
     parser.add_argument("--seed", type=int, default=1, help="candidate seed; cpu_predictor.py uses 0 (default 1)")
+    parser.add_argument("--rescore", type=Path, metavar="JSON",
+                        help="score the shipped calibration on the measurements of an earlier run's "
+                             "cpu_predictor_holdout.json (its candidates are rebuilt; nothing is measured or written)")
     args = parser.parse_args(argv)
     logging.getLogger().setLevel(logging.ERROR)  # quantize_static's notices
+    if args.rescore:
+        return rescore(args.rescore, args.count)
 
     out_json = HERE / "cpu_predictor_holdout.json"
     try:  # read first: a broken file must not cost a finished run
@@ -73,6 +79,34 @@ def main(argv: list[str] | None = None) -> int:
     out_json.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
     (HERE / "cpu_predictor_holdout.md").write_text(markdown(report), encoding="utf-8")
     print(markdown(report).split("\n\n")[2], file=sys.stderr)
+    return 0
+
+
+def rescore(path: Path, count: int) -> int:
+    """Today's calibration against an earlier run's measurements: candidates are deterministic in
+    their seed, so they are rebuilt instead of measured again."""
+    earlier = json.loads(path.read_text(encoding="utf-8"))
+    measured = {m["key"]: m for m in earlier["models"]}
+    calibration = cp.load_calibration(threads=1)
+    errors, models = [], []
+    with tempfile.TemporaryDirectory(prefix="autocomp-holdout-") as tmp:
+        for spec in cc.candidate_specs(count, earlier["seed"]):
+            if spec.key in measured:
+                m = measured[spec.key]
+                predicted = cp.predict_latency_ms(cc.build_candidate(spec, Path(tmp)), {"input": spec.input_shape},
+                                                  calibration)
+                errors.append(predicted / m["measured_ms"] - 1)
+                models.append(m)
+    if len(models) != len(measured):
+        print(f"found {len(models)} of the {len(measured)} candidates with --count {count}", file=sys.stderr)
+    s = _score(errors)
+    print(f"seed {earlier['seed']}, measured {earlier['date']}, calibration feature set "
+          f"{calibration.fit.get('feature_set')}: {s['within_10pct']:.1%} of {s['n']} within 10 % "
+          f"(median error {s['median_abs_error']:.1%})", file=sys.stderr)
+    for key in ("precision", "family"):
+        for value in sorted({m[key] for m in models}):
+            g = _score([e for m, e in zip(models, errors) if m[key] == value])
+            print(f"  {key} {value}: {g['within_10pct']:.1%} of {g['n']}", file=sys.stderr)
     return 0
 
 

@@ -86,6 +86,15 @@ def test_tiny_fp32_features_match_hand_count():
     assert all(f[k] == 0 for k in f if ".int8." in k or k.startswith("qdq"))
 
 
+def test_an_unfused_activation_larger_than_the_l1_cache_is_priced_apart():
+    """The PRelu's 8 x 16 x 16 fp32 output (8 KiB) fits a 32 KiB L1 data cache, not a 4 KiB one."""
+    fits = cp.graph_features(_tiny_fp32(), {"x": (1, 3, 16, 16)}, block=1, l1d=32 * 1024)
+    spills = cp.graph_features(_tiny_fp32(), {"x": (1, 3, 16, 16)}, block=1, l1d=4 * 1024)
+    assert fits["unfused.spill.melems"] == 0
+    assert spills["unfused.spill.melems"] == pytest.approx(spills["unfused.melems"]) == pytest.approx(2 * 8 * 256 / 1e6)
+    assert cp.l1d_bytes() >= 1024
+
+
 def test_exponentiating_and_normalising_kernels_are_priced_apart():
     """Softmax and LayerNormalization cost more per element than a ReLU or an Add: their own feature."""
     nodes = [helper.make_node("Relu", ["x"], ["r"], name="relu"),

@@ -89,8 +89,9 @@ FIT_TARGET = "median of the rounds' fastest runs, TimingPolicy() defaults"
 #: Version of :func:`graph_features` (what each feature counts), stored in a calibration's
 #: ``fit["feature_set"]``; a cached calibration of another version is passed over. 2: channel
 #: padding, NHWC float activations, per-head MatMuls, exponentiating kernels (2026-11-25). 3: int8
-#: convolutions on the generic path priced apart (2026-11-25).
-FEATURE_SET = 3
+#: convolutions on the generic path priced apart (2026-11-25). 4: unfused fp32 activations on
+#: tensors larger than the L1 data cache priced apart (2026-11-25).
+FEATURE_SET = 4
 
 _PRECISIONS = ("fp32", "int8")
 _CONV_KINDS = ("conv", "pointwise", "depthwise", "gemm")
@@ -113,6 +114,8 @@ FEATURES: dict[str, str] = {
                              "Erf/GELU, Exp, Sigmoid, Tanh), at any precision",
     "unfused.melems": "million elements read and written by activations ONNX Runtime cannot fuse into an "
                       "fp32 convolution (PRelu ...), each run between layout reorders",
+    "unfused.spill.melems": "million elements of those (unfused.melems) on tensors larger than the L1 data "
+                            "cache (l1d_bytes), read and written again from L2 between the reorders",
     "unfused.int8.melems": "million elements read and written by float activations between int8 layers that "
                            "ONNX Runtime has no int8 kernel for (PRelu ...), run in the int8 layers' NHWC layout",
     "qdq.kernels": "QuantizeLinear/DequantizeLinear nodes ONNX Runtime keeps as kernels "
@@ -308,6 +311,26 @@ def _generic_int8(node: Any, g: Any, block: int) -> bool:
 
 
 @functools.lru_cache(maxsize=1)
+def l1d_bytes() -> int:
+    """This CPU's level-1 data cache per core, in bytes (Linux sysfs; 32 KiB where it says nothing).
+
+    In benchmarks/cpu_predictor.md an fp32 PRelu (run between NCHWc reorders) on a tensor larger
+    than this cost more per element: pricing those elements apart took the MobileFaceNets, whose
+    PReLUs are 40 % of their time, from 62 to 71 % within 10 % in cross-validation.
+    """
+    for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
+        try:
+            level, kind, size = ((index / name).read_text().strip() for name in ("level", "type", "size"))
+        except OSError:
+            continue
+        if level == "1" and kind in ("Data", "Unified"):
+            number, unit = (size, "") if size.isdigit() else (size[:-1], size[-1])
+            if number.isdigit() and unit in ("", "K", "M"):
+                return int(number) * {"": 1, "K": 1024, "M": 1024 ** 2}[unit]
+    return 32 * 1024
+
+
+@functools.lru_cache(maxsize=1)
 def nchwc_block() -> int:
     """Channels per block of ONNX Runtime's NCHWc layout on this CPU (1: no NCHWc layout).
 
@@ -346,16 +369,17 @@ def nchwc_block() -> int:
 
 
 def graph_features(graph_or_path: Any, input_shapes: Mapping[str, Sequence[int]],
-                   block: int | None = None) -> dict[str, float]:
+                   block: int | None = None, l1d: int | None = None) -> dict[str, float]:
     """The :data:`FEATURES` of an ONNX model (path or ``ModelProto``) at ``input_shapes``.
 
     ``block`` is the NCHWc channel block fp32 convolutions are padded to (:func:`nchwc_block`, this
-    CPU's, when None; 1 for none). Raises :class:`autocomp.errors.CandidateError` when the graph
-    cannot be analysed.
+    CPU's, when None; 1 for none); ``l1d`` the L1 data cache in bytes (:func:`l1d_bytes` when None).
+    Raises :class:`autocomp.errors.CandidateError` when the graph cannot be analysed.
     """
     a = _analyze(graph_or_path, input_shapes)
     g, labels = a.graph, a.labels
     block = nchwc_block() if block is None else block
+    l1d = l1d_bytes() if l1d is None else l1d
     values = dict.fromkeys(FEATURES, 0.0)
     values["run"] = 1.0
     costed_or_fused = 0
@@ -372,6 +396,8 @@ def graph_features(graph_or_path: Any, input_shapes: Mapping[str, Sequence[int]]
                 feature, kind = kernel
                 values[f"kernels.{kind}"] += 1
                 values[feature] += moved
+                if feature == "unfused.melems" and 4 * g.numel(node.output[0]) > l1d:
+                    values["unfused.spill.melems"] += moved
             continue
         if work.kind == "free":
             continue

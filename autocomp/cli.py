@@ -317,10 +317,17 @@ def _cmd_calibrate(args) -> int:
 
 def _calibrate_cpu(args) -> int:
     """Fit the cpu target's latency predictor on this host (run it on a quiet machine)."""
-    from autocomp_plugins.cpu_calibrate import DEFAULT_CANDIDATES, calibrate_cpu
+    from autocomp.errors import ConfigError
+    from autocomp_plugins.cpu_calibrate import DEFAULT_CANDIDATES, MIN_CANDIDATES, calibrate_cpu
 
     console = _console()
     count = DEFAULT_CANDIDATES if args.count is None else args.count
+    if count < MIN_CANDIDATES:
+        raise ConfigError(f"--count must be at least {MIN_CANDIDATES} (the fewest candidates a calibration is "
+                          f"fitted on), but got {count}; pass --count {MIN_CANDIDATES} or more, or leave it out "
+                          f"to measure {DEFAULT_CANDIDATES}")
+    if args.threads < 1:
+        raise ConfigError(f"--threads must be at least 1, but got {args.threads}")
     console.print(f"Measuring {count} candidates on this host at {args.threads} thread(s); keep the machine quiet ...")
     calibration = calibrate_cpu(threads=args.threads, count=count, progress=lambda line: console.print(line))
     summary = {"target": "cpu", "threads": calibration.threads, "host": dict(calibration.host),

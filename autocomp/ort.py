@@ -26,8 +26,8 @@ import numpy as np
 from autocomp.errors import CandidateError
 from autocomp.target import LatencyStats
 
-__all__ = ["TimingPolicy", "session_options", "make_session", "time_runs", "measure_latency", "run_batches",
-           "host_facts", "input_shapes_of"]
+__all__ = ["TimingPolicy", "session_options", "optimised_model", "make_session", "time_runs", "measure_latency",
+           "run_batches", "host_facts", "cpu_flags", "input_shapes_of"]
 
 
 @dataclass(frozen=True)
@@ -164,12 +164,12 @@ def run_batches(onnx_path: Path | str, inputs: np.ndarray, batch_size: int = 256
     return np.concatenate(outputs, axis=0).astype(np.float32)
 
 
-@functools.lru_cache(maxsize=1)
-def _cpuinfo() -> dict[str, str]:
-    """The first processor's fields in /proc/cpuinfo; empty where there is none (not Linux)."""
+@functools.lru_cache(maxsize=4)
+def _cpuinfo(path: str = "/proc/cpuinfo") -> dict[str, str]:
+    """The first processor's fields in ``path`` (/proc/cpuinfo); empty where there is none (not Linux)."""
     fields: dict[str, str] = {}
     try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+        with open(path, encoding="utf-8") as fh:
             for line in fh:
                 if not line.strip():
                     break  # the first processor ends at a blank line; the others repeat it
@@ -180,10 +180,10 @@ def _cpuinfo() -> dict[str, str]:
     return fields
 
 
-def cpu_flags() -> frozenset[str]:
+def cpu_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> frozenset[str]:
     """This CPU's feature flags (``avx2``, ``avx512f``, ``avx512_vnni`` ...; ``asimd``, ``asimddp`` on
-    Arm); empty where unknown."""
-    info = _cpuinfo()
+    Arm), read from ``cpuinfo``; empty where unknown."""
+    info = _cpuinfo(str(cpuinfo))
     return frozenset((info.get("flags") or info.get("Features", "")).split())  # x86 / Arm
 
 

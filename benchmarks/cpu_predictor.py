@@ -23,7 +23,8 @@ time for noise). It
    ``benchmarks/cpu_predictor.json`` (every measurement) and ``benchmarks/cpu_predictor.md``.
 
 ``--refit`` skips building and measuring and refits on the measurements in ``cpu_predictor.json``
-(features are recomputed from the cached ONNX files, which must still be there).
+(features are recomputed from the cached ONNX files, which must still be there, with the NCHWc
+block and L1d size that file records; this host's, with a warning, where it records none).
 
 Exit status 0 when at least 90 % of cross-validated predictions are within 10 % of measured.
 """
@@ -103,14 +104,24 @@ def build(count: int, seed: int) -> list[dict]:
     return models
 
 
-def features(models: list[dict]) -> list[float]:
-    """Fill each model's features; return the time each took, in ms (the graph analysis is a
-    prediction's whole cost: the dot product after it is negligible)."""
-    cp.nchwc_block()  # asked of ONNX Runtime once per process: not part of a prediction's cost
+def recorded_feature_facts(*sources: dict) -> dict[str, int] | None:
+    """The NCHWc block and L1d size (``cp.HOST_FEATURE_FACTS``) from the first of ``sources`` (a run's
+    report, a calibration's fit) that records both; None when none does."""
+    for source in sources:
+        if all(k in source for k in cp.HOST_FEATURE_FACTS):
+            return {k: int(source[k]) for k in cp.HOST_FEATURE_FACTS}
+    return None
+
+
+def features(models: list[dict], facts: dict[str, int]) -> list[float]:
+    """Fill each model's features, computed with ``facts`` (the measured host's NCHWc block and L1d
+    size); return the time each took, in ms (the graph analysis is a prediction's whole cost: the
+    dot product after it is negligible)."""
     took = []
     for m in models:
         start = time.perf_counter()
-        m["features"] = cp.graph_features(REPO / m["path"], {"input": m["input_shape"]})
+        m["features"] = cp.graph_features(REPO / m["path"], {"input": m["input_shape"]},
+                                          block=facts["nchwc_block"], l1d=facts["l1d_bytes"])
         took.append(1e3 * (time.perf_counter() - start))
     return took
 
@@ -339,8 +350,10 @@ def markdown(report: dict) -> str:
         "fusion follows ONNX Runtime's rules as modelled in `_qdq_kernels`, not its optimised graph.",
         f"- fp32 convolutions are priced at the channel counts ONNX Runtime's NCHWc layout computes: blocks of "
         f"{report['nchwc_block']} channels on this CPU (asked of ONNX Runtime: `cpu_predictor.nchwc_block()`); int8 "
-        f"convolutions at their output channels rounded up to {cp.INT8_CHANNEL_BLOCK}, a block that was fitted on "
-        "this host's measurements, not read from ONNX Runtime (`cpu_predictor.INT8_CHANNEL_BLOCK`).",
+        f"convolutions at their output channels rounded up to {cp.INT8_CHANNEL_BLOCK}, the block MLAS's symmetric "
+        "int8 kernels pack filters in (`FilterOutputChannelPackCount` in onnxruntime's `mlas/lib/convsym.cpp`; a "
+        "constant, `cpu_predictor.INT8_CHANNEL_BLOCK`, not asked of ONNX Runtime), which also fitted this host's "
+        "measurements best.",
         "- Measurements on a VM whose host is shared with other tenants: see the load figures; the predictor cannot be more "
         "accurate than the measurements it is scored against.",
     ]
@@ -434,7 +447,14 @@ def main(argv: list[str] | None = None) -> int:
                      round_cpu_share=r["round_cpu_share"])
         measured_at = time.strftime("%Y-%m-%d %H:%M")
         seconds = None
-    took = features(models)
+    facts = cp.host_feature_facts()  # measured here
+    if args.refit:
+        recorded = recorded_feature_facts(previous, previous.get("calibration", {}).get("fit", {}))
+        if recorded is None and previous.get("host") != cp.host_identity():
+            _say(f"warning: {OUT_JSON.name} records no NCHWc block and L1d size and was measured on another host "
+                 f"({previous.get('host')}); computing its features with this host's ({facts})")
+        facts = recorded or facts
+    took = features(models, facts)
     report = analyse(models, args.seed)
 
     rows = [m["features"] for m in models]
@@ -447,6 +467,7 @@ def main(argv: list[str] | None = None) -> int:
         "rounds": report["repeatability"]["rounds"],
         "target": cp.FIT_TARGET,
         "feature_set": cp.FEATURE_SET,
+        **facts,  # what the features were computed with
         "in_sample_within_10pct": float(np.mean(in_sample <= BAR_ERROR)),
         "in_sample_median_error": float(np.median(in_sample)),
         "cross_validated_within_10pct": report["validation"]["predictor"]["within_10pct"],
@@ -464,7 +485,7 @@ def main(argv: list[str] | None = None) -> int:
         seconds=seconds if seconds is not None else time.time() - started,
         calibration=calibration.to_dict(),
         prediction_ms={"median": float(np.median(took)), "max": float(np.max(took))},
-        nchwc_block=cp.nchwc_block(),
+        **facts,
         reduce_range=("on (this CPU has no VNNI)" if needs_reduce_range() else "off (this CPU has VNNI)"),
     )
     report["verdict"] = verdict(report)

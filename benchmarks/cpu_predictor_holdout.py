@@ -8,7 +8,9 @@ target's harness (interleaved rounds, each measurement's fastest run, median ove
 compares with the shipped calibration's predictions, unchanged. Run
 ``python benchmarks/cpu_predictor_holdout.py`` (about 6 minutes at the defaults); it writes
 ``cpu_predictor_holdout.json`` and ``cpu_predictor_holdout.md``. ``--rescore JSON`` scores today's
-calibration on the measurements an earlier run recorded, without measuring again.
+shipped calibration on the measurements an earlier run recorded, without measuring again; its
+features are computed with the NCHWc block and L1d size of the host that measured them (given as
+``--block N --l1d BYTES``, else recorded in that JSON, else in the calibration's fit).
 """
 
 from __future__ import annotations
@@ -25,7 +27,18 @@ HERE = Path(__file__).resolve().parent
 
 from autocomp_plugins import cpu_calibrate as cc  # noqa: E402
 from autocomp_plugins import cpu_predictor as cp  # noqa: E402
-from cpu_predictor import _score  # noqa: E402  (benchmarks/cpu_predictor.py: one scoring for both)
+from cpu_predictor import _score, recorded_feature_facts  # noqa: E402  (benchmarks/cpu_predictor.py)
+
+
+def shipped_calibration() -> cp.CpuCalibration:
+    """The calibration shipped with autocomp, for one thread: never a cached one of this host."""
+    return next(c for c in cp._read_calibrations(cp.SHIPPED_CALIBRATION) if c.threads == 1)
+
+
+def fitted_on() -> set[str]:
+    """Keys of the candidates in ``cpu_predictor.json``: those the shipped calibration was fitted on."""
+    return {m["key"] for m in json.loads((HERE / "cpu_predictor.json").read_text(encoding="utf-8"))["models"]}
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -35,10 +48,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rescore", type=Path, metavar="JSON",
                         help="score the shipped calibration on the measurements of an earlier run's "
                              "cpu_predictor_holdout.json (its candidates are rebuilt; nothing is measured or written)")
+    parser.add_argument("--block", type=int, metavar="N",
+                        help="--rescore: NCHWc block of the host that measured (its cpu_predictor.nchwc_block())")
+    parser.add_argument("--l1d", type=int, metavar="BYTES",
+                        help="--rescore: L1 data cache of the host that measured (its cpu_predictor.l1d_bytes())")
     args = parser.parse_args(argv)
+    if (args.block is None) != (args.l1d is None) or (args.block is not None and not args.rescore):
+        parser.error(f"--block and --l1d must be given together and only with --rescore, but got --block "
+                     f"{args.block} --l1d {args.l1d} --rescore {args.rescore}; give both with --rescore, or neither")
     logging.getLogger().setLevel(logging.ERROR)  # quantize_static's notices
     if args.rescore:
-        return rescore(args.rescore, args.count)
+        given = None if args.block is None else {"nchwc_block": args.block, "l1d_bytes": args.l1d}
+        return rescore(args.rescore, args.count, given)
 
     out_json = HERE / "cpu_predictor_holdout.json"
     try:  # read first: a broken file must not cost a finished run
@@ -46,13 +67,13 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as exc:
         print(f"not keeping the earlier runs of {out_json.name}: {exc}", file=sys.stderr)
         previous = None
-    fitted_on = {m["key"] for m in json.loads((HERE / "cpu_predictor.json").read_text(encoding="utf-8"))["models"]}
-    calibration = cp.load_calibration(threads=1)
+    fitted = fitted_on()
+    calibration = shipped_calibration()
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="autocomp-holdout-") as tmp:
         specs, paths = [], []
         for spec in cc.candidate_specs(args.count, args.seed):
-            if spec.key in fitted_on:
+            if spec.key in fitted:
                 continue
             specs.append(spec)
             paths.append(cc.build_candidate(spec, Path(tmp)))
@@ -67,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     groups = {f"{key} {value}": _score([e for m, e in zip(models, errors) if m[key] == value])
               for key in ("precision", "family") for value in sorted({m[key] for m in models})}
     report = {"date": time.strftime("%Y-%m-%d %H:%M"), "command": " ".join(["python", *sys.argv]),
-              "host": cp.host_identity(), "calibration": {"source": calibration.source, "fit": dict(calibration.fit)},
+              "host": cp.host_identity(), **cp.host_feature_facts(),  # what the features were computed with
+              "calibration": {"source": calibration.source, "fit": dict(calibration.fit)},
               "seed": args.seed, "rounds": args.rounds, "seconds": time.time() - started,
               "all": _score(errors), "groups": groups, "models": models}
     if previous:  # earlier runs stay on record
@@ -82,26 +104,50 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def rescore(path: Path, count: int) -> int:
-    """Today's calibration against an earlier run's measurements: candidates are deterministic in
-    their seed, so they are rebuilt instead of measured again."""
+def rescore(path: Path, count: int, given: dict[str, int] | None = None) -> int:
+    """The shipped calibration against an earlier run's measurements: candidates are deterministic in
+    their seed, so they are rebuilt instead of measured again. Their features are computed with
+    ``given`` (NCHWc block and L1d size), else those the run or the calibration recorded; with none,
+    nothing is scored (exit status 2). Candidates the calibration was fitted on are dropped."""
     earlier = json.loads(path.read_text(encoding="utf-8"))
-    measured = {m["key"]: m for m in earlier["models"]}
-    calibration = cp.load_calibration(threads=1)
+    calibration = shipped_calibration()
+    facts, where = given, "given"
+    if facts is None:
+        facts, where = recorded_feature_facts(earlier), f"recorded in {path.name}"
+    if facts is None:
+        facts, where = recorded_feature_facts(calibration.fit), "recorded in the shipped calibration's fit"
+    if facts is None:
+        print(f"{path.name} was measured on {earlier.get('host', 'another host')}, but neither it nor the shipped "
+              "calibration's fit records that host's NCHWc block and L1d size, which the features depend on; "
+              "this host's may differ. Pass that host's values: --block N --l1d BYTES (what "
+              "cpu_predictor.nchwc_block() and l1d_bytes() return there)", file=sys.stderr)
+        return 2
+    recorded = {m["key"]: m for m in earlier["models"]}
+    fitted = fitted_on()
+    measured = {k: m for k, m in recorded.items() if k not in fitted}
+    if len(measured) != len(recorded):
+        print(f"dropped {len(recorded) - len(measured)} of the {len(recorded)} candidates: the shipped calibration "
+              "was fitted on them (cpu_predictor.json)", file=sys.stderr)
     errors, models = [], []
     with tempfile.TemporaryDirectory(prefix="autocomp-holdout-") as tmp:
         for spec in cc.candidate_specs(count, earlier["seed"]):
             if spec.key in measured:
                 m = measured[spec.key]
-                predicted = cp.predict_latency_ms(cc.build_candidate(spec, Path(tmp)), {"input": spec.input_shape},
-                                                  calibration)
-                errors.append(predicted / m["measured_ms"] - 1)
+                row = cp.graph_features(cc.build_candidate(spec, Path(tmp)), {"input": spec.input_shape},
+                                        block=facts["nchwc_block"], l1d=facts["l1d_bytes"])
+                errors.append(calibration.predict(row) / m["measured_ms"] - 1)
                 models.append(m)
     if len(models) != len(measured):
         print(f"found {len(models)} of the {len(measured)} candidates with --count {count}", file=sys.stderr)
+    if not models:
+        why = (f"none of the {len(measured)} candidates left is among the first {count} of seed {earlier['seed']}; "
+               "raise --count" if measured else "the shipped calibration was fitted on all of its candidates")
+        print(f"nothing to score in {path.name}: {why}", file=sys.stderr)
+        return 1
     s = _score(errors)
     print(f"seed {earlier['seed']}, measured {earlier['date']}, calibration feature set "
-          f"{calibration.fit.get('feature_set')}: {s['within_10pct']:.1%} of {s['n']} within 10 % "
+          f"{calibration.fit.get('feature_set')}, NCHWc block {facts['nchwc_block']} and L1d {facts['l1d_bytes']} "
+          f"bytes ({where}): {s['within_10pct']:.1%} of {s['n']} within 10 % "
           f"(median error {s['median_abs_error']:.1%})", file=sys.stderr)
     for key in ("precision", "family"):
         for value in sorted({m[key] for m in models}):

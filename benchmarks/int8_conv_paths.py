@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import random
 import statistics
 import sys
 import tempfile
@@ -55,8 +56,7 @@ def build(channels: int, convs: int, size: int, directory: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import numpy as np
-
+    from autocomp.latency import interleaved
     from autocomp.ort import TimingPolicy, measure_latency
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -69,12 +69,13 @@ def main(argv: list[str] | None = None) -> int:
     policy = TimingPolicy(min_s=0.3)
     with tempfile.TemporaryDirectory(prefix="autocomp-int8-paths-") as tmp:
         items = [(c, n, build(c, n, args.size, Path(tmp))) for c in CHANNELS for n in (1, 2)]
-        times: dict[tuple[int, int], list[float]] = {(c, n): [] for c, n, _ in items}
-        rng = np.random.default_rng(0)
-        for _ in range(args.rounds):
-            for i in rng.permutation(len(items)):
-                c, n, path = items[i]
-                times[(c, n)].append(measure_latency(path, {"input": (1, c, args.size, args.size)}, policy).min_ms)
+
+        def fastest_ms(item: tuple[int, int, Path]) -> float:
+            c, _, path = item
+            return measure_latency(path, {"input": (1, c, args.size, args.size)}, policy).min_ms
+
+        rounds = interleaved(items, fastest_ms, args.rounds, random.Random(0))
+        times = {(c, n): item_rounds for (c, n, _), item_rounds in zip(items, rounds)}
     rows = []
     for c in CHANNELS:
         ms = statistics.median(times[(c, 2)]) - statistics.median(times[(c, 1)])

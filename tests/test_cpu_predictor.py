@@ -155,6 +155,21 @@ def test_nchwc_block_is_what_onnx_runtime_uses_on_this_cpu():
     assert cp.nchwc_block() == expected
 
 
+@pytest.mark.parametrize("text, flags", [
+    ("processor\t: 0\nmodel name\t: Xeon\nflags\t\t: fpu avx2 avx512f\n\nprocessor\t: 1\nflags\t: sse\n",
+     {"fpu", "avx2", "avx512f"}),  # x86: the first processor's "flags"
+    ("processor\t: 0\nFeatures\t: fp asimd asimddp\nCPU implementer\t: 0x41\n", {"fp", "asimd", "asimddp"}),  # Arm
+    (None, set()),  # no /proc/cpuinfo (not Linux)
+])
+def test_cpu_flags_are_read_from_cpuinfo(tmp_path, text, flags):
+    from autocomp.ort import cpu_flags
+
+    path = tmp_path / "cpuinfo"
+    if text is not None:
+        path.write_text(text, encoding="utf-8")
+    assert cpu_flags(path) == flags
+
+
 def _tiny_qdq(cin: int = 3, cout: int = 8):
     """x -> Q -> DQ -> Conv(int8 weight) -> Q -> DQ -> Relu -> Q -> DQ -> y, as quantize_static writes it.
 
@@ -322,6 +337,36 @@ def test_a_cached_calibration_of_older_features_gives_way_to_the_shipped_one(cap
     assert loaded.fit["feature_set"] == cp.FEATURE_SET  # the shipped one is current
 
 
+def test_a_cached_calibration_measured_with_another_block_or_l1d_is_another_hosts(caplog):
+    """The features depend on the NCHWc block and the L1d size: a calibration that records others is
+    passed over (one recording this host's is used; one recording none loads as before)."""
+    host = cp.host_identity()
+    here = cp.host_feature_facts()
+    for facts in ({"nchwc_block": here["nchwc_block"] + 8}, {"l1d_bytes": here["l1d_bytes"] // 2}):
+        other = cp.CpuCalibration(host=host, threads=1, coefficients={"run": 7.0},
+                                  fit={"feature_set": cp.FEATURE_SET, **here, **facts})
+        cp.write_calibrations(cp.cache_path(host, 1), [other])
+        with caplog.at_level(logging.WARNING, logger="autocomp"):
+            loaded = cp.load_calibration(threads=1)
+        assert loaded.source == str(cp.SHIPPED_CALIBRATION) and "another CPU" in caplog.text
+        assert str(next(iter(facts.values()))) in caplog.text
+    mine = cp.CpuCalibration(host=host, threads=1, coefficients={"run": 7.0},
+                             fit={"feature_set": cp.FEATURE_SET, **here})
+    path = cp.write_calibrations(cp.cache_path(host, 1), [mine])
+    assert cp.load_calibration(threads=1).source == str(path)
+
+
+def test_a_shipped_calibration_measured_with_another_l1d_is_another_hosts(tmp_path, caplog):
+    here = cp.host_feature_facts()
+    shipped = cp.CpuCalibration(host=cp.host_identity(), threads=1, coefficients={"run": 7.0},
+                                fit={**here, "l1d_bytes": here["l1d_bytes"] * 2})
+    path = cp.write_calibrations(tmp_path / "shipped.json", [shipped])
+    with caplog.at_level(logging.WARNING, logger="autocomp"):
+        loaded = cp.load_calibration(threads=1, shipped=path)
+    assert loaded.coefficients == {"run": 7.0}  # the only one there is, used anyway
+    assert "another host" in caplog.text and f"l1d_bytes: {2 * here['l1d_bytes']} there" in caplog.text
+
+
 def test_other_host_logs_a_warning_and_still_predicts(digits_models, caplog):
     host = {**cp.host_identity(), "cpu_model": "Imaginary CPU 9000"}
     with caplog.at_level(logging.WARNING, logger="autocomp"):
@@ -333,6 +378,7 @@ def test_other_host_logs_a_warning_and_still_predicts(digits_models, caplog):
 def test_thread_count_without_calibration_warns(caplog, monkeypatch):
     shipped = cp._read_calibrations(cp.SHIPPED_CALIBRATION)[0]
     monkeypatch.setattr(cp, "host_identity", lambda: dict(shipped.host))
+    monkeypatch.setattr(cp, "host_feature_facts", lambda: {k: shipped.fit.get(k) for k in cp.HOST_FEATURE_FACTS})
     with caplog.at_level(logging.WARNING, logger="autocomp"):
         calibration = cp.load_calibration(threads=64)
     assert calibration.threads != 64 and "not 64" in caplog.text
@@ -365,6 +411,7 @@ def test_a_calibration_on_few_candidates_warns(tmp_path, monkeypatch, caplog):
         calibration = cc.calibrate_cpu(count=10, work_dir=tmp_path, write=False)
     assert "10 candidates for" in caplog.text and "recommended" in caplog.text
     assert calibration.fit["models"] == 10 and calibration.fit["feature_set"] == cp.FEATURE_SET
+    assert {k: calibration.fit[k] for k in cp.HOST_FEATURE_FACTS} == cp.host_feature_facts()
     assert 0 <= calibration.fit["cross_validated_within_10pct"] <= 1  # `autocomp targets` shows it
 
 
@@ -406,3 +453,22 @@ def test_autocomp_calibrate_cpu_reports_its_cross_validated_figure(tmp_path, mon
     monkeypatch.setattr(cc, "calibrate_cpu", lambda **kw: asked.append(kw["count"]) or cp.load_calibration(threads=1))
     assert main(["calibrate", "--target", "cpu", "--json"]) == 0
     assert asked == [cc.DEFAULT_CANDIDATES]
+
+
+@pytest.mark.parametrize("option, value, said", [
+    ("--count", "5", "--count must be at least 10 (the fewest candidates a calibration is fitted on), but got 5"),
+    ("--count", "0", "but got 0; pass --count 10 or more"),
+    ("--threads", "0", "--threads must be at least 1, but got 0"),
+])
+def test_autocomp_calibrate_cpu_checks_its_options_before_any_work(monkeypatch, capsys, option, value, said):
+    """A bad --count or --threads is a usage error (exit 2) that names the rule, the value and the
+    remedy, before a single candidate is built."""
+    from autocomp.cli import main
+    from autocomp_plugins import cpu_calibrate as cc
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("no candidate may be built before the options are checked")
+
+    monkeypatch.setattr(cc, "candidate_specs", refuse)
+    assert main(["calibrate", "--target", "cpu", option, value]) == 2
+    assert said in " ".join(capsys.readouterr().err.split())

@@ -27,14 +27,15 @@ from autocomp_plugins.cpu_predictor import (
     cache_path,
     fit_coefficients,
     graph_features,
+    host_feature_facts,
     host_identity,
     out_of_fold_ms,
     random_folds,
     write_calibrations,
 )
 
-__all__ = ["CANDIDATE_BUILD", "CandidateSpec", "candidate_specs", "build_candidate", "measure_candidates",
-           "calibrate_cpu"]
+__all__ = ["CANDIDATE_BUILD", "DEFAULT_CANDIDATES", "MIN_CANDIDATES", "CandidateSpec", "candidate_specs",
+           "build_candidate", "measure_candidates", "calibrate_cpu"]
 
 logger = logging.getLogger("autocomp")
 
@@ -43,9 +44,13 @@ logger = logging.getLogger("autocomp")
 WELL_DETERMINED = 3
 
 #: Candidates ``autocomp calibrate --target cpu`` measures by default. On the 300 of
-#: benchmarks/cpu_predictor.md, fits on 100 / 150 / 200 / 240 of them scored 84 / 86 / 87 / 87 %
-#: within 10 % on 60 others (20 random splits): past 200, more candidates stopped helping.
+#: benchmarks/cpu_predictor.md, with feature set 3, fits on 100 / 150 / 200 / 240 of them scored
+#: 84 / 86 / 87 / 87 % within 10 % on 60 others (20 random splits; that file's feature-set-3
+#: section, and commit 45b37dd): past 200, more candidates stopped helping.
 DEFAULT_CANDIDATES = 200
+
+#: Fewest candidates a calibration is fitted on (:func:`calibrate_cpu` raises below it).
+MIN_CANDIDATES = 10
 
 
 #: Version of :func:`build_candidate`'s recipe, part of a candidate's key, so files built by an
@@ -257,7 +262,8 @@ def calibrate_cpu(threads: int = 1, count: int = DEFAULT_CANDIDATES, rounds: int
     at ``threads`` threads, fits :data:`FEATURES`' coefficients and, with ``write``, stores the
     calibration where :func:`load_calibration` finds it first. Takes about ``count * rounds * 1.5``
     seconds plus a second per candidate to build; run it on a quiet machine. Candidates that fail to
-    build are skipped (logged). Raises ``ValueError`` when fewer than 10 candidates could be measured.
+    build are skipped (logged). Raises ``ValueError`` when fewer than :data:`MIN_CANDIDATES` candidates
+    could be built.
     """
     import statistics
     import tempfile
@@ -279,8 +285,9 @@ def calibrate_cpu(threads: int = 1, count: int = DEFAULT_CANDIDATES, rounds: int
                 continue
             paths.append(path)
             shapes.append(shape)
-        if len(paths) < 10:
-            raise ValueError(f"only {len(paths)} calibration candidates could be built; need at least 10")
+        if len(paths) < MIN_CANDIDATES:
+            raise ValueError(f"only {len(paths)} calibration candidates could be built; need at least "
+                             f"{MIN_CANDIDATES}")
         if len(paths) < WELL_DETERMINED * len(FEATURES):
             logger.warning("cpu calibration: %d candidates for %d coefficients; a fit this small matches its own "
                            "candidates and little else (at least %d recommended, %d by default)", len(paths),
@@ -298,6 +305,7 @@ def calibrate_cpu(threads: int = 1, count: int = DEFAULT_CANDIDATES, rounds: int
         "rounds": rounds,
         "target": FIT_TARGET,
         "feature_set": FEATURE_SET,
+        **host_feature_facts(),  # what the features were computed with
         "in_sample_within_10pct": sum(e <= 0.10 for e in errors) / len(errors),
         "in_sample_median_error": statistics.median(errors),
         "cross_validated_within_10pct": sum(e <= 0.10 for e in held_out) / len(held_out),

@@ -38,7 +38,8 @@ instruction-set flags, ONNX Runtime version and threads). :func:`load_calibratio
    (``~/.cache/autocomp`` when the variable is unset);
 2. the one shipped with autocomp (``cpu_calibration.json``), measured on the host named in it;
 
-and takes the entry whose host matches and whose thread count is the configured one. When only a
+and takes the entry whose host matches (and, where it records them, this host's
+:data:`HOST_FEATURE_FACTS`) and whose thread count is the configured one. When only a
 calibration of another host (or thread count) exists it is used anyway and a warning is logged:
 the estimate may then be off by the ratio of the two machines' speeds.
 
@@ -62,9 +63,16 @@ from autocomp_plugins.edge.costmodel import _QDQ_OPS
 
 __all__ = [
     "FEATURES",
+    "FEATURE_SET",
+    "FIT_TARGET",
+    "HOST_FEATURE_FACTS",
+    "INT8_CHANNEL_BLOCK",
     "SHIPPED_CALIBRATION",
     "CpuCalibration",
     "graph_features",
+    "nchwc_block",
+    "l1d_bytes",
+    "host_feature_facts",
     "host_identity",
     "cache_path",
     "load_calibration",
@@ -276,6 +284,16 @@ def int8_conv_is_generic(cout: int, cin_per_group: int, group: int, block: int) 
     return not (cout >= 16 and cin_per_group % 4 == 0 and cout % (4 if block >= 16 else 8) == 0)
 
 
+def _conv_weight(node: Any, g: Any) -> tuple[int, int, int] | None:
+    """(output channels, input channels per group, group) of a Conv whose weight shape is known; else None."""
+    if node.op_type != "Conv":
+        return None
+    w = g.shapes.get(node.input[1]) if len(node.input) > 1 else None
+    if not w or len(w) != 4 or not all(isinstance(d, int) and d > 0 for d in w[:2]):
+        return None
+    return w[0], w[1], next((a.i for a in node.attribute if a.name == "group"), 1)
+
+
 def _channel_padding(node: Any, g: Any, precision: str, block: int) -> tuple[float, float]:
     """How much more work a convolution does than its channel counts say: (MACs, elements) factors.
 
@@ -284,30 +302,17 @@ def _channel_padding(node: Any, g: Any, precision: str, block: int) -> tuple[flo
     24-channel convolution runs as 32 channels on AVX-512 (block 16), as 24 on AVX2 (block 8). At
     int8 the output channels are priced in blocks of :data:`INT8_CHANNEL_BLOCK`.
     """
-    if block <= 1 or node.op_type != "Conv":
+    conv = _conv_weight(node, g) if block > 1 else None
+    if conv is None:
         return 1.0, 1.0
-    w = g.shapes.get(node.input[1]) if len(node.input) > 1 else None
-    if not w or len(w) != 4 or not all(isinstance(d, int) and d > 0 for d in w[:2]):
-        return 1.0, 1.0
-    cout, cin = w[0], w[1]
+    cout, cin, group = conv
     if precision == "int8":
         out = _round_up(cout, INT8_CHANNEL_BLOCK) / cout
         return out, out
-    group = next((a.i for a in node.attribute if a.name == "group"), 1)
     out = _round_up(cout, block) / cout
     if group > 1:  # depthwise: one input channel per output channel
         return out, out
     return out * (_round_up(cin, block) / cin if cin >= block else 1.0), out
-
-
-def _generic_int8(node: Any, g: Any, block: int) -> bool:
-    if node.op_type != "Conv":
-        return False
-    w = g.shapes.get(node.input[1]) if len(node.input) > 1 else None
-    if not w or len(w) != 4 or not all(isinstance(d, int) and d > 0 for d in w[:2]):
-        return False
-    group = next((a.i for a in node.attribute if a.name == "group"), 1)
-    return int8_conv_is_generic(w[0], w[1], group, block)
 
 
 @functools.lru_cache(maxsize=1)
@@ -315,8 +320,9 @@ def l1d_bytes() -> int:
     """This CPU's level-1 data cache per core, in bytes (Linux sysfs; 32 KiB where it says nothing).
 
     In benchmarks/cpu_predictor.md an fp32 PRelu (run between NCHWc reorders) on a tensor larger
-    than this cost more per element: pricing those elements apart took the MobileFaceNets, whose
-    PReLUs are 40 % of their time, from 62 to 71 % within 10 % in cross-validation.
+    than this cost more per element: pricing those elements apart (feature set 4) took the
+    MobileFaceNets, whose PReLUs are 40 % of their time, from 60 to 64 % within 10 % in
+    cross-validation on the 300 (88.0 to 88.7 % over all).
     """
     for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
         try:
@@ -368,6 +374,16 @@ def nchwc_block() -> int:
     return max(dims, default=1)
 
 
+#: Facts of the measured host, beyond :func:`host_identity`, that :func:`graph_features` depends on;
+#: a calibration records them in its ``fit`` (those fitted before 2026-12-07 do not).
+HOST_FEATURE_FACTS = ("nchwc_block", "l1d_bytes")
+
+
+def host_feature_facts() -> dict[str, int]:
+    """This host's :data:`HOST_FEATURE_FACTS`: :func:`nchwc_block` and :func:`l1d_bytes`."""
+    return {"nchwc_block": nchwc_block(), "l1d_bytes": l1d_bytes()}
+
+
 def graph_features(graph_or_path: Any, input_shapes: Mapping[str, Sequence[int]],
                    block: int | None = None, l1d: int | None = None) -> dict[str, float]:
     """The :data:`FEATURES` of an ONNX model (path or ``ModelProto``) at ``input_shapes``.
@@ -405,7 +421,8 @@ def graph_features(graph_or_path: Any, input_shapes: Mapping[str, Sequence[int]]
         values[f"kernels.{p}"] += 1
         if work.kind in _CONV_KINDS:
             macs_scale, elems_scale = _channel_padding(node, g, p, block)
-            if p == "int8" and _generic_int8(node, g, block):  # no packing, so no padding either
+            conv = _conv_weight(node, g) if p == "int8" else None
+            if conv is not None and int8_conv_is_generic(*conv, block):  # no packing, so no padding either
                 values["generic.int8.mmacs"] += work.macs / 1e6
                 values["generic.int8.melems"] += work.activation_elements / 1e6
                 values["weights.int8.melems"] += work.weight_elements / 1e6
@@ -522,15 +539,29 @@ def load_calibration(threads: int = 1, host: Mapping[str, str] | None = None,
 
     Prefers this host's cached calibration (written by :func:`autocomp_plugins.cpu_calibrate.calibrate_cpu`), then the shipped one
     when it was measured on a host like this one. Otherwise it falls back to the shipped calibration
-    nearest in thread count and logs a warning naming the difference. Raises ``FileNotFoundError``
-    when there is no calibration at all.
+    nearest in thread count and logs a warning naming the difference. A calibration that records
+    :data:`HOST_FEATURE_FACTS` other than this host's counts as another host's (not checked when
+    ``host`` is given: its facts are not known here). Raises ``FileNotFoundError`` when there is no
+    calibration at all.
     """
+    host_given = host is not None
     host = dict(host or host_identity())
+
+    def other_facts(calibration: CpuCalibration) -> dict[str, tuple[Any, int]]:
+        recorded = {k: calibration.fit[k] for k in HOST_FEATURE_FACTS if k in calibration.fit}
+        here = host_feature_facts() if recorded and not host_given else {}
+        return {k: (v, here[k]) for k, v in recorded.items() if here and v != here[k]}
+
     cached = cache_path(host, threads)
     if cached.exists():
         try:
             for calibration in _read_calibrations(cached):
                 if calibration.matches(host) and calibration.threads == threads:
+                    if other_facts(calibration):
+                        logger.warning("cpu predictor: the calibration in %s was measured on another CPU (%s); "
+                                       "using the shipped one. Run `autocomp calibrate --target cpu` to calibrate "
+                                       "this host again", cached, _facts_text(other_facts(calibration)))
+                        break
                     if calibration.fit.get("target", FIT_TARGET) != FIT_TARGET:
                         # fitted before the search measured the fastest run: it predicts the p50
                         logger.warning("cpu predictor: the calibration in %s was fitted on the p50, not on the "
@@ -549,7 +580,7 @@ def load_calibration(threads: int = 1, host: Mapping[str, str] | None = None,
     if not options:
         raise FileNotFoundError(f"no cpu calibration: {cached} and {shipped} are missing; run "
                                 "`autocomp calibrate --target cpu`")
-    same_host = [c for c in options if c.matches(host)]
+    same_host = [c for c in options if c.matches(host) and not other_facts(c)]
     for calibration in same_host:
         if calibration.threads == threads:
             return calibration
@@ -559,11 +590,14 @@ def load_calibration(threads: int = 1, host: Mapping[str, str] | None = None,
         why = f"it was calibrated for {best.threads} thread(s), not {threads}"
     else:
         differ = {k: (best.host.get(k), v) for k, v in host.items() if best.host.get(k) != v}
-        why = "it was calibrated on another host (" + "; ".join(
-            f"{k}: {a!r} there, {b!r} here" for k, (a, b) in differ.items()) + ")"
+        why = f"it was calibrated on another host ({_facts_text({**differ, **other_facts(best)})})"
     logger.warning("cpu predictor: %s, so latency estimates may be off by the speed ratio; run "
                    "`autocomp calibrate --target cpu --threads %d` to calibrate this host", why, threads)
     return best
+
+
+def _facts_text(differ: Mapping[str, tuple[Any, Any]]) -> str:
+    return "; ".join(f"{k}: {a!r} there, {b!r} here" for k, (a, b) in differ.items())
 
 
 def predict_latency_ms(onnx_path: Path | str, input_shapes: Mapping[str, Sequence[int]],

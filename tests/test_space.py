@@ -259,20 +259,43 @@ def test_bad_optional_flags_are_named(tmp_path, registry, text, expected):
 
 def test_benchmark_hypervolume_against_hand_computed_areas():
     """The 2-D hypervolume used by benchmarks/joint_vs_single.py, on cases worked out by hand."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).parent.parent / "benchmarks" / "joint_vs_single.py"
-    spec = importlib.util.spec_from_file_location("joint_vs_single", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    hv = module.hypervolume
+    hv = _benchmark_module("joint_vs_single").hypervolume
     # one point: (acc 0.9, 2 ms) against ref (0.8, 10 ms) -> (10 - 2) * (0.9 - 0.8) = 0.8
     assert hv([(0.9, 2.0)], 0.8, 10.0) == pytest.approx(0.8)
     # two points: (0.95, 5) and (0.85, 1): [1,5) at 0.05 + [5,10) at 0.15 = 0.2 + 0.75
     assert hv([(0.95, 5.0), (0.85, 1.0)], 0.8, 10.0) == pytest.approx(0.95)
     # a dominated point adds nothing; points beyond the reference add nothing
     assert hv([(0.95, 5.0), (0.85, 1.0), (0.84, 6.0), (0.7, 0.5), (0.99, 12.0)], 0.8, 10.0) == pytest.approx(0.95)
+
+
+def _benchmark_module(name: str):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parent.parent / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_median_attainment_surface_against_hand_worked_cases():
+    """benchmarks/joint_attainment.py: the goals (accuracy, speedup) more than half of the runs attain."""
+    att = _benchmark_module("joint_attainment")
+
+    def front(*points):
+        return [{"accuracy": a, "speedup": s} for a, s in points]
+
+    runs = [front((0.99, 2.0), (0.97, 6.0)), front((0.98, 4.0)), front((0.99, 3.0), (0.96, 8.0))]
+    # (0.99, 2) is attained by runs 1 and 3; (0.98, 3) by all three; (0.97, 4) by runs 1 and 2 ...
+    assert att.median_surface(runs, "accuracy", 0.95) == [(0.99, 2.0), (0.98, 3.0), (0.97, 4.0), (0.96, 6.0)]
+    # goals below the floor are not goals
+    assert att.median_surface(runs, "accuracy", 0.975) == [(0.99, 2.0), (0.98, 3.0)]
+    # one run: its own front
+    assert att.median_surface(runs[:1], "accuracy", 0.9) == [(0.99, 2.0), (0.97, 6.0)]
+    # two runs: more than half is both
+    assert att.median_surface(runs[:2], "accuracy", 0.9) == [(0.98, 2.0), (0.97, 4.0)]
+    assert att.attained_by(runs, "accuracy", (0.97, 6.0)) == 1
 
 
 def test_toggles_follow_the_front_leaving_out_or_putting_in_one_method_each(registry, tiny_zoo):

@@ -1,0 +1,136 @@
+"""Benchmark summary: does the joint search's *typical* front dominate the single-method ones?
+
+One run of ``benchmarks/joint_vs_single.py`` compares one front of each search, and each front is
+one draw of a stochastic search: which pruning ratios the sampler tried, and how well each
+candidate's fine-tuning happened to go (one validation image is 0.28 points). Whether one search
+beats another is a statement about the distribution of its fronts. The standard tool for that is
+the *attainment function* (Fonseca and Fleming, 1996; Knowles, 2005): a goal (accuracy a,
+speedup s) is attained by a run when its front has a point at least as accurate and at least as
+fast. The *median attainment surface* of k runs bounds the goals attained by more than half of them;
+a search whose median surface covers another's attains, in most runs, everything the other attains
+in most runs.
+
+This script reads the records of several seeds of ``joint_vs_single.py`` (the same trial budget,
+host and code), computes each search's median attainment surface on both splits, in accuracy and
+speedup over the run's own base model (each run re-measured its fronts beside its own base model),
+and whether the joint search's median surface attains every corner of the others' (the bar of
+issue 3, stated for stochastic searches). It also counts, per seed, the single-method points the
+joint front of that very seed dominates.
+
+    python benchmarks/joint_attainment.py benchmarks/joint_vs_single.json benchmarks/joint_vs_single_seed1.json ...
+
+Writes ``benchmarks/joint_attainment.md`` and ``.json`` (``--out STEM`` for others).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from statistics import mean
+
+HERE = Path(__file__).resolve().parent
+SEARCHES = ("prune", "quantize", "joint")
+SPLITS = {"validation": ("accuracy", None), "test": ("test_accuracy", "test_split")}
+#: The heading from which joint_attainment.md is written by hand (kept on a re-run).
+KEEP = "## What this shows"
+
+
+def attains(front: list[dict], key: str, goal: tuple[float, float]) -> bool:
+    """Whether ``front`` has a point at least as accurate (by ``key``) and at least as fast as ``goal``
+    = (accuracy, speedup)."""
+    accuracy, speedup = goal
+    return any(p[key] >= accuracy and p["speedup"] >= speedup for p in front)
+
+
+def attained_by(fronts: list[list[dict]], key: str, goal: tuple[float, float]) -> int:
+    return sum(attains(front, key, goal) for front in fronts)
+
+
+def median_surface(fronts: list[list[dict]], key: str, floor: float) -> list[tuple[float, float]]:
+    """The corners of the median attainment surface of ``fronts`` (one per run): the goals with
+    accuracy >= ``floor`` attained by more than half of the runs that no other such goal is at
+    least as good as in both objectives, sorted by speedup. The surface's corners are among the
+    goals that pair an accuracy of some front point with a speedup of some front point."""
+    points = [p for front in fronts for p in front]
+    goals = [(a, s) for a in {p[key] for p in points} if a >= floor for s in {p["speedup"] for p in points}
+             if 2 * attained_by(fronts, key, (a, s)) > len(fronts)]
+    corners = [g for g in goals if not any(h != g and h[0] >= g[0] and h[1] >= g[1] for h in goals)]
+    return sorted(corners, key=lambda g: g[1])
+
+
+def summarise(records: list[dict]) -> dict:
+    """Per split: each search's median surface, how many of the single-method corners the joint
+    search attains in more than half of its runs, mean hypervolumes, and per seed the single-method
+    front points the same seed's joint front dominates."""
+    out = {}
+    for split, (key, sub) in SPLITS.items():
+        parts = [r if sub is None else r[sub] for r in records]
+        fronts = {name: [p["fronts"][name] for p in parts] for name in SEARCHES}
+        # a goal below the budget is not a goal: the highest floor any run has (they share the base model)
+        floor = max(p["reference_point"]["accuracy"] for p in parts)
+        surfaces = {name: median_surface(fronts[name], key, floor) for name in SEARCHES}
+        out[split] = {
+            "median_surface": {name: [{"accuracy": a, "speedup": s} for a, s in surfaces[name]] for name in SEARCHES},
+            "joint_median_attains": {
+                name: {"corners": len(surfaces[name]),
+                       "attained": sum(2 * attained_by(fronts["joint"], key, g) > len(records) for g in surfaces[name])}
+                for name in ("prune", "quantize")},
+            "mean_hypervolume": {name: mean(p["hypervolume"][name] for p in parts) for name in SEARCHES},
+            "per_seed": [{"seed": r["seed"], **{name: p["joint_dominates"][name] for name in ("prune", "quantize")}}
+                         for r, p in zip(records, parts)],
+        }
+    return out
+
+
+def markdown(records: list[dict], summary: dict, paths: list[Path]) -> str:
+    hosts = sorted({r["host"]["cpu_model"] for r in records})
+    lines = ["# Joint search vs single-method searches, over seeds: median attainment surfaces", "",
+             f"Command: `python benchmarks/joint_attainment.py {' '.join(str(p) for p in paths)}` "
+             f"({len(records)} runs of `joint_vs_single.py`, seeds {', '.join(str(r['seed']) for r in records)}; "
+             f"{records[0]['trials_per_search']} trials per search; host {', '.join(hosts)}; the runs' commands: "
+             + "; ".join(f"`{r['command']}`" for r in records) + ").", "",
+             "A goal (accuracy, speedup over the run's own base model, re-measured side by side) is attained by a run "
+             "when its front has a point at least as good in both; a search's median surface bounds the goals "
+             f"attained by more than half of its {len(records)} runs. Only goals within the accuracy budget count."]
+    for split, result in summary.items():
+        lines += ["", f"## {split.capitalize()} split", "",
+                  "| search | mean hypervolume | median surface (accuracy %, speedup) | its corners the joint search attains in most runs | per seed: its front points the joint front dominates |",
+                  "|---|---:|---|---:|---|"]
+        for name in SEARCHES:
+            corners = "; ".join(f"{100 * g['accuracy']:.2f} %, {g['speedup']:.2f}x" for g in result["median_surface"][name])
+            att = result["joint_median_attains"].get(name)
+            seeds = ", ".join(f"seed {s['seed']}: {s[name]['dominated_by_joint']} of {s[name]['points']}"
+                              for s in result["per_seed"]) if name != "joint" else "-"
+            lines.append(f"| {name} | {result['mean_hypervolume'][name]:.5f} | {corners or '-'} | "
+                         f"{'-' if att is None else str(att['attained']) + ' of ' + str(att['corners'])} | {seeds} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("records", nargs="+", type=Path, help="joint_vs_single*.json of the seeds to pool")
+    parser.add_argument("--out", default="joint_attainment", help="stem of the .md/.json written in benchmarks/")
+    args = parser.parse_args(argv)
+    records = [json.loads(p.read_text(encoding="utf-8")) for p in args.records]
+    budgets = {(r["trials_per_search"], r["target"], r["max_drop"]) for r in records}
+    if len(budgets) != 1:
+        parser.error(f"the records must share trial budget, target and max drop, got {sorted(budgets)}")
+    if len({r["seed"] for r in records}) != len(records):
+        parser.error("two records of the same seed: pool one run per seed")
+    summary = summarise(records)
+    (HERE / f"{args.out}.json").write_text(json.dumps({"records": [str(p) for p in args.records], **summary},
+                                                      indent=2) + "\n")
+    text = markdown(records, summary, args.records)
+    md = HERE / f"{args.out}.md"
+    previous = md.read_text(encoding="utf-8") if md.exists() else ""
+    if KEEP in previous:  # the hand-written reading stays
+        text += "\n" + previous[previous.index(KEEP):]
+    md.write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

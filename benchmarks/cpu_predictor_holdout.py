@@ -85,8 +85,7 @@ def main(argv: list[str] | None = None) -> int:
                "round_min_ms": m["round_min_ms"], "measured_ms": m["min_ms"], "predicted_ms": p}
               for spec, m, p in zip(specs, measured, predicted)]
     errors = [m["predicted_ms"] / m["measured_ms"] - 1 for m in models]
-    groups = {f"{key} {value}": _score([e for m, e in zip(models, errors) if m[key] == value])
-              for key in ("precision", "family") for value in sorted({m[key] for m in models})}
+    groups = _groups(models, errors)
     report = {"date": time.strftime("%Y-%m-%d %H:%M"), "command": " ".join(["python", *sys.argv]),
               "host": cp.host_identity(), **cp.host_feature_facts(),  # what the features were computed with
               "calibration": {"source": calibration.source, "fit": dict(calibration.fit)},
@@ -149,11 +148,15 @@ def rescore(path: Path, count: int, given: dict[str, int] | None = None) -> int:
           f"{calibration.fit.get('feature_set')}, NCHWc block {facts['nchwc_block']} and L1d {facts['l1d_bytes']} "
           f"bytes ({where}): {s['within_10pct']:.1%} of {s['n']} within 10 % "
           f"(median error {s['median_abs_error']:.1%})", file=sys.stderr)
-    for key in ("precision", "family"):
-        for value in sorted({m[key] for m in models}):
-            g = _score([e for m, e in zip(models, errors) if m[key] == value])
-            print(f"  {key} {value}: {g['within_10pct']:.1%} of {g['n']}", file=sys.stderr)
+    for name, g in _groups(models, errors).items():
+        print(f"  {name}: {g['within_10pct']:.1%} of {g['n']}", file=sys.stderr)
     return 0
+
+
+def _groups(models: list[dict], errors: list[float]) -> dict[str, dict]:
+    """The scores of each precision's and each family's candidates, keyed ``"precision int8"`` ..."""
+    return {f"{key} {value}": _score([e for m, e in zip(models, errors) if m[key] == value])
+            for key in ("precision", "family") for value in sorted({m[key] for m in models})}
 
 
 def markdown(report: dict) -> str:

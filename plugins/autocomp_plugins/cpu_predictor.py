@@ -502,8 +502,18 @@ class CpuCalibration:
         :func:`graph_features`."""
         return sum(self.coefficients.get(name, 0.0) * value for name, value in features.items())
 
-    def matches(self, host: Mapping[str, str]) -> bool:
-        return all(self.host.get(k) == v for k, v in host.items())
+    def differences(self, host: Mapping[str, str],
+                    facts: Mapping[str, int] | None = None) -> dict[str, tuple[Any, Any]]:
+        """``{name: (recorded here, given)}`` for each entry of ``host`` (:func:`host_identity`) and
+        of ``facts`` (:func:`host_feature_facts`; a calibration that does not record them, fitted
+        before 2026-12-07, is not checked on them) that this calibration was measured with otherwise."""
+        out = {k: (self.host.get(k), v) for k, v in host.items() if self.host.get(k) != v}
+        out.update({k: (self.fit[k], v) for k, v in (facts or {}).items() if k in self.fit and self.fit[k] != v})
+        return out
+
+    def matches(self, host: Mapping[str, str], facts: Mapping[str, int] | None = None) -> bool:
+        """Whether this calibration was measured on ``host`` (and with ``facts``, when given)."""
+        return not self.differences(host, facts)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -544,23 +554,17 @@ def load_calibration(threads: int = 1, host: Mapping[str, str] | None = None,
     ``host`` is given: its facts are not known here). Raises ``FileNotFoundError`` when there is no
     calibration at all.
     """
-    host_given = host is not None
+    facts = None if host is not None else host_feature_facts()  # a given host's are not known here
     host = dict(host or host_identity())
-
-    def other_facts(calibration: CpuCalibration) -> dict[str, tuple[Any, int]]:
-        recorded = {k: calibration.fit[k] for k in HOST_FEATURE_FACTS if k in calibration.fit}
-        here = host_feature_facts() if recorded and not host_given else {}
-        return {k: (v, here[k]) for k, v in recorded.items() if here and v != here[k]}
-
     cached = cache_path(host, threads)
     if cached.exists():
         try:
             for calibration in _read_calibrations(cached):
                 if calibration.matches(host) and calibration.threads == threads:
-                    if other_facts(calibration):
+                    if not calibration.matches(host, facts):
                         logger.warning("cpu predictor: the calibration in %s was measured on another CPU (%s); "
                                        "using the shipped one. Run `autocomp calibrate --target cpu` to calibrate "
-                                       "this host again", cached, _facts_text(other_facts(calibration)))
+                                       "this host again", cached, _facts_text(calibration.differences(host, facts)))
                         break
                     if calibration.fit.get("target", FIT_TARGET) != FIT_TARGET:
                         # fitted before the search measured the fastest run: it predicts the p50
@@ -580,7 +584,7 @@ def load_calibration(threads: int = 1, host: Mapping[str, str] | None = None,
     if not options:
         raise FileNotFoundError(f"no cpu calibration: {cached} and {shipped} are missing; run "
                                 "`autocomp calibrate --target cpu`")
-    same_host = [c for c in options if c.matches(host) and not other_facts(c)]
+    same_host = [c for c in options if c.matches(host, facts)]
     for calibration in same_host:
         if calibration.threads == threads:
             return calibration
@@ -589,8 +593,7 @@ def load_calibration(threads: int = 1, host: Mapping[str, str] | None = None,
     if same_host:
         why = f"it was calibrated for {best.threads} thread(s), not {threads}"
     else:
-        differ = {k: (best.host.get(k), v) for k, v in host.items() if best.host.get(k) != v}
-        why = f"it was calibrated on another host ({_facts_text({**differ, **other_facts(best)})})"
+        why = f"it was calibrated on another host ({_facts_text(best.differences(host, facts))})"
     logger.warning("cpu predictor: %s, so latency estimates may be off by the speed ratio; run "
                    "`autocomp calibrate --target cpu --threads %d` to calibrate this host", why, threads)
     return best

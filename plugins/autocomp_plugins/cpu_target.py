@@ -85,14 +85,14 @@ class CpuTarget(Target):
     def validation(self) -> str:
         """For ``autocomp targets``: every artifact is measured; how close the latency predictor used
         before training came in its calibration's cross-validation, and on which host it was fitted."""
-        from autocomp_plugins.cpu_predictor import host_identity
+        from autocomp_plugins.cpu_predictor import host_feature_facts, host_identity
 
         calibration = self._calibration
         if calibration is None:
             return "measured; no latency predictor"
         share = calibration.fit.get("cross_validated_within_10pct")
         figure = "not validated" if share is None else f"{100 * share:.0f} % within 10 % (cross-validated)"
-        where = ("this host" if calibration.matches(host_identity())
+        where = ("this host" if calibration.matches(host_identity(), host_feature_facts())
                  else f"another host ({calibration.host.get('cpu_model')}, {calibration.host.get('isa')})")
         return f"measured; predictor before training: {figure}, calibrated on {where}"
 

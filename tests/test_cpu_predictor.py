@@ -455,6 +455,33 @@ def test_autocomp_calibrate_cpu_reports_its_cross_validated_figure(tmp_path, mon
     assert asked == [cc.DEFAULT_CANDIDATES]
 
 
+def test_autocomp_calibrate_cpu_says_why_when_too_few_candidates_build(tmp_path, monkeypatch, capsys):
+    """Candidates that fail to build (a broken install, a full disk) are skipped with a warning each;
+    when too few are left to fit, the command says so, points at those warnings, exits 4 (an
+    infrastructure error, not the user's input) and writes no calibration."""
+    from autocomp.cli import main
+    from autocomp.errors import CandidateError
+    from autocomp_plugins import cpu_calibrate as cc
+
+    monkeypatch.setenv("AUTOCOMP_CACHE_DIR", str(tmp_path))
+    specs = [cc.CandidateSpec("digits", (("width", 8),), (1, 1, 16, 16), 0.5, "fp32", seed) for seed in range(12)]
+    monkeypatch.setattr(cc, "candidate_specs", lambda count, seed=0: specs[:count])
+    built = cc.build_candidate
+
+    def build_some(spec, directory):  # 9 of the 12 fail, as with a broken exporter
+        if spec.seed >= 3:
+            raise CandidateError(f"export failed for seed {spec.seed}")
+        return built(spec, directory)
+
+    monkeypatch.setattr(cc, "build_candidate", build_some)
+    monkeypatch.setattr(cc, "measure_candidates", lambda *a, **kw: pytest.fail("nothing is measured"))
+    assert main(["calibrate", "--target", "cpu", "--count", "12"]) == 4
+    said = " ".join(capsys.readouterr().err.split())
+    assert "only 3 of 12 calibration candidates could be built" in said and "at least 10" in said
+    assert "export failed for seed 11" in said and "nothing was written" in said
+    assert not cp.cache_path(cp.host_identity(), 1).exists()
+
+
 @pytest.mark.parametrize("option, value, said", [
     ("--count", "5", "--count must be at least 10 (the fewest candidates a calibration is fitted on), but got 5"),
     ("--count", "0", "but got 0; pass --count 10 or more"),

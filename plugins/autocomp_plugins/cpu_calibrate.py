@@ -262,19 +262,19 @@ def calibrate_cpu(threads: int = 1, count: int = DEFAULT_CANDIDATES, rounds: int
     at ``threads`` threads, fits :data:`FEATURES`' coefficients and, with ``write``, stores the
     calibration where :func:`load_calibration` finds it first. Takes about ``count * rounds * 1.5``
     seconds plus a second per candidate to build; run it on a quiet machine. Candidates that fail to
-    build are skipped (logged). Raises ``ValueError`` when fewer than :data:`MIN_CANDIDATES` candidates
-    could be built.
+    build are skipped (logged). Raises :class:`autocomp.errors.InfrastructureError` when fewer than
+    :data:`MIN_CANDIDATES` candidates could be built (nothing is written then).
     """
     import statistics
     import tempfile
     import time
 
-    from autocomp.errors import AutocompError
+    from autocomp.errors import AutocompError, InfrastructureError
 
     with tempfile.TemporaryDirectory(prefix="autocomp-cpu-calibration-") as tmp:
         directory = Path(work_dir) if work_dir is not None else Path(tmp)
         directory.mkdir(parents=True, exist_ok=True)
-        paths, shapes, rows = [], [], []
+        paths, shapes, rows, failed = [], [], [], []
         for spec in candidate_specs(count, seed):
             try:
                 path = build_candidate(spec, directory)
@@ -282,12 +282,15 @@ def calibrate_cpu(threads: int = 1, count: int = DEFAULT_CANDIDATES, rounds: int
                 rows.append(graph_features(path, shape))
             except AutocompError as exc:
                 logger.warning("cpu calibration: skipping %s: %s", spec.describe(), exc)
+                failed.append(f"{spec.describe()}: {exc}")
                 continue
             paths.append(path)
             shapes.append(shape)
         if len(paths) < MIN_CANDIDATES:
-            raise ValueError(f"only {len(paths)} calibration candidates could be built; need at least "
-                             f"{MIN_CANDIDATES}")
+            raise InfrastructureError(
+                f"only {len(paths)} of {count} calibration candidates could be built, and a fit needs at least "
+                f"{MIN_CANDIDATES}; nothing was written. The last failure: {failed[-1] if failed else 'none'} "
+                f"(-v logs each; a broken torch, onnx or ONNX Runtime install, or a full disk, is the usual cause)")
         if len(paths) < WELL_DETERMINED * len(FEATURES):
             logger.warning("cpu calibration: %d candidates for %d coefficients; a fit this small matches its own "
                            "candidates and little else (at least %d recommended, %d by default)", len(paths),

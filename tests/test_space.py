@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from autocomp.errors import SpaceError
@@ -296,6 +298,21 @@ def test_benchmark_median_attainment_surface_against_hand_worked_cases():
     # two runs: more than half is both
     assert att.median_surface(runs[:2], "accuracy", 0.9) == [(0.98, 2.0), (0.97, 4.0)]
     assert att.attained_by(runs, "accuracy", (0.97, 6.0)) == 1
+
+
+def test_benchmark_finetune_noise_summary_against_hand_worked_cases():
+    """benchmarks/finetune_noise.py: the spread of one setting's draws, per split, and how the two
+    splits' scores of a draw go together."""
+    noise = _benchmark_module("finetune_noise")
+    draws = [{"val": 0.98, "test": 0.97}, {"val": 0.99, "test": 0.99}, {"val": 0.97, "test": 0.98}]
+    s = noise.summarise(draws, {"val": 400, "test": 200})
+    assert s["draws"] == 3 and s["val"]["images"] == 400 and s["test"]["one_image_pts"] == pytest.approx(0.5)
+    assert (s["val"]["median"], s["val"]["min"], s["val"]["max"]) == pytest.approx((98.0, 97.0, 99.0))
+    assert s["val"]["sd"] == pytest.approx((2 / 3) ** 0.5)  # deviations -1, 0, 1 points; population sd
+    # val deviations (0, 1, -1), test deviations (-1, 1, 0) around 98: covariance 1, variances 2 and 2
+    assert s["val_test_correlation"] == pytest.approx(0.5)
+    assert noise.pearson([1, 2, 3], [3, 2, 1]) == pytest.approx(-1)
+    assert math.isnan(noise.pearson([1, 1], [2, 3]))  # no spread: no correlation
 
 
 def test_toggles_follow_the_front_leaving_out_or_putting_in_one_method_each(registry, tiny_zoo):

@@ -24,7 +24,8 @@ time for noise). It
 
 ``--refit`` skips building and measuring and refits on the measurements in ``cpu_predictor.json``
 (features are recomputed from the cached ONNX files, which must still be there, with the NCHWc
-block and L1d size that file records; this host's, with a warning, where it records none).
+block and L1d size that file records; this host's, with a warning, where it records none). The
+calibration it writes names the host that took the measurements, wherever the refit runs.
 
 Exit status 0 when at least 90 % of cross-validated predictions are within 10 % of measured.
 """
@@ -460,7 +461,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = [m["features"] for m in models]
     median = [m[f"median_{STATISTIC}_ms"] for m in models]
     coefficients = cp.fit_coefficients(rows, median)
-    host = cp.host_identity()
+    # the host the measurements were taken on: a refit elsewhere must not pass them off as this host's
+    # (load_calibration would then take the calibration for one fitted here)
+    host = previous["host"] if args.refit else cp.host_identity()
     in_sample = np.abs(_errors([cp.CpuCalibration(host, threads, coefficients).predict(r) for r in rows], median))
     calibration = cp.CpuCalibration(host=host, threads=threads, coefficients=coefficients, fit={
         "models": len(models),
@@ -481,12 +484,13 @@ def main(argv: list[str] | None = None) -> int:
         _say(f"wrote {cp.SHIPPED_CALIBRATION.relative_to(REPO)}")
 
     report.update(
-        date=measured_at, host=host, threads=threads, cpu_count=os.cpu_count(),
+        date=measured_at, host=host, threads=threads, cpu_count=previous["cpu_count"] if args.refit else os.cpu_count(),
         seconds=seconds if seconds is not None else time.time() - started,
         calibration=calibration.to_dict(),
         prediction_ms={"median": float(np.median(took)), "max": float(np.max(took))},
         **facts,
-        reduce_range=("on (this CPU has no VNNI)" if needs_reduce_range() else "off (this CPU has VNNI)"),
+        reduce_range=(previous["reduce_range"] if args.refit
+                      else "on (this CPU has no VNNI)" if needs_reduce_range() else "off (this CPU has VNNI)"),
     )
     report["verdict"] = verdict(report)
     report["history"] = history

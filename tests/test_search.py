@@ -17,7 +17,6 @@ from autocomp.errors import ConfigError
 from autocomp.ort import run_batches
 from autocomp.results import sha256_of
 from autocomp.search import SearchConfig, run_search
-from autocomp.target import LatencyStats
 
 from .conftest import FAST_TIMING
 
@@ -280,34 +279,28 @@ def _optional_method_search(tmp_path, registry, space_text, **config):
 QUANTIZE_OPTIONAL = "[prune]\nratio = [0.2, 0.4]\nround_to = 8\n\n[quantize]\noptional = true\nbits = [8, 32]\n"
 
 
-class _SlowInt8:
-    """The cpu target, with every quantized graph's reading made fourfold: a device where int8 is
-    surely slower than fp32 (on this host's fast int8 kernels the tiny model's two are within the
-    noise of a few-hundredths-of-a-millisecond reading, either way round)."""
+def _scaled_cpu_target(name: str, factor):
+    """A plugin registering the cpu target as ``name``, with each latency reading of a graph
+    multiplied by ``factor(onnx_path)``: a device that is slower on some graphs than this host."""
+    import dataclasses
+    import types
 
-    @staticmethod
-    def plugin():
-        import types
+    from autocomp import hookimpl
+    from autocomp_plugins.cpu_target import CpuTarget
 
-        from autocomp import hookimpl
-        from autocomp_plugins.cpu_target import CpuTarget
+    class Scaled(CpuTarget):
+        def configure(self, options):
+            return Scaled(super().configure(options).policy)
 
-        class SlowInt8(CpuTarget):
-            name, aliases = "cpu-slow-int8", ()
+        def latency(self, onnx_path, input_shapes):
+            stats, k = super().latency(onnx_path, input_shapes), factor(onnx_path)
+            return dataclasses.replace(stats, p50_ms=stats.p50_ms * k, p90_ms=stats.p90_ms * k,
+                                       mean_ms=stats.mean_ms * k, min_ms=stats.min_ms * k)
 
-            def configure(self, options):
-                return SlowInt8(super().configure(options).policy)
-
-            def latency(self, onnx_path, input_shapes):
-                stats = super().latency(onnx_path, input_shapes)
-                if "QuantizeLinear" not in _op_types(onnx_path):
-                    return stats
-                return LatencyStats(stats.p50_ms * 4, stats.p90_ms * 4, stats.mean_ms * 4, stats.runs, True,
-                                    stats.target, stats.facts, min_ms=stats.min_ms * 4)
-
-        plugin = types.ModuleType("slow_int8")
-        plugin.register_targets = hookimpl(lambda register: register(SlowInt8()))
-        return plugin
+    Scaled.name, Scaled.aliases = name, ()
+    plugin = types.ModuleType(name.replace("-", "_"))
+    plugin.register_targets = hookimpl(lambda register: register(Scaled()))
+    return plugin
 
 
 def test_a_front_member_is_tried_without_its_optional_method(tmp_path, tiny_workload):
@@ -318,7 +311,10 @@ def test_a_front_member_is_tried_without_its_optional_method(tmp_path, tiny_work
 
     from .conftest import builtin_plugins
 
-    registry = load_registry(entry_points=[], extra_plugins=[*builtin_plugins(), ("slow", _SlowInt8.plugin())])
+    # a device where int8 is surely slower than fp32: on this host's fast int8 kernels the tiny
+    # model's int8 and fp32 readings are within the noise of each other, either way round
+    slow_int8 = _scaled_cpu_target("cpu-slow-int8", lambda path: 4 if "QuantizeLinear" in _op_types(path) else 1)
+    registry = load_registry(entry_points=[], extra_plugins=[*builtin_plugins(), ("slow", slow_int8)])
     result, study = _optional_method_search(tmp_path, registry, QUANTIZE_OPTIONAL, siblings=False,
                                             target="cpu-slow-int8")
     first = study.trials[0]
@@ -506,38 +502,20 @@ def test_a_predicted_target_is_never_measured_again(tmp_path, registry, tiny_wor
     assert objective._recheck_reason(_study_with_front((0.89, 1.0)), 0.88, 1.2) is None
 
 
-class _SlowFirstWindow:
+def _slow_first_window():
     """The cpu target, with the first window of every model slowed threefold, as a busy neighbour
     slows a whole window on a shared machine."""
+    from autocomp.latency import graph_hash
 
-    @staticmethod
-    def plugin():
-        import types
+    seen: set[str] = set()
 
-        from autocomp import hookimpl
-        from autocomp.latency import graph_hash
-        from autocomp_plugins.cpu_target import CpuTarget
+    def factor(path):
+        graph = graph_hash(path)
+        first = graph not in seen
+        seen.add(graph)
+        return 3 if first else 1
 
-        seen: set[str] = set()
-
-        class SlowFirstWindow(CpuTarget):
-            name, aliases = "cpu-slow-first", ()
-
-            def configure(self, options):
-                return SlowFirstWindow(super().configure(options).policy)
-
-            def latency(self, onnx_path, input_shapes):
-                stats = super().latency(onnx_path, input_shapes)
-                graph = graph_hash(onnx_path)
-                if graph in seen:
-                    return stats
-                seen.add(graph)
-                return LatencyStats(stats.p50_ms * 3, stats.p90_ms * 3, stats.mean_ms * 3, stats.runs, True,
-                                    stats.target, stats.facts, min_ms=stats.min_ms * 3)
-
-        plugin = types.ModuleType("slow_first_window")
-        plugin.register_targets = hookimpl(lambda register: register(SlowFirstWindow()))
-        return plugin
+    return _scaled_cpu_target("cpu-slow-first", factor)
 
 
 def test_a_second_window_replaces_a_slowed_first_reading(tmp_path, tiny_workload, monkeypatch):
@@ -550,7 +528,7 @@ def test_a_second_window_replaces_a_slowed_first_reading(tmp_path, tiny_workload
 
     from .conftest import builtin_plugins
 
-    registry = load_registry(entry_points=[], extra_plugins=[*builtin_plugins(), ("slow", _SlowFirstWindow.plugin())])
+    registry = load_registry(entry_points=[], extra_plugins=[*builtin_plugins(), ("slow", _slow_first_window())])
     monkeypatch.setattr(Objective, "_recheck_reason", lambda self, trial, metric, ms: "forced")
     space = tmp_path / "space.toml"
     space.write_text("[prune]\nratio = [0.1, 0.6]\nround_to = 2\n")  # two anchors, two models

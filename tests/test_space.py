@@ -298,6 +298,11 @@ def test_benchmark_median_attainment_surface_against_hand_worked_cases():
     # two runs: more than half is both
     assert att.median_surface(runs[:2], "accuracy", 0.9) == [(0.98, 2.0), (0.97, 4.0)]
     assert att.attained_by(runs, "accuracy", (0.97, 6.0)) == 1
+    # what the joint front lacks at each point it misses: (0.99, 2) and (0.97, 4) are attained;
+    # at 3x its best is 0.98 (0.01 short of 0.99), and nothing of it is as fast as 9x
+    joint = front((0.99, 2.0), (0.98, 4.0))
+    assert att.shortfalls(front((0.99, 2.0), (0.99, 3.0), (0.97, 4.0), (0.95, 9.0)), joint, "accuracy") == [
+        pytest.approx(0.01), math.inf]
 
 
 def test_benchmark_finetune_noise_summary_against_hand_worked_cases():

@@ -17,7 +17,9 @@ and whether the joint search's median surface attains every corner of the others
 issue 3, stated for stochastic searches). It also counts, per seed, the single-method points the
 joint front of that very seed dominates, and for each one it does not, how many points of accuracy
 the joint front lacks at that speed (one image is 0.28 points on either split of the built-in
-workload).
+workload). Last, it applies the bar to every pair of runs, any seeds, and to each search against
+itself (two runs that only the seed tells apart), which says how often one stochastic run's front
+can be expected to dominate another's at all.
 
     python benchmarks/joint_attainment.py benchmarks/joint_vs_single.json benchmarks/joint_vs_single_seed1.json ...
 
@@ -58,6 +60,24 @@ def shortfalls(front: list[dict], joint: list[dict], key: str) -> list[float]:
     return out
 
 
+#: (search whose front should dominate, search whose front it should dominate): the bar, and the
+#: same test between two runs of one search, which only the seed tells apart
+PAIRS = (("joint", "prune"), ("joint", "quantize"), ("prune", "prune"), ("joint", "joint"))
+
+
+def pairwise(fronts: dict[str, list[list[dict]]], key: str) -> dict[str, dict]:
+    """For each of :data:`PAIRS` (a, b): over every pair of distinct runs, one of a and one of b
+    (any seeds), in how many a's front dominates every point of b's, and by how much accuracy the
+    misses fall short (:func:`shortfalls`; infinite where b's front is faster than any point of a's)."""
+    out = {}
+    for a, b in PAIRS:
+        runs = [(i, j) for i in range(len(fronts[a])) for j in range(len(fronts[b])) if a != b or i != j]
+        missed = [shortfalls(fronts[b][j], fronts[a][i], key) for i, j in runs]
+        out[f"{a} over {b}"] = {"pairs": len(runs), "dominated": sum(not m for m in missed),
+                                "shortfalls": sorted(x for m in missed for x in m)}
+    return out
+
+
 def attained_by(fronts: list[list[dict]], key: str, goal: tuple[float, float]) -> int:
     return sum(attains(front, key, goal) for front in fronts)
 
@@ -92,6 +112,7 @@ def summarise(records: list[dict]) -> dict:
                        "attained": sum(2 * attained_by(fronts["joint"], key, g) > len(records) for g in surfaces[name])}
                 for name in ("prune", "quantize")},
             "mean_hypervolume": {name: mean(p["hypervolume"][name] for p in parts) for name in SEARCHES},
+            "pairwise": pairwise(fronts, key),
             "per_seed": [{"seed": r["seed"], **{name: {**p["joint_dominates"][name], "shortfalls": shortfalls(
                              p["fronts"][name], p["fronts"]["joint"], key)} for name in ("prune", "quantize")}}
                          for r, p in zip(records, parts)],
@@ -124,6 +145,15 @@ def markdown(records: list[dict], summary: dict, paths: list[Path]) -> str:
                               + _missed_by(s[name]["shortfalls"]) for s in result["per_seed"]) if name != "joint" else "-"
             lines.append(f"| {name} | {result['mean_hypervolume'][name]:.5f} | {corners or '-'} | "
                          f"{'-' if att is None else str(att['attained']) + ' of ' + str(att['corners'])} | {seeds} |")
+        lines += ["", "Pairs of runs, any seeds (a search against itself: two different runs), "
+                  "in which the first run's front dominates every point of the second's:", "",
+                  "| first run's search over second run's | pairs | pairs dominated | missed points, short by <= 0.3 pts (one image here) | by 0.3-0.6 pts | by more | faster than any point of the first run's |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
+        for pair, p in result["pairwise"].items():
+            short = [round(100 * x, 2) for x in p["shortfalls"]]
+            lines.append(f"| {pair} | {p['pairs']} | {p['dominated']} | {sum(x <= 0.3 for x in short)} | "
+                         f"{sum(0.3 < x <= 0.6 for x in short)} | {sum(0.6 < x < float('inf') for x in short)} | "
+                         f"{sum(x == float('inf') for x in short)} |")
     return "\n".join(lines) + "\n"
 
 

@@ -303,6 +303,16 @@ def test_benchmark_median_attainment_surface_against_hand_worked_cases():
     joint = front((0.99, 2.0), (0.98, 4.0))
     assert att.shortfalls(front((0.99, 2.0), (0.99, 3.0), (0.97, 4.0), (0.95, 9.0)), joint, "accuracy") == [
         pytest.approx(0.01), math.inf]
+    # every pair of distinct runs: a search against itself never pairs a run with itself
+    pairs = att.pairwise({"joint": [joint, runs[1]], "prune": runs, "quantize": [front((0.9, 1.0))]}, "accuracy")
+    assert pairs["joint over quantize"] == {"pairs": 2, "dominated": 2, "shortfalls": []}
+    assert pairs["joint over joint"]["pairs"] == 2 and pairs["prune over prune"]["pairs"] == 6
+    # both joint runs dominate run 2; the first misses run 1's (0.97, 6) and run 3's (0.96, 8)
+    # entirely (nothing as fast) and run 3's (0.99, 3) by 0.01; the second misses run 1's (0.99, 2)
+    # and run 3's (0.99, 3) by 0.01, and the same two fast points entirely
+    over_prune = pairs["joint over prune"]
+    assert (over_prune["pairs"], over_prune["dominated"]) == (6, 2)
+    assert over_prune["shortfalls"] == pytest.approx([0.01] * 3 + [math.inf] * 4)
 
 
 def test_benchmark_finetune_noise_summary_against_hand_worked_cases():

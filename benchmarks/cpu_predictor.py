@@ -463,7 +463,7 @@ def main(argv: list[str] | None = None) -> int:
     coefficients = cp.fit_coefficients(rows, median)
     # the host the measurements were taken on: a refit elsewhere must not pass them off as this host's
     # (load_calibration would then take the calibration for one fitted here)
-    host = previous["host"] if args.refit else cp.host_identity()
+    host = previous.get("host", cp.host_identity()) if args.refit else cp.host_identity()
     in_sample = np.abs(_errors([cp.CpuCalibration(host, threads, coefficients).predict(r) for r in rows], median))
     calibration = cp.CpuCalibration(host=host, threads=threads, coefficients=coefficients, fit={
         "models": len(models),
@@ -484,12 +484,12 @@ def main(argv: list[str] | None = None) -> int:
         _say(f"wrote {cp.SHIPPED_CALIBRATION.relative_to(REPO)}")
 
     report.update(
-        date=measured_at, host=host, threads=threads, cpu_count=previous["cpu_count"] if args.refit else os.cpu_count(),
+        date=measured_at, host=host, threads=threads, cpu_count=previous.get("cpu_count") if args.refit else os.cpu_count(),
         seconds=seconds if seconds is not None else time.time() - started,
         calibration=calibration.to_dict(),
         prediction_ms={"median": float(np.median(took)), "max": float(np.max(took))},
         **facts,
-        reduce_range=(previous["reduce_range"] if args.refit
+        reduce_range=(previous.get("reduce_range") if args.refit
                       else "on (this CPU has no VNNI)" if needs_reduce_range() else "off (this CPU has VNNI)"),
     )
     report["verdict"] = verdict(report)

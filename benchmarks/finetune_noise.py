@@ -125,8 +125,7 @@ def main(argv: list[str] | None = None) -> int:
 
     _, val, test = load_digits_splits()
     record = {
-        "command": "python benchmarks/finetune_noise.py" + (f" --trials {args.trials}" if args.trials != 24 else "")
-                   + (f" --seed {args.seed}" if args.seed else ""),
+        "command": " ".join(["python benchmarks/finetune_noise.py", *(argv if argv is not None else sys.argv[1:])]),
         "search": " ".join(["autocomp", *command[3:]]).replace(str(ROOT) + "/", ""),
         "space": str(args.space.resolve().relative_to(ROOT)) if args.space.resolve().is_relative_to(ROOT) else str(args.space),
         "space_text": args.space.read_text(),

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 from statistics import mean
@@ -48,13 +49,13 @@ def attains(front: list[dict], key: str, goal: tuple[float, float]) -> bool:
     return any(p[key] >= accuracy and p["speedup"] >= speedup for p in front)
 
 
-def shortfalls(front: list[dict], joint: list[dict], key: str) -> list[float]:
-    """For each point of ``front`` the joint front does not attain, by how much the most accurate
-    joint point at least as fast falls short of it in accuracy (by ``key``; infinite when no joint
-    point is that fast), in the order of ``front``."""
+def shortfalls(front: list[dict], joint: list[dict], key: str, floor: float = float("-inf")) -> list[float]:
+    """For each point of ``front`` within the budget (accuracy by ``key`` >= ``floor``) the joint
+    front does not attain, by how much the most accurate joint point at least as fast falls short
+    of it in accuracy (infinite when no joint point is that fast), in the order of ``front``."""
     out = []
     for p in front:
-        if not attains(joint, key, (p[key], p["speedup"])):
+        if p[key] >= floor and not attains(joint, key, (p[key], p["speedup"])):
             faster = [q[key] for q in joint if q["speedup"] >= p["speedup"]]
             out.append(p[key] - max(faster) if faster else float("inf"))
     return out
@@ -65,14 +66,15 @@ def shortfalls(front: list[dict], joint: list[dict], key: str) -> list[float]:
 PAIRS = (("joint", "prune"), ("joint", "quantize"), ("prune", "prune"), ("joint", "joint"))
 
 
-def pairwise(fronts: dict[str, list[list[dict]]], key: str) -> dict[str, dict]:
+def pairwise(fronts: dict[str, list[list[dict]]], key: str, floor: float = float("-inf")) -> dict[str, dict]:
     """For each of :data:`PAIRS` (a, b): over every pair of distinct runs, one of a and one of b
-    (any seeds), in how many a's front dominates every point of b's, and by how much accuracy the
-    misses fall short (:func:`shortfalls`; infinite where b's front is faster than any point of a's)."""
+    (any seeds), in how many a's front dominates every point of b's within the budget (accuracy >=
+    ``floor``), and by how much accuracy the misses fall short (:func:`shortfalls`; infinite where
+    b's point is faster than any point of a's)."""
     out = {}
     for a, b in PAIRS:
         runs = [(i, j) for i in range(len(fronts[a])) for j in range(len(fronts[b])) if a != b or i != j]
-        missed = [shortfalls(fronts[b][j], fronts[a][i], key) for i, j in runs]
+        missed = [shortfalls(fronts[b][j], fronts[a][i], key, floor) for i, j in runs]
         out[f"{a} over {b}"] = {"pairs": len(runs), "dominated": sum(not m for m in missed),
                                 "shortfalls": sorted(x for m in missed for x in m)}
     return out
@@ -112,9 +114,9 @@ def summarise(records: list[dict]) -> dict:
                        "attained": sum(2 * attained_by(fronts["joint"], key, g) > len(records) for g in surfaces[name])}
                 for name in ("prune", "quantize")},
             "mean_hypervolume": {name: mean(p["hypervolume"][name] for p in parts) for name in SEARCHES},
-            "pairwise": pairwise(fronts, key),
+            "pairwise": pairwise(fronts, key, floor),
             "per_seed": [{"seed": r["seed"], **{name: {**p["joint_dominates"][name], "shortfalls": shortfalls(
-                             p["fronts"][name], p["fronts"]["joint"], key)} for name in ("prune", "quantize")}}
+                             p["fronts"][name], p["fronts"]["joint"], key, floor)} for name in ("prune", "quantize")}}
                          for r, p in zip(records, parts)],
         }
     return out
@@ -157,6 +159,17 @@ def markdown(records: list[dict], summary: dict, paths: list[Path]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _finite(value):
+    """``value`` with every infinite float replaced by None, at any depth."""
+    if isinstance(value, float) and math.isinf(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("records", nargs="+", type=Path, help="joint_vs_single*.json of the seeds to pool")
@@ -169,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     if len({r["seed"] for r in records}) != len(records):
         parser.error("two records of the same seed: pool one run per seed")
     summary = summarise(records)
-    (HERE / f"{args.out}.json").write_text(json.dumps({"records": [str(p) for p in args.records], **summary},
+    # a shortfall with no joint point as fast is infinite: null in the JSON (strict parsers reject Infinity)
+    (HERE / f"{args.out}.json").write_text(json.dumps({"records": [str(p) for p in args.records], **_finite(summary)},
                                                       indent=2) + "\n")
     text = markdown(records, summary, args.records)
     md = HERE / f"{args.out}.md"

@@ -324,8 +324,8 @@ def test_a_front_member_is_tried_without_its_optional_method(tmp_path, tiny_work
     assert ablation.params == {**{k: v for k, v in first.params.items() if not k.startswith("quantize.")},
                                "quantize.enabled": False}
     assert ablation.user_attrs["seed_of"] == 0  # fine-tuned like the trial it ablates
-    # on this target int8 is slower than fp32 (and the other trials are int8 too): the ablation joins
-    # the front and the summary says where it came from
+    # on this target int8 is slower than fp32 (and the anchors before it are int8 too): the ablation
+    # joins the front and the summary says where it came from
     (member,) = [m for m in result.summary["pareto"] if m["trial"] == ablation.number]
     assert (member["ablation_of"], member["ablated"]) == (0, "quantize")
 

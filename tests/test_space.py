@@ -303,6 +303,9 @@ def test_benchmark_median_attainment_surface_against_hand_worked_cases():
     joint = front((0.99, 2.0), (0.98, 4.0))
     assert att.shortfalls(front((0.99, 2.0), (0.99, 3.0), (0.97, 4.0), (0.95, 9.0)), joint, "accuracy") == [
         pytest.approx(0.01), math.inf]
+    # a point below the budget is no goal: nothing to miss
+    assert att.shortfalls(front((0.99, 3.0), (0.95, 9.0)), joint, "accuracy", floor=0.96) == [pytest.approx(0.01)]
+    assert att._finite({"a": [1.0, math.inf], "b": {"c": -math.inf}}) == {"a": [1.0, None], "b": {"c": None}}
     # every pair of distinct runs: a search against itself never pairs a run with itself
     pairs = att.pairwise({"joint": [joint, runs[1]], "prune": runs, "quantize": [front((0.9, 1.0))]}, "accuracy")
     assert pairs["joint over quantize"] == {"pairs": 2, "dominated": 2, "shortfalls": []}

@@ -5,8 +5,9 @@ point it saw at each latency. The accuracy of a front point is therefore the bes
 draws, and a search that spends more trials near a setting draws more often there. This script
 measures the size of one draw's noise: it runs one fixed setting (``--space``, by default uniform
 50 % pruning with the recovery of ``spaces/prune_only.toml`` at mid-range temperature and weight)
-for ``--trials`` trials, which differ only in their fine-tuning seed, and scores every artifact on
-the validation split the searches select on and on the held-out test split none of them sees.
+for ``--trials`` trials, which differ only in their fine-tuning seed, and records each one's
+accuracy on the validation split the searches select on (the search's own score) and its artifact's
+on the held-out test split none of them sees.
 
     python benchmarks/finetune_noise.py --trials 24
 
@@ -23,7 +24,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from statistics import median, pstdev
+from statistics import StatisticsError, correlation, median, pstdev
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -32,31 +33,27 @@ KEEP = "## What this shows"
 
 
 def pearson(xs: list[float], ys: list[float]) -> float:
-    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-    sxy = sum((x - mx) * (y - my) for x, y in zip(xs, ys))
-    sxx, syy = sum((x - mx) ** 2 for x in xs), sum((y - my) ** 2 for y in ys)
-    return sxy / (sxx * syy) ** 0.5 if sxx and syy else float("nan")
+    """Pearson's correlation of ``xs`` and ``ys``; NaN when either does not vary."""
+    try:
+        return correlation(xs, ys)
+    except StatisticsError:
+        return float("nan")
 
 
-def score_run(run: Path) -> list[dict]:
-    """Validation and test accuracy of every complete trial's artifact in ``run`` (a --keep-all run)."""
+def score_run(run: Path, test) -> list[dict]:
+    """Every complete trial of ``run`` (a --keep-all run): its validation accuracy (the study's) and
+    its artifact's accuracy on the ``test`` split."""
     import optuna
 
     from autocomp.ort import run_batches
-    from autocomp_plugins.digits import load_digits_splits
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    _, val, test = load_digits_splits()
     study = optuna.load_study(study_name="autocomp", storage=f"sqlite:///{run / 'study.db'}")
     draws = []
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
         model = run / "trials" / f"{t.number:04d}" / "model.onnx"
-        accuracy = {name: float((run_batches(model, split.inputs.numpy()).argmax(1) == split.targets.numpy()).mean())
-                    for name, split in (("val", val), ("test", test))}
-        if abs(accuracy["val"] - t.values[0]) > 1e-9:
-            raise SystemExit(f"trial {t.number}: the artifact scores {accuracy['val']} on validation, the study "
-                             f"says {t.values[0]}; is {run} a --keep-all run of this workload?")
-        draws.append({"trial": t.number, "val": accuracy["val"], "test": accuracy["test"], "latency_ms": t.values[1]})
+        accuracy = float((run_batches(model, test.inputs.numpy()).argmax(1) == test.targets.numpy()).mean())
+        draws.append({"trial": t.number, "val": t.values[0], "test": accuracy, "latency_ms": t.values[1]})
     return draws
 
 
@@ -119,11 +116,11 @@ def main(argv: list[str] | None = None) -> int:
         return proc.returncode
     wall = time.perf_counter() - start
     summary = json.loads(proc.stdout)
-    draws = score_run(args.out)
     from autocomp.ort import host_facts
     from autocomp_plugins.digits import load_digits_splits
 
     _, val, test = load_digits_splits()
+    draws = score_run(args.out, test)
     record = {
         "command": " ".join(["python benchmarks/finetune_noise.py", *(argv if argv is not None else sys.argv[1:])]),
         "search": " ".join(["autocomp", *command[3:]]).replace(str(ROOT) + "/", ""),
@@ -137,10 +134,11 @@ def main(argv: list[str] | None = None) -> int:
         "draws": draws,
     }
     md = HERE / f"{args.name}.md"
-    kept = md.read_text()[md.read_text().index(KEEP):] if md.exists() and KEEP in md.read_text() else ""
+    previous = md.read_text() if md.exists() else ""
+    text = markdown(record, previous[previous.index(KEEP):] if KEEP in previous else "")
     (HERE / f"{args.name}.json").write_text(json.dumps(record, indent=1) + "\n")
-    md.write_text(markdown(record, kept))
-    print(md.read_text())
+    md.write_text(text)
+    print(text)
     return 0
 
 

@@ -55,9 +55,9 @@ def shortfalls(front: list[dict], joint: list[dict], key: str, floor: float = fl
     of it in accuracy (infinite when no joint point is that fast), in the order of ``front``."""
     out = []
     for p in front:
-        if p[key] >= floor and not attains(joint, key, (p[key], p["speedup"])):
-            faster = [q[key] for q in joint if q["speedup"] >= p["speedup"]]
-            out.append(p[key] - max(faster) if faster else float("inf"))
+        best = max((q[key] for q in joint if q["speedup"] >= p["speedup"]), default=float("-inf"))
+        if p[key] >= floor and best < p[key]:
+            out.append(p[key] - best)
     return out
 
 

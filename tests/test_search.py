@@ -279,14 +279,18 @@ def _optional_method_search(tmp_path, registry, space_text, **config):
 QUANTIZE_OPTIONAL = "[prune]\nratio = [0.2, 0.4]\nround_to = 8\n\n[quantize]\noptional = true\nbits = [8, 32]\n"
 
 
-def _scaled_cpu_target(name: str, factor):
-    """A plugin registering the cpu target as ``name``, with each latency reading of a graph
-    multiplied by ``factor(onnx_path)``: a device that is slower on some graphs than this host."""
+def _with_scaled_cpu_target(name: str, factor):
+    """A registry of the built-in plugins and the cpu target registered again as ``name``, with
+    each latency reading of a graph multiplied by ``factor(onnx_path)``: a device that is slower on
+    some graphs than this host."""
     import dataclasses
     import types
 
     from autocomp import hookimpl
+    from autocomp.plugins import load_registry
     from autocomp_plugins.cpu_target import CpuTarget
+
+    from .conftest import builtin_plugins
 
     class Scaled(CpuTarget):
         def configure(self, options):
@@ -300,21 +304,16 @@ def _scaled_cpu_target(name: str, factor):
     Scaled.name, Scaled.aliases = name, ()
     plugin = types.ModuleType(name.replace("-", "_"))
     plugin.register_targets = hookimpl(lambda register: register(Scaled()))
-    return plugin
+    return load_registry(entry_points=[], extra_plugins=[*builtin_plugins(), (name, plugin)])
 
 
 def test_a_front_member_is_tried_without_its_optional_method(tmp_path, tiny_workload):
     """The first trial (the uniform anchor, with quantization on) is alone on the front, so the
     search tries the same pruning without quantization, with the same fine-tuning seed, and records
     where that trial came from (siblings off: they would have built that setting already)."""
-    from autocomp.plugins import load_registry
-
-    from .conftest import builtin_plugins
-
     # a device where int8 is surely slower than fp32: on this host's fast int8 kernels the tiny
     # model's int8 and fp32 readings are within the noise of each other, either way round
-    slow_int8 = _scaled_cpu_target("cpu-slow-int8", lambda path: 4 if "QuantizeLinear" in _op_types(path) else 1)
-    registry = load_registry(entry_points=[], extra_plugins=[*builtin_plugins(), ("slow", slow_int8)])
+    registry = _with_scaled_cpu_target("cpu-slow-int8", lambda path: 4 if "QuantizeLinear" in _op_types(path) else 1)
     result, study = _optional_method_search(tmp_path, registry, QUANTIZE_OPTIONAL, siblings=False,
                                             target="cpu-slow-int8")
     first = study.trials[0]
@@ -502,9 +501,9 @@ def test_a_predicted_target_is_never_measured_again(tmp_path, registry, tiny_wor
     assert objective._recheck_reason(_study_with_front((0.89, 1.0)), 0.88, 1.2) is None
 
 
-def _slow_first_window():
-    """The cpu target, with the first window of every model slowed threefold, as a busy neighbour
-    slows a whole window on a shared machine."""
+def _with_slow_first_window():
+    """A registry with the cpu target, as ``cpu-slow-first``, whose first window of every model is
+    slowed threefold, as a busy neighbour slows a whole window on a shared machine."""
     from autocomp.latency import graph_hash
 
     seen: set[str] = set()
@@ -515,7 +514,7 @@ def _slow_first_window():
         seen.add(graph)
         return 3 if first else 1
 
-    return _scaled_cpu_target("cpu-slow-first", factor)
+    return _with_scaled_cpu_target("cpu-slow-first", factor)
 
 
 def test_a_second_window_replaces_a_slowed_first_reading(tmp_path, tiny_workload, monkeypatch):
@@ -523,12 +522,9 @@ def test_a_second_window_replaces_a_slowed_first_reading(tmp_path, tiny_workload
     the faster reading, says so in the trial's record, and caches it."""
     from autocomp.latency import LatencyCache, graph_hash, target_identity
     from autocomp.ort import input_shapes_of
-    from autocomp.plugins import load_registry
     from autocomp.trial import Objective
 
-    from .conftest import builtin_plugins
-
-    registry = load_registry(entry_points=[], extra_plugins=[*builtin_plugins(), ("slow", _slow_first_window())])
+    registry = _with_slow_first_window()
     monkeypatch.setattr(Objective, "_recheck_reason", lambda self, trial, metric, ms: "forced")
     space = tmp_path / "space.toml"
     space.write_text("[prune]\nratio = [0.1, 0.6]\nround_to = 2\n")  # two anchors, two models

@@ -274,7 +274,7 @@ def calibrate_cpu(threads: int = 1, count: int = DEFAULT_CANDIDATES, rounds: int
     with tempfile.TemporaryDirectory(prefix="autocomp-cpu-calibration-") as tmp:
         directory = Path(work_dir) if work_dir is not None else Path(tmp)
         directory.mkdir(parents=True, exist_ok=True)
-        paths, shapes, rows, failed = [], [], [], []
+        paths, shapes, rows, last_failure = [], [], [], "none"
         for spec in candidate_specs(count, seed):
             try:
                 path = build_candidate(spec, directory)
@@ -282,14 +282,14 @@ def calibrate_cpu(threads: int = 1, count: int = DEFAULT_CANDIDATES, rounds: int
                 rows.append(graph_features(path, shape))
             except AutocompError as exc:
                 logger.warning("cpu calibration: skipping %s: %s", spec.describe(), exc)
-                failed.append(f"{spec.describe()}: {exc}")
+                last_failure = f"{spec.describe()}: {exc}"
                 continue
             paths.append(path)
             shapes.append(shape)
         if len(paths) < MIN_CANDIDATES:
             raise InfrastructureError(
                 f"only {len(paths)} of {count} calibration candidates could be built, and a fit needs at least "
-                f"{MIN_CANDIDATES}; nothing was written. The last failure: {failed[-1] if failed else 'none'} "
+                f"{MIN_CANDIDATES}; nothing was written. The last failure: {last_failure} "
                 f"(-v logs each; a broken torch, onnx or ONNX Runtime install, or a full disk, is the usual cause)")
         if len(paths) < WELL_DETERMINED * len(FEATURES):
             logger.warning("cpu calibration: %d candidates for %d coefficients; a fit this small matches its own "

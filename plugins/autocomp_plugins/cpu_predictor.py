@@ -561,10 +561,11 @@ def load_calibration(threads: int = 1, host: Mapping[str, str] | None = None,
         try:
             for calibration in _read_calibrations(cached):
                 if calibration.matches(host) and calibration.threads == threads:
-                    if not calibration.matches(host, facts):
+                    differ = calibration.differences(host, facts)  # the host matches: only facts can differ
+                    if differ:
                         logger.warning("cpu predictor: the calibration in %s was measured on another CPU (%s); "
                                        "using the shipped one. Run `autocomp calibrate --target cpu` to calibrate "
-                                       "this host again", cached, _facts_text(calibration.differences(host, facts)))
+                                       "this host again", cached, _facts_text(differ))
                         break
                     if calibration.fit.get("target", FIT_TARGET) != FIT_TARGET:
                         # fitted before the search measured the fastest run: it predicts the p50

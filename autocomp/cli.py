@@ -2,7 +2,11 @@
 
 Human output goes to stderr (rich); ``--json`` puts one machine-readable document on stdout.
 Exit codes: 0 a non-empty Pareto set; 1 no candidate met the constraints; 2 usage or configuration
-error; 3 interrupted and resumable; 4 infrastructure error; 5 regression against a baseline run.
+error; 3 interrupted and resumable; 4 infrastructure error. (5, a regression against a baseline run, is
+reserved for a comparison command that is not built yet: nothing returns it today.)
+
+Warnings the library logs (a plugin skipped, a calibration from another host, a token file others
+can read ...) are shown on stderr; ``-v`` adds the details logged at INFO.
 """
 
 from __future__ import annotations
@@ -16,7 +20,39 @@ from typing import Any, Sequence
 
 from autocomp.errors import AutocompError
 
-EXIT_OK, EXIT_INFEASIBLE, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_INFRA, EXIT_REGRESSION = 0, 1, 2, 3, 4, 5
+EXIT_OK, EXIT_INFEASIBLE, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_INFRA = 0, 1, 2, 3, 4
+
+#: Log records that carry one of these ``event`` names are shown by the command itself (the search's
+#: progress prints a failed trial), so the log handler leaves them out.
+_SHOWN_AS_EVENTS = frozenset({"trial_failed"})
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a record comes, so that a record logged while the
+    search's progress bar is live goes through rich's redirection and prints above the bar."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+        self.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+        self.addFilter(lambda record: getattr(record, "event", None) not in _SHOWN_AS_EVENTS)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
+
+
+_HANDLER = _StderrHandler()
+
+
+def _log_to_stderr(level: int, fmt: str = "%(levelname)s: %(message)s") -> None:
+    """Show the ``autocomp`` logger's records from ``level`` up on stderr (once, however often
+    :func:`main` runs in one process)."""
+    root = logging.getLogger("autocomp")
+    if _HANDLER not in root.handlers:
+        root.addHandler(_HANDLER)
+    _HANDLER.setFormatter(logging.Formatter(fmt))
+    _HANDLER.setLevel(level)
+    root.setLevel(min(level, logging.WARNING))
 
 
 def _console():
@@ -184,8 +220,7 @@ def _cmd_search(args) -> int:
         resume=args.resume, keep_all=args.keep_all, latency_statistic=args.latency_statistic,
         siblings=args.siblings,
     )
-    registry = get_registry()
-    _warn_broken(console, registry)
+    registry = get_registry()  # a plugin it skips is logged, so shown
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TimeElapsedColumn(), TextColumn("{task.fields[status]}"), console=console, transient=False)
     state: dict[str, Any] = {"task": None, "best": None}
@@ -353,10 +388,7 @@ def _cmd_agent_serve(args) -> int:
     config = AgentConfig(token=token, host=args.host, port=args.port,
                          max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
                          time_limit_s=args.time_limit, cache_size=args.cache_size, policy=policy)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    logging.getLogger("autocomp").addHandler(handler)
-    logging.getLogger("autocomp").setLevel(logging.INFO)
+    _log_to_stderr(logging.INFO, "%(asctime)s %(levelname)s %(message)s")  # a server's log: every request
     serve(config)
     return EXIT_OK
 
@@ -376,11 +408,6 @@ def _target_options(pairs: list[str]) -> dict[str, Any]:
     return options
 
 
-def _warn_broken(console, registry) -> None:
-    for broken in registry.broken:
-        console.print(f"[yellow]warning:[/] plugin {broken.name!r} from {broken.package} was skipped: {broken.reason}")
-
-
 def _cmd_plugins(args) -> int:
     from autocomp.plugins import get_registry
 
@@ -398,8 +425,7 @@ def _cmd_plugins(args) -> int:
         table.add_column(col)
     for row in rows:
         table.add_row(row["kind"], row["name"], row["package"])
-    console.print(table)
-    _warn_broken(console, registry)
+    console.print(table)  # a plugin that was skipped has been logged, with its reason
     return EXIT_OK
 
 
@@ -462,12 +488,7 @@ def _cmd_space_show(args) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    logging.getLogger("autocomp").addHandler(logging.NullHandler())
-    if args.verbose:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-        logging.getLogger("autocomp").addHandler(handler)
-        logging.getLogger("autocomp").setLevel(logging.INFO)
+    _log_to_stderr(logging.INFO if args.verbose else logging.WARNING)
     commands = {"search": _cmd_search, "plugins": _cmd_plugins, "targets": _cmd_targets, "latency": _cmd_latency,
                 "calibrate": _cmd_calibrate}
     if args.command == "agent":

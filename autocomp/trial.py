@@ -197,7 +197,8 @@ class Objective:
             except BaseException as exc:
                 reason = f"{type(exc).__name__}: {exc}"
                 if not isinstance(exc, (KeyboardInterrupt, SystemExit)):
-                    logger.warning("trial %d failed: %s", trial.number, reason)
+                    # the event below reports it too: a front end that shows events can leave this record out
+                    logger.warning("trial %d failed: %s", trial.number, reason, extra={"event": "trial_failed"})
                 trial.set_user_attr("failure_reason", reason)
                 write_json(trial_dir / "metrics.json", {"status": "failed", "reason": reason,
                                                         "skipped": ctx.skipped, "notes": ctx.notes})

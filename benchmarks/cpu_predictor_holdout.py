@@ -32,7 +32,7 @@ from cpu_predictor import _score, recorded_feature_facts  # noqa: E402  (benchma
 
 def shipped_calibration() -> cp.CpuCalibration:
     """The calibration shipped with autocomp, for one thread: never a cached one of this host."""
-    return next(c for c in cp._read_calibrations(cp.SHIPPED_CALIBRATION) if c.threads == 1)
+    return next(c for c in cp.read_calibrations(cp.SHIPPED_CALIBRATION) if c.threads == 1)
 
 
 def fitted_on() -> set[str]:

@@ -289,7 +289,7 @@ def test_fit_recovers_known_coefficients():
 
 
 def test_shipped_calibration_loads():
-    calibrations = cp._read_calibrations(cp.SHIPPED_CALIBRATION)
+    calibrations = cp.read_calibrations(cp.SHIPPED_CALIBRATION)
     assert calibrations and all(set(c.coefficients) <= set(cp.FEATURES) for c in calibrations)
     shipped = calibrations[0]
     for key in ("cpu_model", "onnxruntime", "isa"):
@@ -299,7 +299,7 @@ def test_shipped_calibration_loads():
 
 
 def test_autocomp_targets_says_how_close_the_cpu_predictor_came():
-    shipped = cp._read_calibrations(cp.SHIPPED_CALIBRATION)[0]
+    shipped = cp.read_calibrations(cp.SHIPPED_CALIBRATION)[0]
     share = shipped.fit["cross_validated_within_10pct"]
     text = CpuTarget().validation
     assert text.startswith("measured; ") and f"{100 * share:.0f} % within 10 %" in text
@@ -376,7 +376,7 @@ def test_other_host_logs_a_warning_and_still_predicts(digits_models, caplog):
 
 
 def test_thread_count_without_calibration_warns(caplog, monkeypatch):
-    shipped = cp._read_calibrations(cp.SHIPPED_CALIBRATION)[0]
+    shipped = cp.read_calibrations(cp.SHIPPED_CALIBRATION)[0]
     monkeypatch.setattr(cp, "host_identity", lambda: dict(shipped.host))
     monkeypatch.setattr(cp, "host_feature_facts", lambda: {k: shipped.fit.get(k) for k in cp.HOST_FEATURE_FACTS})
     with caplog.at_level(logging.WARNING, logger="autocomp"):
@@ -394,7 +394,7 @@ def test_calibration_rejects_bad_coefficients():
 def test_calibration_round_trips_through_json(tmp_path):
     calibration = cp.CpuCalibration(host={"cpu_model": "x"}, threads=2, coefficients={"run": 0.5}, fit={"models": 3})
     path = cp.write_calibrations(tmp_path / "c.json", [calibration])
-    (loaded,) = cp._read_calibrations(path)
+    (loaded,) = cp.read_calibrations(path)
     assert loaded.to_dict() == calibration.to_dict()
 
 

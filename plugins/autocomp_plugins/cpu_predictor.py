@@ -76,6 +76,7 @@ __all__ = [
     "host_identity",
     "cache_path",
     "load_calibration",
+    "read_calibrations",
     "write_calibrations",
     "predict_latency_ms",
     "int8_conv_is_generic",
@@ -529,7 +530,7 @@ class CpuCalibration:
                    fit=dict(data.get("fit", {})), source=source)
 
 
-def _read_calibrations(path: Path) -> list[CpuCalibration]:
+def read_calibrations(path: Path) -> list[CpuCalibration]:
     """Calibrations in a file: ``{"format": 1, "calibrations": [...]}``."""
     data = json.loads(path.read_text(encoding="utf-8"))
     if data.get("format") != FORMAT_VERSION:
@@ -559,7 +560,7 @@ def load_calibration(threads: int = 1, host: Mapping[str, str] | None = None,
     cached = cache_path(host, threads)
     if cached.exists():
         try:
-            for calibration in _read_calibrations(cached):
+            for calibration in read_calibrations(cached):
                 if calibration.matches(host) and calibration.threads == threads:
                     differ = calibration.differences(host, facts)  # the host matches: only facts can differ
                     if differ:
@@ -581,7 +582,7 @@ def load_calibration(threads: int = 1, host: Mapping[str, str] | None = None,
                     return calibration
         except (OSError, ValueError, KeyError) as exc:
             logger.warning("cpu predictor: ignoring unreadable calibration %s (%s)", cached, exc)
-    options = _read_calibrations(shipped) if shipped.exists() else []
+    options = read_calibrations(shipped) if shipped.exists() else []
     if not options:
         raise FileNotFoundError(f"no cpu calibration: {cached} and {shipped} are missing; run "
                                 "`autocomp calibrate --target cpu`")

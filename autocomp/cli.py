@@ -2,8 +2,8 @@
 
 Human output goes to stderr (rich); ``--json`` puts one machine-readable document on stdout.
 Exit codes: 0 a non-empty Pareto set; 1 no candidate met the constraints; 2 usage or configuration
-error; 3 interrupted and resumable; 4 infrastructure error. (5, a regression against a baseline run, is
-reserved for a comparison command that is not built yet: nothing returns it today.)
+error; 3 interrupted and resumable; 4 infrastructure error; 5 regression: ``autocomp compare`` found a
+baseline run's Pareto member the new run does not keep.
 
 Warnings the library logs (a plugin skipped, a calibration from another host, a token file others
 can read ...) are shown on stderr; ``-v`` adds the details logged at INFO.
@@ -20,7 +20,7 @@ from typing import Any, Sequence
 
 from autocomp.errors import AutocompError
 
-EXIT_OK, EXIT_INFEASIBLE, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_INFRA = 0, 1, 2, 3, 4
+EXIT_OK, EXIT_INFEASIBLE, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_INFRA, EXIT_REGRESSION = 0, 1, 2, 3, 4, 5
 
 #: Log records that carry one of these ``event`` names are shown by the command itself (the search's
 #: progress prints a failed trial), so the log handler leaves them out.
@@ -115,6 +115,23 @@ def _parser() -> argparse.ArgumentParser:
     lat.add_argument("--input-shape", action="append", default=[], metavar="NAME=D1,D2,...",
                      help="shape of an input; dynamic dimensions default to 1")
     lat.add_argument("--json", action="store_true")
+
+    cmp = sub.add_parser("compare", help="did a new run lose a trade-off a baseline run offered? exit 5 if so",
+                         description="Each Pareto member of BASELINE is kept when NEW has a member at least as "
+                                     "accurate (within --max-metric-loss) and at least as fast (within "
+                                     "--max-slowdown). Exit 0: all kept; 5: some lost (a regression).")
+    cmp.add_argument("baseline", type=Path, help="the baseline run directory")
+    cmp.add_argument("new", type=Path, help="the new run directory")
+    cmp.add_argument("--max-metric-loss", type=float, default=0.005,
+                     help="absolute metric a kept member may lack (default 0.005: half a point of accuracy)")
+    cmp.add_argument("--max-slowdown", type=float, default=0.05,
+                     help="fraction of latency a kept member may add (default 0.05)")
+    cmp.add_argument("--by", choices=["latency", "speedup"], default="latency",
+                     help="compare latency in ms (default), or speedup over each run's own base model "
+                          "(cancels a host that became uniformly slower; the base model must be the same)")
+    cmp.add_argument("--split", choices=["validation", "test"], default="validation",
+                     help="the metric the search selected on (default), or the held-out test split's")
+    cmp.add_argument("--json", action="store_true")
 
     cal = sub.add_parser("calibrate", help="correct a predicted device target from measurements on the real device")
     cal.add_argument("--target", required=True, help="predicted target to correct, e.g. jetson-orin-nano")
@@ -266,6 +283,38 @@ def _options_from(args) -> dict[str, Any]:
     if args.token_file:
         options["token_file"] = args.token_file
     return options
+
+
+def _cmd_compare(args) -> int:
+    from autocomp.compare import compare_runs, load_run_summary
+
+    baseline, new = load_run_summary(args.baseline), load_run_summary(args.new)
+    report = compare_runs(baseline, new, max_metric_loss=args.max_metric_loss, max_slowdown=args.max_slowdown,
+                          by=args.by, split=args.split)
+    if args.json:
+        _print_json(report)
+    else:
+        from rich.table import Table
+
+        console = _console()
+        metric = baseline.get("metric_name", "metric")
+        table = Table(title=f"{args.baseline} -> {args.new} ({args.split} {metric}, by {args.by})",
+                      title_justify="left")
+        for col in ("baseline trial", metric, "ms", "speedup", "kept by", f"new {metric}", "short by"):
+            table.add_column(col, justify="right")
+        for p in report["points"]:
+            short = "-" if p["kept"] else ("nothing as fast" if p["shortfall"] is None else f"{p['shortfall']:.4f}")
+            table.add_row(str(p["trial"]), f"{p['metric']:.4f}", f"{p['latency_ms']:.3f}", f"{p['speedup']:.2f}x",
+                          str(p["best_new_trial"]) if p["kept"] else "[red]lost[/]",
+                          "-" if p["best_new_metric"] is None else f"{p['best_new_metric']:.4f}", short)
+        console.print(table)
+        if report["regressed"]:
+            console.print(f"[red]regression:[/] {report['lost']} of {len(report['points'])} baseline members lost "
+                          f"(tolerances: {args.max_metric_loss} {metric}, {100 * args.max_slowdown:g} % slower)")
+        else:
+            console.print(f"every baseline member kept (tolerances: {args.max_metric_loss} {metric}, "
+                          f"{100 * args.max_slowdown:g} % slower)")
+    return EXIT_REGRESSION if report["regressed"] else EXIT_OK
 
 
 def _cmd_latency(args) -> int:
@@ -490,7 +539,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _log_to_stderr(logging.INFO if args.verbose else logging.WARNING)
     commands = {"search": _cmd_search, "plugins": _cmd_plugins, "targets": _cmd_targets, "latency": _cmd_latency,
-                "calibrate": _cmd_calibrate}
+                "calibrate": _cmd_calibrate, "compare": _cmd_compare}
     if args.command == "agent":
         if args.agent_command != "serve":
             parser.parse_args(["agent", "--help"])

@@ -582,3 +582,55 @@ def test_the_same_candidate_written_two_ways_is_listed_once(tmp_path, registry, 
                                                             "size_bytes": 1}))
     summary = _summary(prep, concrete, study, {"latency_ms": 2.0}, "complete")
     assert [(m["trial"], m.get("same_as")) for m in summary["pareto"]] == [(0, [1]), (2, None)]
+
+
+def _run_copy(src: Path, dst: Path, **changes) -> Path:
+    """A copy of run ``src``'s pareto.json in a new run directory, with top-level keys changed."""
+    import shutil
+
+    dst.mkdir(parents=True)
+    shutil.copy(src / "run.json", dst / "run.json")
+    summary = json.loads((src / "pareto.json").read_text())
+    summary.update(run_dir=str(dst), **changes)
+    (dst / "pareto.json").write_text(json.dumps(summary))
+    return dst
+
+
+def test_compare_keeps_a_run_against_itself_and_flags_a_lost_member(finished_run, tmp_path, capsys):
+    _, _, result, _ = finished_run
+    run = result.run_dir
+    assert main(["compare", str(run), str(run)]) == 0
+    assert main(["compare", str(run), str(run), "--max-metric-loss", "0", "--max-slowdown", "0", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    pareto = json.loads((run / "pareto.json").read_text())["pareto"]
+    # without tolerance each member is kept by itself: anything faster on a front is less accurate
+    assert report["lost"] == 0 and [p["best_new_trial"] for p in report["points"]] == [m["trial"] for m in pareto]
+
+    # the new run lacks the baseline's most accurate member: with no tolerance, that one is lost
+    top = max(pareto, key=lambda m: m["metric"])
+    rest = [m for m in pareto if m is not top]
+    new = _run_copy(run, tmp_path / "new", pareto=rest)
+    code = main(["compare", str(run), str(new), "--max-metric-loss", "0", "--max-slowdown", "0", "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert code == 5 and report["regressed"] and report["lost"] == 1
+    [lost] = [p for p in report["points"] if not p["kept"]]
+    assert lost["trial"] == top["trial"]
+    fast = [m["metric"] for m in rest if m.get("final_latency_ms", m["latency_ms"]) <= top.get("final_latency_ms", top["latency_ms"])]
+    assert lost["shortfall"] == (top["metric"] - max(fast) if fast else None)
+    # the other way round nothing is lost: every member of the smaller set is in the larger one
+    assert main(["compare", str(new), str(run), "--max-metric-loss", "0", "--max-slowdown", "0"]) == 0
+    # and a tolerance wide enough keeps the lost member too
+    assert main(["compare", str(run), str(new), "--max-metric-loss", "1", "--max-slowdown", "9"]) == (0 if rest else 5)
+
+
+def test_compare_refuses_runs_that_cannot_be_compared(finished_run, tmp_path, capsys):
+    _, _, result, _ = finished_run
+    run = result.run_dir
+    other = _run_copy(run, tmp_path / "other", target={"name": "jetson-orin-nano", "measured": False})
+    assert main(["compare", str(run), str(other)]) == 2
+    assert "differ in target" in " ".join(capsys.readouterr().err.split())  # rich wraps lines
+    unfinished = _run_copy(run, tmp_path / "unfinished", status="interrupted")
+    assert main(["compare", str(run), str(unfinished)]) == 2
+    assert "--resume" in " ".join(capsys.readouterr().err.split())  # rich wraps lines
+    assert main(["compare", str(run), str(tmp_path / "nowhere")]) == 2
+    assert "no such run directory" in " ".join(capsys.readouterr().err.split())  # rich wraps lines

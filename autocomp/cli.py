@@ -12,6 +12,7 @@ can read ...) are shown on stderr; ``-v`` adds the details logged at INFO.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -29,30 +30,51 @@ _SHOWN_AS_EVENTS = frozenset({"trial_failed"})
 
 class _StderrHandler(logging.StreamHandler):
     """Writes to whatever ``sys.stderr`` is when a record comes, so that a record logged while the
-    search's progress bar is live goes through rich's redirection and prints above the bar."""
+    search's progress bar is live goes through rich's redirection and prints above the bar. A warning
+    logged again word for word (one per trial, say) is shown once."""
 
-    def __init__(self) -> None:
+    def __init__(self, level: int, fmt: str) -> None:
         super().__init__(sys.stderr)
-        self.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
-        self.addFilter(lambda record: getattr(record, "event", None) not in _SHOWN_AS_EVENTS)
+        self.setLevel(level)
+        self.setFormatter(logging.Formatter(fmt))
+        self.shown: set[str] = set()
+        self.addFilter(self._new)
+
+    def _new(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "event", None) in _SHOWN_AS_EVENTS:
+            return False
+        if record.levelno < logging.WARNING:
+            return True
+        message = record.getMessage()
+        if message in self.shown:
+            return False
+        self.shown.add(message)
+        return True
 
     def emit(self, record: logging.LogRecord) -> None:
         self.stream = sys.stderr
         super().emit(record)
 
 
-_HANDLER = _StderrHandler()
-
-
-def _log_to_stderr(level: int, fmt: str = "%(levelname)s: %(message)s") -> None:
-    """Show the ``autocomp`` logger's records from ``level`` up on stderr (once, however often
-    :func:`main` runs in one process)."""
-    root = logging.getLogger("autocomp")
-    if _HANDLER not in root.handlers:
-        root.addHandler(_HANDLER)
-    _HANDLER.setFormatter(logging.Formatter(fmt))
-    _HANDLER.setLevel(level)
-    root.setLevel(min(level, logging.WARNING))
+@contextlib.contextmanager
+def _log_to_stderr(level: int, fmt: str = "%(levelname)s: %(message)s"):
+    """Show the ``autocomp`` logger's records from ``level`` up on stderr while the block runs; the
+    logger is left as it was found (main() may run many times in one process, as in the tests)."""
+    log = logging.getLogger("autocomp")
+    outer = [h for h in log.handlers if isinstance(h, _StderrHandler)]  # one at a time: agent serve's replaces main's
+    handler, before = _StderrHandler(level, fmt), log.level
+    for h in outer:
+        log.removeHandler(h)
+    log.addHandler(handler)
+    if level < log.getEffectiveLevel():
+        log.setLevel(level)
+    try:
+        yield handler
+    finally:
+        log.removeHandler(handler)
+        for h in outer:
+            log.addHandler(h)
+        log.setLevel(before)
 
 
 def _console():
@@ -307,8 +329,14 @@ def _cmd_compare(args) -> int:
             table.add_row(str(p["trial"]), f"{p['metric']:.4f}", f"{p['latency_ms']:.3f}", f"{p['speedup']:.2f}x",
                           str(p["best_new_trial"]) if p["kept"] else "[red]lost[/]",
                           "-" if p["best_new_metric"] is None else f"{p['best_new_metric']:.4f}", short)
-        console.print(table)
-        if report["regressed"]:
+        if report["points"]:
+            console.print(table)
+        if report["constraints"]["baseline"] != report["constraints"]["new"]:
+            console.print(f"[yellow]note:[/] the runs had different constraints: {report['constraints']['baseline']} "
+                          f"and {report['constraints']['new']}", highlight=False)
+        if not report["points"]:
+            console.print("the baseline run has no Pareto member (nothing met its constraints): nothing to lose")
+        elif report["regressed"]:
             console.print(f"[red]regression:[/] {report['lost']} of {len(report['points'])} baseline members lost "
                           f"(tolerances: {args.max_metric_loss} {metric}, {100 * args.max_slowdown:g} % slower)")
         else:
@@ -437,8 +465,8 @@ def _cmd_agent_serve(args) -> int:
     config = AgentConfig(token=token, host=args.host, port=args.port,
                          max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
                          time_limit_s=args.time_limit, cache_size=args.cache_size, policy=policy)
-    _log_to_stderr(logging.INFO, "%(asctime)s %(levelname)s %(message)s")  # a server's log: every request
-    serve(config)
+    with _log_to_stderr(logging.INFO, "%(asctime)s %(levelname)s %(message)s"):  # a server's log: every request
+        serve(config)
     return EXIT_OK
 
 
@@ -537,7 +565,6 @@ def _cmd_space_show(args) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    _log_to_stderr(logging.INFO if args.verbose else logging.WARNING)
     commands = {"search": _cmd_search, "plugins": _cmd_plugins, "targets": _cmd_targets, "latency": _cmd_latency,
                 "calibrate": _cmd_calibrate, "compare": _cmd_compare}
     if args.command == "agent":
@@ -554,7 +581,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
     try:
-        return handler(args)
+        with _log_to_stderr(logging.INFO if args.verbose else logging.WARNING):
+            return handler(args)
     except AutocompError as exc:
         _console().print(f"[red]error:[/] {exc}", highlight=False)
         return exc.exit_code

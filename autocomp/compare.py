@@ -42,11 +42,26 @@ def load_run_summary(run_dir: Path | str) -> dict[str, Any]:
         summary = read_json(run.pareto)
     except ValueError as exc:
         raise ConfigError(f"{run.pareto}: not readable JSON ({exc})") from exc
-    if summary.get("status") != "complete":
-        raise ConfigError(f"{run.root}: the run is {summary.get('status')!r}, not complete; its Pareto set was "
-                          "neither re-measured nor scored on the test split. Resume it with "
+    if not isinstance(summary, dict) or summary.get("status") != "complete":
+        status = summary.get("status") if isinstance(summary, dict) else None
+        raise ConfigError(f"{run.root}: the run is {status!r}, not complete; its Pareto set was neither "
+                          "re-measured nor scored on the test split. Resume it with "
                           "`autocomp search --resume --out DIR` first")
+    members = summary.get("pareto")
+    records = [summary.get("baseline"), *(members if isinstance(members, list) else [None])]
+    if not all(isinstance(r, dict) and isinstance(r.get("metric"), (int, float)) and _latency(r) is not None
+               for r in records) or not all("trial" in m for m in records[1:]):
+        raise ConfigError(f"{run.pareto}: not a pareto.json this version can read (a base model and members "
+                          "with a metric and a latency each)")
+    summary["run_dir"] = str(run.root)  # as given: the run may have moved since it was written
     return summary
+
+
+def _latency(record: dict[str, Any]) -> float | None:
+    try:
+        return reported_latency_ms(record)
+    except (StopIteration, KeyError):
+        return None
 
 
 def _cost(record: dict[str, Any], base: dict[str, Any], by: str) -> float:
@@ -77,10 +92,18 @@ def compare_runs(baseline: dict[str, Any], new: dict[str, Any], *, max_metric_lo
                               f"{get(new)!r} in {new.get('run_dir')}): their fronts cannot be compared")
     key = SPLITS[split]
     for summary in (baseline, new):
-        if any(m.get(key) is None for m in summary["pareto"]):
-            raise ConfigError(f"{summary.get('run_dir')}: its Pareto members have no {split} metric "
-                              "(the workload has no test split); compare with --split validation")
+        missing = [m["trial"] for m in summary["pareto"] if m.get(key) is None]
+        if missing:
+            raise ConfigError(f"{summary.get('run_dir')}: Pareto member(s) {missing} have no {split} metric (the "
+                              "workload has no test split, or scoring them on it failed); compare with "
+                              "--split validation")
     base_b, base_n = baseline["baseline"], new["baseline"]
+    if by == "speedup":
+        shape = {k: (base_b.get(k), base_n.get(k)) for k in ("params", "macs")}
+        if any(a != b for a, b in shape.values()):
+            raise ConfigError("--by speedup compares speedups over each run's own base model, and the two base "
+                              f"models differ ({', '.join(f'{k} {a} and {b}' for k, (a, b) in shape.items())}); "
+                              "compare by latency")
     points = []
     for p in baseline["pareto"]:
         budget = _cost(p, base_b, by) * (1 + max_slowdown)
@@ -101,6 +124,8 @@ def compare_runs(baseline: dict[str, Any], new: dict[str, Any], *, max_metric_lo
         "by": by, "split": split, "max_metric_loss": max_metric_loss, "max_slowdown": max_slowdown,
         "base_metric": {"baseline": base_b.get(key), "new": base_n.get(key)},
         "base_latency_ms": {"baseline": reported_latency_ms(base_b), "new": reported_latency_ms(base_n)},
+        # a tighter budget in the new run can lose members on purpose; the report says so
+        "constraints": {"baseline": baseline.get("constraints"), "new": new.get("constraints")},
         "points": points,
         "lost": sum(not p["kept"] for p in points),
         "regressed": any(not p["kept"] for p in points),

@@ -4,24 +4,40 @@ from __future__ import annotations
 
 import logging
 
+from autocomp import cli
 from autocomp.cli import main
 
 
-def test_library_warnings_show_without_verbose_and_details_only_with_it(capsys):
-    log = logging.getLogger("autocomp.some_plugin")
-    assert main(["plugins", "--json"]) == 0
-    capsys.readouterr()
-    log.warning("calibration from another host")
-    log.info("a detail")
-    log.warning("trial 3 failed: boom", extra={"event": "trial_failed"})  # the search's progress prints it
-    err = capsys.readouterr().err
-    assert "calibration from another host" in err
-    assert "a detail" not in err and "trial 3 failed" not in err
+def test_a_library_warning_shows_without_verbose_once_and_the_logger_is_left_as_found(registry, monkeypatch,
+                                                                                         capsys):
+    from autocomp_plugins import cpu_predictor as cp
 
-    assert main(["-v", "plugins", "--json"]) == 0
-    capsys.readouterr()
-    log.info("a detail")
-    log.warning("once")
+    monkeypatch.setattr(cp, "host_identity", lambda: {**cp.read_calibrations(cp.SHIPPED_CALIBRATION)[0].host,
+                                                      "cpu_model": "Imaginary CPU 9000"})
+    log = logging.getLogger("autocomp")
+    handlers, level = list(log.handlers), log.level
+    assert main(["targets"]) == 0
+    err = " ".join(capsys.readouterr().err.split())  # rich wraps lines
+    # the cpu target's predictor falls back to the shipped calibration of another host, and says so
+    assert err.count("WARNING: cpu predictor: it was calibrated on another host") == 1
+    assert "Imaginary CPU 9000" in err and "autocomp calibrate --target cpu" in err
+    assert log.handlers == handlers and log.level == level
+
+
+def test_details_only_with_verbose_and_events_the_cli_prints_itself_are_left_out(capsys):
+    log = logging.getLogger("autocomp.some_plugin")
+    with cli._log_to_stderr(logging.WARNING):
+        log.info("a detail")
+        log.warning("trial 3 failed: boom", extra={"event": "trial_failed"})  # the search's progress prints it
+        log.warning("a warning")
+        log.warning("a warning")
+    log.warning("after the command")
     err = capsys.readouterr().err
-    assert "a detail" in err and err.count("once") == 1  # one handler however often main() ran
-    main(["plugins", "--json"])  # back to warnings only
+    assert "a detail" not in err and "trial 3 failed" not in err and "after the command" not in err
+    assert err.count("a warning") == 1
+    with cli._log_to_stderr(logging.INFO):
+        log.info("a detail")
+        with cli._log_to_stderr(logging.INFO, "served: %(message)s"):  # agent serve's replaces main's
+            log.warning("one line")
+    err = capsys.readouterr().err
+    assert "a detail" in err and err.count("one line") == 1 and "served: one line" in err

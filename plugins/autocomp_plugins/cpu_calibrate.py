@@ -290,7 +290,7 @@ def calibrate_cpu(threads: int = 1, count: int = DEFAULT_CANDIDATES, rounds: int
             raise InfrastructureError(
                 f"only {len(paths)} of {count} calibration candidates could be built, and a fit needs at least "
                 f"{MIN_CANDIDATES}; nothing was written. The last failure: {last_failure} "
-                f"(-v logs each; a broken torch, onnx or ONNX Runtime install, or a full disk, is the usual cause)")
+                f"(each failure is logged as a warning; a broken torch, onnx or ONNX Runtime install, or a full disk, is the usual cause)")
         if len(paths) < WELL_DETERMINED * len(FEATURES):
             logger.warning("cpu calibration: %d candidates for %d coefficients; a fit this small matches its own "
                            "candidates and little else (at least %d recommended, %d by default)", len(paths),

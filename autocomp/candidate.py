@@ -2,7 +2,10 @@
 
 Structural methods run on a deep copy (the base model is never touched), batch-norm statistics
 are re-estimated after any structural change, then recovery methods train the copy back. Export and
-post-export methods turn it into the final artifact.
+post-export methods turn it into the final artifact. A candidate whose structural methods left the
+model as it was (no pruning, no block removed, full rank) skips both: there is nothing to recover,
+and fine-tuning the base model would only add a draw of training noise (and its cost) to what
+the post-export methods do alone.
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ from autocomp.space import GATE, CandidateSpec, ConcreteSpace
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["build_structure", "recover", "build_model", "build_artifact", "recalibrate_batchnorm", "count_macs"]
+__all__ = ["build_structure", "recover", "build_model", "build_artifact", "recalibrate_batchnorm", "same_model",
+           "count_macs"]
 
 logger = logging.getLogger("autocomp")
 
@@ -64,7 +68,8 @@ def _setting(spec: CandidateSpec, method: Method, space: ConcreteSpace) -> dict[
 
 def build_structure(base_model: "torch.nn.Module", spec: CandidateSpec, space: ConcreteSpace,
                     ctx: CandidateContext) -> "torch.nn.Module":
-    """A deep copy of ``base_model`` with the structural methods of ``spec`` applied (untrained)."""
+    """A deep copy of ``base_model`` with the structural methods of ``spec`` applied (untrained);
+    ``structure_unchanged`` noted when they left it as it was."""
     model = copy.deepcopy(base_model).eval()
     structural = False
     for method, config, params in space.entries:
@@ -73,19 +78,37 @@ def build_structure(base_model: "torch.nn.Module", spec: CandidateSpec, space: C
             continue
         model = method.apply(model, setting, config, ctx)
         structural = True
-    if structural:
+    if structural and not same_model(model, base_model):
         ctx.notes["bn_recalibrated"] = recalibrate_batchnorm(model, ctx.workload.train.inputs)
+    else:
+        ctx.notes["structure_unchanged"] = True
     return model.eval()
 
 
 def recover(model: "torch.nn.Module", spec: CandidateSpec, space: ConcreteSpace,
             ctx: CandidateContext) -> "torch.nn.Module":
-    """Run the recovery methods of ``spec`` (fine-tuning, distillation) on ``model``."""
-    for method, config, params in space.entries:
-        setting = _setting(spec, method, space)
-        if method.stage == "recovery" and setting is not None:
-            model = method.apply(model, setting, config, ctx)
+    """Run the recovery methods of ``spec`` (fine-tuning, distillation) on ``model``; none when
+    ``model`` is still the teacher, the base model, unchanged (noted as ``recovery_skipped``)."""
+    recovery = [(method, config, setting) for method, config, _ in space.entries
+                if method.stage == "recovery" and (setting := _setting(spec, method, space)) is not None]
+    if recovery and same_model(model, ctx.teacher):
+        ctx.notes["recovery_skipped"] = "the structural methods left the model unchanged: nothing to recover"
+        return model.eval()
+    for method, config, setting in recovery:
+        model = method.apply(model, setting, config, ctx)
     return model.eval()
+
+
+def same_model(model: "torch.nn.Module", base: "torch.nn.Module") -> bool:
+    """Whether ``model`` is ``base`` unchanged: the same modules (names and types) and the same
+    parameters and buffers, name for name, shape for shape and value for value."""
+    import torch
+
+    if [(n, type(m)) for n, m in model.named_modules()] != [(n, type(m)) for n, m in base.named_modules()]:
+        return False
+    mine, theirs = model.state_dict(), base.state_dict()
+    return mine.keys() == theirs.keys() and all(
+        mine[k].shape == theirs[k].shape and torch.equal(mine[k], theirs[k]) for k in mine)
 
 
 def build_artifact(fp32_onnx: Path, spec: CandidateSpec, space: ConcreteSpace, ctx: CandidateContext) -> Path:

@@ -134,7 +134,9 @@ class ConcreteSpace:
         fixed parameter) filled in, each method's complete setting in its
         :meth:`~autocomp.method.Method.canonical` form, and an optional method switched on but
         changing nothing (:meth:`~autocomp.method.Method.changes_nothing`: quantization at fp32
-        everywhere) written as switched off, which builds the same model. A method whose setting
+        everywhere) written as switched off, which builds the same model, and no setting for a
+        recovery method when every structural method is off or changes nothing (no recovery runs
+        on the base model's own structure: :func:`autocomp.candidate.recover`). A method whose setting
         ``params`` leaves partly to the sampler is kept as written. A name this space does not
         declare is kept as it is. Two settings build the same candidate when their canonical forms
         are equal."""
@@ -150,17 +152,29 @@ class ConcreteSpace:
 
         spec = self._walk(value_of)
         out: dict[str, Any] = {}
+        settings: dict[str, tuple[Any, dict[str, Any]]] = {}  # method -> (its gate, its setting)
+        structure_unchanged = True  # every structural method off or changing nothing, as far as known
         for method, config, _ in self.entries:
             own = dict(spec.settings.get(method.name, {}))
             gate = own.pop(GATE, None)
+            nothing = gate is False
             if method.name not in incomplete:
                 try:
                     own = dict(method.canonical(own, config))
-                    if gate is True and method.changes_nothing(own, config):
-                        own, gate = {}, False
+                    if gate is not False and method.changes_nothing(own, config):
+                        nothing = True
+                        if gate is True:
+                            own, gate = {}, False
                 except Exception as exc:  # noqa: BLE001 - a plugin's bug must not stop the search
                     logger.warning("method %r: canonical form of %s failed (%s: %s); taken as written",
                                    method.name, own, type(exc).__name__, exc)
+            if method.stage == "structural" and not nothing:
+                structure_unchanged = False
+            settings[method.name] = (gate, own)
+        for method, _, _ in self.entries:
+            gate, own = settings[method.name]
+            if structure_unchanged and method.stage == "recovery" and method.name not in incomplete:
+                own = {}  # no recovery runs on an unchanged structure (candidate.recover)
             if gate is not None:
                 out[f"{method.name}.{GATE}"] = gate
             out.update({f"{method.name}.{k}": v for k, v in own.items()})

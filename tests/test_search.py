@@ -417,6 +417,23 @@ def test_a_candidate_without_quantization_is_also_scored_with_it(tmp_path, regis
     assert sum("sibling_of" not in t.user_attrs for t in study.trials) == result.summary["trials"]["total"] == 2
 
 
+def test_quantization_alone_in_a_joint_space_is_neither_fine_tuned_nor_given_the_base_model_as_sibling(
+        tmp_path, registry, tiny_workload):
+    """The first anchor of a space whose pruning can be 0 is quantization alone: the base model's
+    structure, so no fine-tuning (it is quantization alone's candidate, not a retrained one), and
+    no sibling without quantization (that would be the base model itself)."""
+    space = ("[prune]\nratio = [0.0, 0.4]\nround_to = 8\n\n[distill]\ntemperature = [1.0, 8.0]\n"
+             "alpha = [0.0, 0.9]\nsteps = 15\n\n[quantize]\noptional = true\nbits = [8, 32]\n")
+    result, study = _optional_method_search(tmp_path, registry, space, trials=1)
+    (trial,) = [t for t in study.trials if t.state.is_finished()]  # the other anchors wait
+    assert trial.params["quantize.enabled"] is True
+    assert all(v == 0.0 for k, v in trial.params.items() if k.startswith("prune.") and k != "prune.importance")
+    notes = json.loads((result.run_dir / "trials" / "0000" / "metrics.json").read_text())["notes"]
+    assert notes["structure_unchanged"] is True and "recovery_skipped" in notes
+    assert "distill_steps" not in notes and "bn_recalibrated" not in notes
+    assert result.summary["trials"]["siblings"] == 0
+
+
 def test_a_stop_while_building_a_sibling_keeps_the_trained_trial(tmp_path, registry, tiny_workload, monkeypatch):
     """A stop (SIGTERM or Ctrl-C) that lands while a sibling is built ends the search after the
     trial, which is recorded complete; the resumed run goes on from there."""

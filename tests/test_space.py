@@ -221,6 +221,50 @@ def test_an_optional_method_is_switched_off_as_a_whole(tmp_path, registry, tiny_
     assert count(unpruned) == count(tiny_workload.model) > count(pruned)
 
 
+def test_no_recovery_runs_where_the_structural_methods_change_nothing(tmp_path, registry, tiny_workload, tiny_onnx):
+    """Pruning at 0 everywhere builds the base model itself: no batch-norm re-estimation and no
+    fine-tuning (a draw of training noise with nothing to recover), so quantization alone in a
+    joint space is quantization alone; the recovery settings of such a candidate then build the
+    same model and share one canonical form. Any pruning is recovered as before."""
+    import optuna
+    import torch
+
+    from autocomp.candidate import build_model, same_model
+    from autocomp.method import BaseModelInfo, CandidateContext
+
+    path = _write(tmp_path, "[prune]\nratio = [0.0, 0.6]\nround_to = 8\n"
+                            "[distill]\ntemperature = [1.0, 8.0]\nalpha = [0.0, 0.9]\nsteps = 20\n")
+    target = registry.target("cpu")
+    base = tiny_workload.model
+    concrete = load_space(path, registry.methods).concrete(BaseModelInfo(base, tiny_workload.example_input,
+                                                                         tiny_onnx, target))
+    (prune, ratios), (distill, _) = [(m, ps) for m, _, ps in concrete.entries]
+    assert prune.name == "prune" and distill.name == "distill" and len(ratios) > 1
+    unpruned = {f"prune.{p.name}": 0.0 for p in ratios}
+    pruned = {**unpruned, f"prune.{ratios[0].name}": 0.5}
+
+    def build(params):
+        ctx = CandidateContext(workload=tiny_workload, teacher=base, target=target, work_dir=tmp_path, seed=0)
+        spec = concrete.sample(optuna.trial.FixedTrial({**params, "distill.temperature": 4.0, "distill.alpha": 0.5}))
+        return build_model(base, spec, concrete, ctx), ctx
+
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    model, ctx = build(unpruned)
+    assert same_model(model, base) and model is not base
+    assert "recovery_skipped" in ctx.notes and "distill_steps" not in ctx.notes and "bn_recalibrated" not in ctx.notes
+    model, ctx = build(pruned)
+    assert not same_model(model, base)
+    assert ctx.notes["distill_steps"] == 20 and ctx.notes["bn_recalibrated"] is True and "recovery_skipped" not in ctx.notes
+    assert all(torch.equal(before[k], v) for k, v in base.state_dict().items())  # the base model is untouched
+    # the distillation settings of an unpruned candidate do not tell candidates apart; of a pruned one they do
+    one, other = {"distill.temperature": 2.0, "distill.alpha": 0.1}, {"distill.temperature": 6.0, "distill.alpha": 0.8}
+    assert concrete.canonical({**unpruned, **one}) == concrete.canonical({**unpruned, **other}) == unpruned
+    assert concrete.canonical({**pruned, **one}) != concrete.canonical({**pruned, **other})
+    # a partial setting (some ratios left to the sampler) keeps its recovery settings
+    partial = {f"prune.{ratios[0].name}": 0.0, **one}
+    assert concrete.canonical(partial) == {**partial, "distill.steps": 20}
+
+
 def test_a_parameter_named_enabled_is_only_a_switch_for_optional_methods(tmp_path):
     """A method's own parameter called ``enabled`` is an ordinary parameter unless the space marks
     the method optional, in which case the clash is an error naming the table."""

@@ -426,17 +426,24 @@ class PruneMethod(Method):
                        for g in groups if g.unsupported is None and g.name not in _RESERVED]
         return params
 
+    @staticmethod
+    def _ratios(setting: Mapping[str, Any], config: PruneConfig) -> Mapping[str, float] | float:
+        """The global ratio, or the ratio per group, that ``setting`` prunes at."""
+        if setting.get("scope", config.scope[0]) == "global":
+            return float(setting.get("global_ratio", 0.0))
+        return {k: float(v) for k, v in setting.items() if k not in _RESERVED}
+
+    def changes_nothing(self, setting: Mapping[str, Any], config: PruneConfig) -> bool:
+        """Every ratio 0 (the global one, or each group's)."""
+        ratios = self._ratios(setting, config)
+        return ratios <= 0 if isinstance(ratios, float) else not any(r > 0 for r in ratios.values())
+
     def apply(self, model, setting: Mapping[str, Any], config: PruneConfig, ctx: CandidateContext):
         importance = setting.get("importance", config.importance[0])
         scope = setting.get("scope", config.scope[0])
-        if scope == "global":
-            ratios: Mapping[str, float] | float = float(setting.get("global_ratio", 0.0))
-            if ratios <= 0:
-                return model
-        else:
-            ratios = {k: float(v) for k, v in setting.items() if k not in _RESERVED}
-            if not any(r > 0 for r in ratios.values()):
-                return model
+        if self.changes_nothing(setting, config):
+            return model
+        ratios = self._ratios(setting, config)
         ctx.notes["prune_importance"] = importance
         ctx.notes["prune_scope"] = scope
         try:

@@ -243,10 +243,11 @@ def test_a_relu_after_int8_runs_in_float_unless_quantized_again():
 
 @pytest.mark.parametrize("make", [_tiny_fp32, _tiny_qdq])
 def test_analysis_agrees_with_edge_cost_model(make):
+    from autocomp_plugins._cpu_features import _analyze
     from autocomp_plugins.edge.costmodel import analyze
 
     shapes = {"x": (1, 3, 16, 16)}
-    assert tuple(cp._analyze(make(), shapes).work) == analyze(make(), shapes).nodes
+    assert tuple(_analyze(make(), shapes).work) == analyze(make(), shapes).nodes
 
 
 # --- predictions -------------------------------------------------------------------------------

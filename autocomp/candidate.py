@@ -21,8 +21,7 @@ from autocomp.space import GATE, CandidateSpec, ConcreteSpace
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["build_structure", "recover", "build_model", "build_artifact", "recalibrate_batchnorm", "same_model",
-           "count_macs"]
+__all__ = ["build_structure", "recover", "build_model", "build_artifact", "recalibrate_batchnorm", "count_macs"]
 
 logger = logging.getLogger("autocomp")
 
@@ -69,7 +68,7 @@ def _setting(spec: CandidateSpec, method: Method, space: ConcreteSpace) -> dict[
 def build_structure(base_model: "torch.nn.Module", spec: CandidateSpec, space: ConcreteSpace,
                     ctx: CandidateContext) -> "torch.nn.Module":
     """A deep copy of ``base_model`` with the structural methods of ``spec`` applied (untrained);
-    ``structure_unchanged`` noted when they left it as it was."""
+    ``structure_unchanged`` noted when they leave it as it was (:meth:`ConcreteSpace.structure_unchanged`)."""
     model = copy.deepcopy(base_model).eval()
     structural = False
     for method, config, params in space.entries:
@@ -78,7 +77,7 @@ def build_structure(base_model: "torch.nn.Module", spec: CandidateSpec, space: C
             continue
         model = method.apply(model, setting, config, ctx)
         structural = True
-    if structural and not same_model(model, base_model):
+    if structural and not space.structure_unchanged(spec.flat()):
         ctx.notes["bn_recalibrated"] = recalibrate_batchnorm(model, ctx.workload.train.inputs)
     else:
         ctx.notes["structure_unchanged"] = True
@@ -87,28 +86,17 @@ def build_structure(base_model: "torch.nn.Module", spec: CandidateSpec, space: C
 
 def recover(model: "torch.nn.Module", spec: CandidateSpec, space: ConcreteSpace,
             ctx: CandidateContext) -> "torch.nn.Module":
-    """Run the recovery methods of ``spec`` (fine-tuning, distillation) on ``model``; none when
-    ``model`` is still the teacher, the base model, unchanged (noted as ``recovery_skipped``)."""
+    """Run the recovery methods of ``spec`` (fine-tuning, distillation) on ``model``; none when the
+    structural methods left the base model as it was (:meth:`ConcreteSpace.structure_unchanged`,
+    noted as ``recovery_skipped``)."""
     recovery = [(method, config, setting) for method, config, _ in space.entries
                 if method.stage == "recovery" and (setting := _setting(spec, method, space)) is not None]
-    if recovery and same_model(model, ctx.teacher):
+    if recovery and space.structure_unchanged(spec.flat()):
         ctx.notes["recovery_skipped"] = "the structural methods left the model unchanged: nothing to recover"
         return model.eval()
     for method, config, setting in recovery:
         model = method.apply(model, setting, config, ctx)
     return model.eval()
-
-
-def same_model(model: "torch.nn.Module", base: "torch.nn.Module") -> bool:
-    """Whether ``model`` is ``base`` unchanged: the same modules (names and types) and the same
-    parameters and buffers, name for name, shape for shape and value for value."""
-    import torch
-
-    if [(n, type(m)) for n, m in model.named_modules()] != [(n, type(m)) for n, m in base.named_modules()]:
-        return False
-    mine, theirs = model.state_dict(), base.state_dict()
-    return mine.keys() == theirs.keys() and all(
-        mine[k].shape == theirs[k].shape and torch.equal(mine[k], theirs[k]) for k in mine)
 
 
 def build_artifact(fp32_onnx: Path, spec: CandidateSpec, space: ConcreteSpace, ctx: CandidateContext) -> Path:

@@ -174,8 +174,11 @@ class Method(abc.ABC):
 
     def changes_nothing(self, setting: Mapping[str, Any], config: Any) -> bool:
         """Whether ``setting`` (complete and canonical, as for :meth:`canonical`) leaves the model as
-        it is; for an optional method the search then counts it as the method switched off, the
-        same candidate. The default, False, is always safe. ``neutral`` values are not enough: they
+        it is, optional method or not. An optional method is then counted as switched off, the same
+        candidate; when every structural method changes nothing the candidate is not fine-tuned (no
+        recovery method runs, and their settings no longer tell candidates apart), so a structural
+        method must answer True only where :meth:`apply` really leaves the model untouched. The
+        default, False, is always safe. ``neutral`` values are not enough: they
         compress least within the space's range, which need not mean not at all (``bits = [8, 16]``
         has fp16 as its neutral). Quantization at fp32 everywhere, block removal removing nothing
         and low-rank at full rank everywhere change nothing."""

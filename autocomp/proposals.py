@@ -276,7 +276,8 @@ class MethodToggles(_FrontProposals):
         """``(method, switched_on, params)`` for each optional method: left out where ``params``
         switches it on and it changes something, put in where ``params`` switches it off, or switches
         it on changing nothing (its canonical form is switched off: quantization on with every layer
-        at fp32) and it has an anchor setting to bring in; everything else as in ``params``."""
+        at fp32) and it has an anchor setting to bring in; everything else as in ``params``. None
+        that builds the base model itself (:meth:`~autocomp.space.ConcreteSpace.builds_base_model`)."""
         out = []
         canonical = self.space.canonical(params)
         for method in self.gated:
@@ -292,7 +293,8 @@ class MethodToggles(_FrontProposals):
             if params[gate] and not added:
                 continue  # on but doing nothing (no block removed), and nothing of its own to bring in
             out.append((method, True, {**rest, gate: True, **added}))
-        return out
+        # leaving quantization out of quantization alone gives the base model: not a candidate
+        return [p for p in out if not self.space.builds_base_model(p[2])]
 
     def post_export(self, params: dict[str, Any]) -> list[tuple[str, bool, dict[str, Any]]]:
         """The :meth:`proposals` that toggle a post-export method: a trial's siblings, built from its

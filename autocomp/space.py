@@ -134,12 +134,31 @@ class ConcreteSpace:
         fixed parameter) filled in, each method's complete setting in its
         :meth:`~autocomp.method.Method.canonical` form, and an optional method switched on but
         changing nothing (:meth:`~autocomp.method.Method.changes_nothing`: quantization at fp32
-        everywhere) written as switched off, which builds the same model, and no setting for a
-        recovery method when every structural method is off or changes nothing (no recovery runs
-        on the base model's own structure: :func:`autocomp.candidate.recover`). A method whose setting
-        ``params`` leaves partly to the sampler is kept as written. A name this space does not
-        declare is kept as it is. Two settings build the same candidate when their canonical forms
-        are equal."""
+        everywhere) written as switched off, which builds the same model. Where the structure is the
+        base model's (:meth:`structure_unchanged`) no recovery method runs
+        (:func:`autocomp.candidate.recover`): each is written as switched off, without a setting. A
+        method whose setting ``params`` leaves partly to the sampler is kept as written. A name this
+        space does not declare is kept as it is. Two settings build the same candidate when their
+        canonical forms are equal."""
+        return self._canonical(params)[0]
+
+    def structure_unchanged(self, params: Mapping[str, Any]) -> bool:
+        """Whether the structural methods leave the base model as it is with ``params``: each one
+        switched off, or with a complete setting its :meth:`~autocomp.method.Method.changes_nothing`
+        says changes nothing (every pruning ratio 0, no block removed, full rank). Such a candidate
+        is neither batch-norm re-estimated nor fine-tuned."""
+        nothing = self._canonical(params)[1]
+        return all(nothing[m.name] for m, _, _ in self.entries if m.stage == "structural")
+
+    def builds_base_model(self, params: Mapping[str, Any]) -> bool:
+        """Whether ``params`` build the base model itself: the structure unchanged
+        (:meth:`structure_unchanged`) and every post-export method off or changing nothing."""
+        nothing = self._canonical(params)[1]
+        return all(nothing[m.name] for m, _, _ in self.entries if m.stage in ("structural", "post_export"))
+
+    def _canonical(self, params: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, bool]]:
+        """The :meth:`canonical` form of ``params``, and for each method whether it is known to
+        change nothing (switched off, or a complete setting its ``changes_nothing`` accepts)."""
         incomplete: set[str] = set()
 
         def value_of(key: str, p: Param) -> Any:
@@ -151,35 +170,34 @@ class ConcreteSpace:
             return _UNKNOWN
 
         spec = self._walk(value_of)
-        out: dict[str, Any] = {}
         settings: dict[str, tuple[Any, dict[str, Any]]] = {}  # method -> (its gate, its setting)
-        structure_unchanged = True  # every structural method off or changing nothing, as far as known
+        nothing: dict[str, bool] = {}
         for method, config, _ in self.entries:
             own = dict(spec.settings.get(method.name, {}))
             gate = own.pop(GATE, None)
-            nothing = gate is False
+            nothing[method.name] = gate is False
             if method.name not in incomplete:
                 try:
                     own = dict(method.canonical(own, config))
                     if gate is not False and method.changes_nothing(own, config):
-                        nothing = True
+                        nothing[method.name] = True
                         if gate is True:
                             own, gate = {}, False
                 except Exception as exc:  # noqa: BLE001 - a plugin's bug must not stop the search
                     logger.warning("method %r: canonical form of %s failed (%s: %s); taken as written",
                                    method.name, own, type(exc).__name__, exc)
-            if method.stage == "structural" and not nothing:
-                structure_unchanged = False
             settings[method.name] = (gate, own)
+        unchanged = all(nothing[m.name] for m, _, _ in self.entries if m.stage == "structural")
+        out: dict[str, Any] = {}
         for method, _, _ in self.entries:
             gate, own = settings[method.name]
-            if structure_unchanged and method.stage == "recovery" and method.name not in incomplete:
-                own = {}  # no recovery runs on an unchanged structure (candidate.recover)
+            if unchanged and method.stage == "recovery":
+                own, gate = {}, (None if gate is None else False)
             if gate is not None:
                 out[f"{method.name}.{GATE}"] = gate
             out.update({f"{method.name}.{k}": v for k, v in own.items()})
         out.update({k: v for k, v in params.items() if k not in self.declared_names})
-        return out
+        return out, nothing
 
     @cached_property
     def declared_names(self) -> frozenset[str]:
@@ -291,4 +309,8 @@ def parse_space(data: Mapping[str, Any], methods: Mapping[str, Method], *, sourc
             optional.add(name)
         parsed.append((method, method.parse_config(table, source)))
     parsed.sort(key=lambda mc: (STAGES.index(mc[0].stage), mc[0].order, mc[0].name))
+    stages = {m.stage: m.name for m, _ in parsed}
+    if "recovery" in stages and "structural" not in stages:
+        logger.warning("%s: [%s] never runs: recovery trains back what a structural method (prune, remove_blocks, "
+                       "lowrank ...) changed, and this space has none", source, stages["recovery"])
     return SearchSpace(source=source, methods=tuple(parsed), text=text, optional=frozenset(optional))

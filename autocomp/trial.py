@@ -20,7 +20,7 @@ from autocomp.errors import CandidateError
 from autocomp.method import EVALUATION_ARTIFACT, CandidateContext
 from autocomp.proposals import SEED_OF, SIBLING_OF, TOGGLE_ATTRS, MethodToggles, tried
 from autocomp.results import copy_atomic, write_json
-from autocomp.space import GATE, ConcreteSpace
+from autocomp.space import ConcreteSpace
 from autocomp.workload import Workload
 
 if TYPE_CHECKING:
@@ -226,18 +226,15 @@ class Objective:
         """Add ``trial``'s siblings to the study: its trained model, exported once as ``fp32``, with
         each optional post-export method (quantization) left out, or put in with its anchor setting,
         scored and timed like any trial (``proposals`` module docs). A sibling the study already
-        tried, one whose setting the sampler would have to complete, quantization put into a
-        candidate already over the accuracy budget (it only loses accuracy) and, from a candidate
-        whose structure is the base model's, the sibling without any post-export method (the base
-        model itself) are not built; a sibling that fails is logged and dropped (its directory
-        removed), the trial stands."""
+        tried, one whose setting the sampler would have to complete, and quantization put into a
+        candidate already over the accuracy budget (it only loses accuracy) are not built, nor the
+        base model itself (quantization left out of quantization alone: the toggles never propose
+        it); a sibling that fails is logged and dropped (its directory removed), the trial stands."""
         import optuna
 
         cfg, run = self.prep.config, self.prep.run
         for method, switched_on, params in self.toggles.post_export(trial.params):
             if switched_on and metrics["drop"] > cfg.max_drop:
-                continue
-            if metrics["notes"].get("structure_unchanged") and not self._post_export_on(params):
                 continue
             if tried(self.concrete, trial.study.get_trials(deepcopy=False), params):
                 continue
@@ -267,12 +264,6 @@ class Objective:
                 continue
             logger.info("trial %d %s: built from its trained model", trial.number, what)
             self.on_event("sibling_complete", {"number": trial.number, "what": what, **record})
-
-    def _post_export_on(self, params: Mapping[str, Any]) -> bool:
-        """Whether a post-export method changes the candidate of ``params``: one not switched off,
-        in the canonical form (where a method changing nothing is written as switched off)."""
-        canonical = self.concrete.canonical(params)
-        return any(canonical.get(f"{name}.{GATE}") is not False for name in self.toggles.post_export_methods)
 
     def _sibling(self, trial, fp32: Path, spec, out_dir: Path, seed: int, stats: dict[str, int],
                  parity: float, skipped: list) -> dict[str, Any]:

@@ -421,17 +421,39 @@ def test_quantization_alone_in_a_joint_space_is_neither_fine_tuned_nor_given_the
         tmp_path, registry, tiny_workload):
     """The first anchor of a space whose pruning can be 0 is quantization alone: the base model's
     structure, so no fine-tuning (it is quantization alone's candidate, not a retrained one), and
-    no sibling without quantization (that would be the base model itself)."""
+    neither a sibling nor a toggle without quantization (that would be the base model itself).
+    The base model's structure without quantization still gets its sibling with it."""
+    import optuna
+
+    from autocomp.method import BaseModelInfo
+    from autocomp.proposals import MethodToggles
+    from autocomp.space import load_space
+
     space = ("[prune]\nratio = [0.0, 0.4]\nround_to = 8\n\n[distill]\ntemperature = [1.0, 8.0]\n"
              "alpha = [0.0, 0.9]\nsteps = 15\n\n[quantize]\noptional = true\nbits = [8, 32]\n")
     result, study = _optional_method_search(tmp_path, registry, space, trials=1)
     (trial,) = [t for t in study.trials if t.state.is_finished()]  # the other anchors wait
     assert trial.params["quantize.enabled"] is True
-    assert all(v == 0.0 for k, v in trial.params.items() if k.startswith("prune.") and k != "prune.importance")
+    unpruned = {k: v for k, v in trial.params.items() if k.startswith("prune.")}
+    assert all(v == 0.0 for k, v in unpruned.items() if k != "prune.importance")
     notes = json.loads((result.run_dir / "trials" / "0000" / "metrics.json").read_text())["notes"]
     assert notes["structure_unchanged"] is True and "recovery_skipped" in notes
     assert "distill_steps" not in notes and "bn_recalibrated" not in notes
     assert result.summary["trials"]["siblings"] == 0
+    concrete = load_space(tmp_path / "optional.toml", registry.methods).concrete(BaseModelInfo(
+        tiny_workload.model, tiny_workload.example_input, result.run_dir / "baseline" / "model.onnx",
+        registry.target("cpu")))
+    assert concrete.builds_base_model({**trial.params, "quantize.enabled": False})
+    assert MethodToggles(concrete, trials=40, share=1.0).proposals(trial.params) == []
+    # the base model's structure at fp32 (a trial the user enqueued) gets quantization alone as its sibling
+    storage = f"sqlite:///{tmp_path / 'fp32.db'}"
+    optuna.create_study(storage=storage, study_name="autocomp", directions=["maximize", "minimize"]).enqueue_trial(
+        {**unpruned, "quantize.enabled": False, "distill.temperature": 2.0, "distill.alpha": 0.5})
+    result, study = _optional_method_search(tmp_path, registry, space, trials=1, storage=storage,
+                                            out=tmp_path / "fp32")
+    source, sibling = [t for t in study.trials if t.state.is_finished()]
+    assert source.params["quantize.enabled"] is False and sibling.user_attrs["added"] == "quantize"
+    assert sibling.user_attrs["sibling_of"] == source.number and result.summary["trials"]["siblings"] == 1
 
 
 def test_a_stop_while_building_a_sibling_keeps_the_trained_trial(tmp_path, registry, tiny_workload, monkeypatch):

@@ -224,37 +224,45 @@ def test_an_optional_method_is_switched_off_as_a_whole(tmp_path, registry, tiny_
 def test_no_recovery_runs_where_the_structural_methods_change_nothing(tmp_path, registry, tiny_workload, tiny_onnx):
     """Pruning at 0 everywhere builds the base model itself: no batch-norm re-estimation and no
     fine-tuning (a draw of training noise with nothing to recover), so quantization alone in a
-    joint space is quantization alone; the recovery settings of such a candidate then build the
-    same model and share one canonical form. Any pruning is recovered as before."""
+    joint space is quantization alone; the recovery settings of such a candidate, an optional
+    recovery method's on/off switch included, then build the same model and share one canonical
+    form. Any pruning is recovered as before."""
     import optuna
     import torch
 
-    from autocomp.candidate import build_model, same_model
+    from autocomp.candidate import build_model
     from autocomp.method import BaseModelInfo, CandidateContext
 
-    path = _write(tmp_path, "[prune]\nratio = [0.0, 0.6]\nround_to = 8\n"
-                            "[distill]\ntemperature = [1.0, 8.0]\nalpha = [0.0, 0.9]\nsteps = 20\n")
+    recovery = "[distill]\ntemperature = [1.0, 8.0]\nalpha = [0.0, 0.9]\nsteps = 20\n"
+    path = _write(tmp_path, "[prune]\nratio = [0.0, 0.6]\nround_to = 8\n" + recovery)
     target = registry.target("cpu")
     base = tiny_workload.model
-    concrete = load_space(path, registry.methods).concrete(BaseModelInfo(base, tiny_workload.example_input,
-                                                                         tiny_onnx, target))
+    info = BaseModelInfo(base, tiny_workload.example_input, tiny_onnx, target)
+    concrete = load_space(path, registry.methods).concrete(info)
     (prune, ratios), (distill, _) = [(m, ps) for m, _, ps in concrete.entries]
     assert prune.name == "prune" and distill.name == "distill" and len(ratios) > 1
     unpruned = {f"prune.{p.name}": 0.0 for p in ratios}
     pruned = {**unpruned, f"prune.{ratios[0].name}": 0.5}
+    assert concrete.structure_unchanged(unpruned) and not concrete.structure_unchanged(pruned)
 
     def build(params):
         ctx = CandidateContext(workload=tiny_workload, teacher=base, target=target, work_dir=tmp_path, seed=0)
         spec = concrete.sample(optuna.trial.FixedTrial({**params, "distill.temperature": 4.0, "distill.alpha": 0.5}))
         return build_model(base, spec, concrete, ctx), ctx
 
+    def same_weights(model):
+        mine, theirs = model.state_dict(), base.state_dict()
+        return mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+
     before = {k: v.clone() for k, v in base.state_dict().items()}
     model, ctx = build(unpruned)
-    assert same_model(model, base) and model is not base
-    assert "recovery_skipped" in ctx.notes and "distill_steps" not in ctx.notes and "bn_recalibrated" not in ctx.notes
+    assert same_weights(model) and model is not base
+    assert ctx.notes["structure_unchanged"] is True and "recovery_skipped" in ctx.notes
+    assert "distill_steps" not in ctx.notes and "bn_recalibrated" not in ctx.notes
     model, ctx = build(pruned)
-    assert not same_model(model, base)
-    assert ctx.notes["distill_steps"] == 20 and ctx.notes["bn_recalibrated"] is True and "recovery_skipped" not in ctx.notes
+    assert sum(p.numel() for p in model.parameters()) < sum(p.numel() for p in base.parameters())
+    assert ctx.notes["distill_steps"] == 20 and ctx.notes["bn_recalibrated"] is True
+    assert "recovery_skipped" not in ctx.notes and "structure_unchanged" not in ctx.notes
     assert all(torch.equal(before[k], v) for k, v in base.state_dict().items())  # the base model is untouched
     # the distillation settings of an unpruned candidate do not tell candidates apart; of a pruned one they do
     one, other = {"distill.temperature": 2.0, "distill.alpha": 0.1}, {"distill.temperature": 6.0, "distill.alpha": 0.8}
@@ -262,7 +270,28 @@ def test_no_recovery_runs_where_the_structural_methods_change_nothing(tmp_path, 
     assert concrete.canonical({**pruned, **one}) != concrete.canonical({**pruned, **other})
     # a partial setting (some ratios left to the sampler) keeps its recovery settings
     partial = {f"prune.{ratios[0].name}": 0.0, **one}
+    assert not concrete.structure_unchanged(partial)
     assert concrete.canonical(partial) == {**partial, "distill.steps": 20}
+    # an optional recovery method, on or off, builds the same unpruned candidate
+    path = _write(tmp_path, "[prune]\nratio = [0.0, 0.6]\nround_to = 8\n" + recovery + "optional = true\n")
+    gated = load_space(path, registry.methods).concrete(info)
+    off = gated.canonical({**unpruned, "distill.enabled": False})
+    assert gated.canonical({**unpruned, "distill.enabled": True, **one}) == off == {**unpruned, "distill.enabled": False}
+    assert gated.canonical({**pruned, "distill.enabled": True, **one}) != gated.canonical({**pruned, "distill.enabled": False})
+
+
+def test_a_space_whose_recovery_can_never_run_says_so(tmp_path, registry, caplog):
+    """Recovery trains back what a structural method changed: in a space without one it never runs,
+    and loading the space warns."""
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="autocomp"):
+        load_space(_write(tmp_path, "[distill]\nsteps = 20\n\n[quantize]\nbits = [8, 32]\n"), registry.methods)
+    assert "[distill] never runs" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="autocomp"):
+        load_space(_write(tmp_path, "[prune]\nratio = [0.0, 0.6]\n\n[distill]\nsteps = 20\n"), registry.methods)
+    assert "never runs" not in caplog.text
 
 
 def test_a_parameter_named_enabled_is_only_a_switch_for_optional_methods(tmp_path):

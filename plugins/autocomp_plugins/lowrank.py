@@ -276,8 +276,8 @@ class LowRankMethod(Method):
         return [FloatParam(path, lo, hi, module=path, neutral=hi) for path in eligible]
 
     def changes_nothing(self, setting: Mapping[str, Any], config: LowRankConfig) -> bool:
-        """Every layer at full rank (a ratio of 1 factorizes nothing)."""
-        return bool(setting) and all(ratio >= 1.0 for ratio in setting.values())
+        """Every layer at full rank (a ratio of 1 factorizes nothing), or no layer to factorize."""
+        return all(ratio >= 1.0 for ratio in setting.values())
 
     def apply(self, model, setting: Mapping[str, Any], config: LowRankConfig, ctx: CandidateContext):
         done = factorize_model(model, ctx.workload.example_input, setting, config,

@@ -126,10 +126,11 @@ def _missed_by(shortfalls: list[float]) -> str:
     return f" (missed by {', '.join(f'{100 * x:.2f}' for x in shortfalls)} pts)" if shortfalls else ""
 
 
-def markdown(records: list[dict], summary: dict, paths: list[Path]) -> str:
+def markdown(records: list[dict], summary: dict, paths: list[Path], out: str = "joint_attainment") -> str:
     hosts = sorted({r["host"]["cpu_model"] for r in records})
+    stem = "" if out == "joint_attainment" else f" --out {out}"
     lines = ["# Joint search vs single-method searches, over seeds: median attainment surfaces", "",
-             f"Command: `python benchmarks/joint_attainment.py {' '.join(str(p) for p in paths)}` "
+             f"Command: `python benchmarks/joint_attainment.py {' '.join(str(p) for p in paths)}{stem}` "
              f"({len(records)} runs of `joint_vs_single.py`, seeds {', '.join(str(r['seed']) for r in records)}; "
              f"{records[0]['trials_per_search']} trials per search; host {', '.join(hosts)}; the runs' commands: "
              + "; ".join(f"`{r['command']}`" for r in records) + ").", "",
@@ -185,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     # a shortfall with no joint point as fast is infinite: null in the JSON (strict parsers reject Infinity)
     (HERE / f"{args.out}.json").write_text(json.dumps({"records": [str(p) for p in args.records], **_finite(summary)},
                                                       indent=2) + "\n")
-    text = markdown(records, summary, args.records)
+    text = markdown(records, summary, args.records, args.out)
     md = HERE / f"{args.out}.md"
     previous = md.read_text(encoding="utf-8") if md.exists() else ""
     if KEEP in previous:  # the hand-written reading stays

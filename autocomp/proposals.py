@@ -211,9 +211,11 @@ class _FrontProposals(abc.ABC):
     def _enqueue_new(self, study, params: dict[str, Any], user_attrs: dict[str, Any],
                      seen: list[dict[str, Any]]) -> bool:
         """Enqueue ``params`` and add its canonical form to ``seen`` (canonical forms), unless a trial
-        in ``seen`` already has that setting; returns whether it was enqueued."""
+        in ``seen`` already has that setting or it builds the base model itself (a toggle leaving
+        quantization out of quantization alone, a milder step down to no pruning: the base model is
+        measured apart, never a trial); returns whether it was enqueued."""
         canonical = self.space.canonical(params)
-        if not params or _among(canonical, seen):
+        if not params or _among(canonical, seen) or self.space.builds_base_model(params):
             return False
         study.enqueue_trial(params, user_attrs=user_attrs)
         seen.append(canonical)
@@ -276,8 +278,7 @@ class MethodToggles(_FrontProposals):
         """``(method, switched_on, params)`` for each optional method: left out where ``params``
         switches it on and it changes something, put in where ``params`` switches it off, or switches
         it on changing nothing (its canonical form is switched off: quantization on with every layer
-        at fp32) and it has an anchor setting to bring in; everything else as in ``params``. None
-        that builds the base model itself (:meth:`~autocomp.space.ConcreteSpace.builds_base_model`)."""
+        at fp32) and it has an anchor setting to bring in; everything else as in ``params``."""
         out = []
         canonical = self.space.canonical(params)
         for method in self.gated:
@@ -293,13 +294,14 @@ class MethodToggles(_FrontProposals):
             if params[gate] and not added:
                 continue  # on but doing nothing (no block removed), and nothing of its own to bring in
             out.append((method, True, {**rest, gate: True, **added}))
-        # leaving quantization out of quantization alone gives the base model: not a candidate
-        return [p for p in out if not self.space.builds_base_model(p[2])]
+        return out
 
     def post_export(self, params: dict[str, Any]) -> list[tuple[str, bool, dict[str, Any]]]:
         """The :meth:`proposals` that toggle a post-export method: a trial's siblings, built from its
-        trained model without training."""
-        return [p for p in self.proposals(params) if p[0] in self.post_export_methods]
+        trained model without training; not the base model itself (quantization left out of
+        quantization alone)."""
+        return [p for p in self.proposals(params)
+                if p[0] in self.post_export_methods and not self.space.builds_base_model(p[2])]
 
     def _sampled(self, setting: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
         """The part of ``setting`` a trial with ``params`` samples (not the layers of a block it

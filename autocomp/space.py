@@ -136,8 +136,8 @@ class ConcreteSpace:
         changing nothing (:meth:`~autocomp.method.Method.changes_nothing`: quantization at fp32
         everywhere) written as switched off, which builds the same model. Where the structure is the
         base model's (:meth:`structure_unchanged`) no recovery method runs
-        (:func:`autocomp.candidate.recover`): each is written as switched off, without a setting. A
-        method whose setting ``params`` leaves partly to the sampler is kept as written. A name this
+        (:func:`autocomp.candidate.recover`): each is written as switched off, without a setting.
+        Otherwise a method whose setting ``params`` leaves partly to the sampler is kept as written. A name this
         space does not declare is kept as it is. Two settings build the same candidate when their
         canonical forms are equal."""
         return self._canonical(params)[0]
@@ -309,8 +309,8 @@ def parse_space(data: Mapping[str, Any], methods: Mapping[str, Method], *, sourc
             optional.add(name)
         parsed.append((method, method.parse_config(table, source)))
     parsed.sort(key=lambda mc: (STAGES.index(mc[0].stage), mc[0].order, mc[0].name))
-    stages = {m.stage: m.name for m, _ in parsed}
-    if "recovery" in stages and "structural" not in stages:
+    recovery = [m.name for m, _ in parsed if m.stage == "recovery"]
+    if recovery and not any(m.stage == "structural" for m, _ in parsed):
         logger.warning("%s: [%s] never runs: recovery trains back what a structural method (prune, remove_blocks, "
-                       "lowrank ...) changed, and this space has none", source, stages["recovery"])
+                       "lowrank ...) changed, and this space has none", source, "], [".join(recovery))
     return SearchSpace(source=source, methods=tuple(parsed), text=text, optional=frozenset(optional))

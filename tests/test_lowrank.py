@@ -231,3 +231,13 @@ def test_bad_config_names_file_key_and_rule(table, message):
     with pytest.raises(SpaceError, match=message) as info:
         LowRankMethod().parse_config(table, "space.toml")
     assert "space.toml" in str(info.value)
+
+
+def test_no_layer_to_factorize_changes_nothing():
+    """A setting with no layer (none large enough) factorizes nothing, like every layer at full
+    rank; one layer below full rank changes the model."""
+    from autocomp_plugins.lowrank import LowRankConfig, LowRankMethod
+
+    method, config = LowRankMethod(), LowRankConfig()
+    assert method.changes_nothing({}, config) and method.changes_nothing({"fc": 1.0}, config)
+    assert not method.changes_nothing({"fc": 1.0, "conv": 0.5}, config)

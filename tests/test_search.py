@@ -444,7 +444,10 @@ def test_quantization_alone_in_a_joint_space_is_neither_fine_tuned_nor_given_the
         tiny_workload.model, tiny_workload.example_input, result.run_dir / "baseline" / "model.onnx",
         registry.target("cpu")))
     assert concrete.builds_base_model({**trial.params, "quantize.enabled": False})
-    assert MethodToggles(concrete, trials=40, share=1.0).proposals(trial.params) == []
+    toggles = MethodToggles(concrete, trials=40, share=1.0)
+    assert toggles.post_export(trial.params) == []
+    toggles(study, trial)  # the front member's toggle would leave quantization out: not queued
+    assert not any("ablated" in t.user_attrs for t in study.get_trials(deepcopy=False))
     # the base model's structure at fp32 (a trial the user enqueued) gets quantization alone as its sibling
     storage = f"sqlite:///{tmp_path / 'fp32.db'}"
     optuna.create_study(storage=storage, study_name="autocomp", directions=["maximize", "minimize"]).enqueue_trial(

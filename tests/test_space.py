@@ -804,6 +804,44 @@ def test_strength_steps_follow_the_front_paced_without_stepping_back(registry, t
     assert len(settings) == len(set(settings))
 
 
+def test_no_proposal_and_no_sibling_is_the_base_model_itself(tmp_path, registry, tiny_zoo):
+    """Pruning at its mildest step above 0 without quantization: its milder step would be the base
+    model (measured apart, never a trial), and so would quantization left out of quantization
+    alone; neither is queued nor built."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from autocomp.method import BaseModelInfo
+    from autocomp.proposals import MILDER, STEPPED, STRONGER, MethodToggles, StrengthSteps, tried
+
+    model, x, onnx_path = tiny_zoo("resnet20")
+    text = ("[prune]\nratio = [0.0, 0.6]\nstep = 0.1\nimportance = [\"l2\", \"taylor\"]\n"
+            "scope = [\"group\", \"global\"]\n\n[quantize]\noptional = true\nbits = [8, 32]\n")
+    concrete = load_space(_write(tmp_path, text), registry.methods).concrete(
+        BaseModelInfo(model, x, onnx_path, registry.target("jetson")))
+    (_, _, prune), _ = concrete.entries
+    groups = [f"prune.{p.name}" for p in prune if p.module is not None]
+    light = {"prune.importance": "l2", "prune.scope": "group", **{g: 0.1 for g in groups}, "quantize.enabled": False}
+    unpruned = {**light, **{g: 0.0 for g in groups}}
+    assert concrete.builds_base_model(unpruned) and not concrete.builds_base_model(light)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    study.enqueue_trial(light, user_attrs={STEPPED: MILDER})  # itself a milder step: stepped on milder only
+    trial = study.ask()
+    concrete.sample(trial)
+    study.tell(trial, [0.9, 1.0])
+    # a setting is "tried" only by a trial that builds the same candidate (not light pruning for no pruning)
+    assert tried(concrete, study.trials, light) and not tried(concrete, study.trials, unpruned)
+    steps = StrengthSteps(concrete, trials=40, share=1.0)
+    assert [(d, concrete.builds_base_model(p)) for d, p in steps.steps(light)] == [(STRONGER, False), (MILDER, True)]
+    steps(study, study.trials[0])
+    assert not study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+    alone = {**unpruned, "quantize.enabled": True, "quantize.all_layers": "int8"}
+    toggles = MethodToggles(concrete, trials=40, share=1.0)
+    assert [(m, on) for m, on, _ in toggles.proposals(alone)] == [("quantize", False)]
+    assert toggles.post_export(alone) == []
+
+
 def test_toggles_and_steps_share_one_study_each_within_its_own_share(registry, tiny_zoo):
     """Both kinds of proposal, as the search wires them, in one real study over the joint space: each
     keeps to its own share, a trial is one kind or the other, no setting is tried twice, and nothing

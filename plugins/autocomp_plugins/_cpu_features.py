@@ -4,7 +4,9 @@ provider, counted per operator kind and precision (:func:`graph_features`, :data
 Private to :mod:`autocomp_plugins.cpu_predictor`, which fits and applies coefficients to them and
 re-exports the public names; its docstring says what the features follow and why. This module
 reads the graph and asks ONNX Runtime and the OS two facts of this host (:func:`nchwc_block`,
-:func:`l1d_bytes`); importing it is cheap (onnx and onnxruntime are imported where needed).
+:func:`l1d_bytes`); importing it is cheap (onnx and onnxruntime are imported where needed). A test
+that replaces one of these functions patches this module: the re-exported names in
+``cpu_predictor`` are not what :func:`graph_features` and :func:`host_feature_facts` call.
 """
 
 from __future__ import annotations

@@ -97,6 +97,8 @@ FORMAT_VERSION = 1
 #: What a calibration is fitted to (its ``fit["target"]``): the statistic the search measures by
 #: default. Calibrations written before that (fitted on the p50) say otherwise and are passed over.
 FIT_TARGET = "median of the rounds' fastest runs, TimingPolicy() defaults"
+
+
 # --- host and calibration files -------------------------------------------------------------------
 
 

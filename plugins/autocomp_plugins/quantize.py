@@ -273,9 +273,8 @@ class QuantizeMethod(Method):
         return {ALL_LAYERS: precisions.pop()} if len(precisions) == 1 else setting
 
     def changes_nothing(self, setting: Mapping[str, Any], config: QuantizeConfig) -> bool:
-        """Every layer at fp32."""
-        values = [v for k, v in setting.items() if not (k == ALL_LAYERS and v == PER_LAYER)]
-        return bool(values) and all(v == "fp32" for v in values)
+        """Every layer at fp32, or no layer to quantize."""
+        return all(v == "fp32" for k, v in setting.items() if not (k == ALL_LAYERS and v == PER_LAYER))
 
     def _plan(self, layers: Mapping[str, Layer], setting: Mapping[str, Any], ctx: CandidateContext
               ) -> dict[str, list[Layer]]:

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
 #: which nodes are int8).
 _QDQ_OPS = {"QuantizeLinear", "DequantizeLinear"}
 
+
 def _load(graph_or_path: "onnx.ModelProto | str | Path") -> "onnx.ModelProto":
     import onnx
 

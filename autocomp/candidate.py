@@ -70,17 +70,14 @@ def build_structure(base_model: "torch.nn.Module", spec: CandidateSpec, space: C
     """A deep copy of ``base_model`` with the structural methods of ``spec`` applied (untrained);
     ``structure_unchanged`` noted when they leave it as it was (:meth:`ConcreteSpace.structure_unchanged`)."""
     model = copy.deepcopy(base_model).eval()
-    structural = False
     for method, config, params in space.entries:
         setting = _setting(spec, method, space)
-        if method.stage != "structural" or setting is None:
-            continue
-        model = method.apply(model, setting, config, ctx)
-        structural = True
-    if structural and not space.structure_unchanged(spec.flat()):
-        ctx.notes["bn_recalibrated"] = recalibrate_batchnorm(model, ctx.workload.train.inputs)
-    else:
+        if method.stage == "structural" and setting is not None:
+            model = method.apply(model, setting, config, ctx)
+    if space.structure_unchanged(spec.flat()):  # every structural method off or changing nothing
         ctx.notes["structure_unchanged"] = True
+    else:
+        ctx.notes["bn_recalibrated"] = recalibrate_batchnorm(model, ctx.workload.train.inputs)
     return model.eval()
 
 

@@ -147,14 +147,16 @@ class ConcreteSpace:
         switched off, or with a complete setting its :meth:`~autocomp.method.Method.changes_nothing`
         says changes nothing (every pruning ratio 0, no block removed, full rank). Such a candidate
         is neither batch-norm re-estimated nor fine-tuned."""
-        nothing = self._canonical(params)[1]
-        return all(nothing[m.name] for m, _, _ in self.entries if m.stage == "structural")
+        return self._all_change_nothing(self._canonical(params)[1], ("structural",))
 
     def builds_base_model(self, params: Mapping[str, Any]) -> bool:
         """Whether ``params`` build the base model itself: the structure unchanged
         (:meth:`structure_unchanged`) and every post-export method off or changing nothing."""
-        nothing = self._canonical(params)[1]
-        return all(nothing[m.name] for m, _, _ in self.entries if m.stage in ("structural", "post_export"))
+        return self._all_change_nothing(self._canonical(params)[1], ("structural", "post_export"))
+
+    def _all_change_nothing(self, nothing: Mapping[str, bool], stages: tuple[str, ...]) -> bool:
+        """Whether every method of ``stages`` changes nothing, by the flags of :meth:`_canonical`."""
+        return all(nothing[m.name] for m, _, _ in self.entries if m.stage in stages)
 
     def _canonical(self, params: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, bool]]:
         """The :meth:`canonical` form of ``params``, and for each method whether it is known to
@@ -187,7 +189,7 @@ class ConcreteSpace:
                     logger.warning("method %r: canonical form of %s failed (%s: %s); taken as written",
                                    method.name, own, type(exc).__name__, exc)
             settings[method.name] = (gate, own)
-        unchanged = all(nothing[m.name] for m, _, _ in self.entries if m.stage == "structural")
+        unchanged = self._all_change_nothing(nothing, ("structural",))
         out: dict[str, Any] = {}
         for method, _, _ in self.entries:
             gate, own = settings[method.name]

@@ -40,6 +40,8 @@ SEARCHES = ("prune", "quantize", "joint")
 SPLITS = {"validation": ("accuracy", None), "test": ("test_accuracy", "test_split")}
 #: The heading from which joint_attainment.md is written by hand (kept on a re-run).
 KEEP = "## What this shows"
+#: The stem of the .md/.json written without --out (the Command line names --out only otherwise).
+DEFAULT_OUT = "joint_attainment"
 
 
 def attains(front: list[dict], key: str, goal: tuple[float, float]) -> bool:
@@ -126,9 +128,9 @@ def _missed_by(shortfalls: list[float]) -> str:
     return f" (missed by {', '.join(f'{100 * x:.2f}' for x in shortfalls)} pts)" if shortfalls else ""
 
 
-def markdown(records: list[dict], summary: dict, paths: list[Path], out: str = "joint_attainment") -> str:
+def markdown(records: list[dict], summary: dict, paths: list[Path], out: str = DEFAULT_OUT) -> str:
     hosts = sorted({r["host"]["cpu_model"] for r in records})
-    stem = "" if out == "joint_attainment" else f" --out {out}"
+    stem = "" if out == DEFAULT_OUT else f" --out {out}"
     lines = ["# Joint search vs single-method searches, over seeds: median attainment surfaces", "",
              f"Command: `python benchmarks/joint_attainment.py {' '.join(str(p) for p in paths)}{stem}` "
              f"({len(records)} runs of `joint_vs_single.py`, seeds {', '.join(str(r['seed']) for r in records)}; "
@@ -174,7 +176,7 @@ def _finite(value):
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("records", nargs="+", type=Path, help="joint_vs_single*.json of the seeds to pool")
-    parser.add_argument("--out", default="joint_attainment", help="stem of the .md/.json written in benchmarks/")
+    parser.add_argument("--out", default=DEFAULT_OUT, help="stem of the .md/.json written in benchmarks/")
     args = parser.parse_args(argv)
     records = [json.loads(p.read_text(encoding="utf-8")) for p in args.records]
     budgets = {(r["trials_per_search"], r["target"], r["max_drop"]) for r in records}

@@ -433,17 +433,20 @@ class PruneMethod(Method):
             return float(setting.get("global_ratio", 0.0))
         return {k: float(v) for k, v in setting.items() if k not in _RESERVED}
 
+    @staticmethod
+    def _prunes_nothing(ratios: Mapping[str, float] | float) -> bool:
+        return ratios <= 0 if isinstance(ratios, float) else not any(r > 0 for r in ratios.values())
+
     def changes_nothing(self, setting: Mapping[str, Any], config: PruneConfig) -> bool:
         """Every ratio 0 (the global one, or each group's)."""
-        ratios = self._ratios(setting, config)
-        return ratios <= 0 if isinstance(ratios, float) else not any(r > 0 for r in ratios.values())
+        return self._prunes_nothing(self._ratios(setting, config))
 
     def apply(self, model, setting: Mapping[str, Any], config: PruneConfig, ctx: CandidateContext):
         importance = setting.get("importance", config.importance[0])
         scope = setting.get("scope", config.scope[0])
-        if self.changes_nothing(setting, config):
-            return model
         ratios = self._ratios(setting, config)
+        if self._prunes_nothing(ratios):
+            return model
         ctx.notes["prune_importance"] = importance
         ctx.notes["prune_scope"] = scope
         try:

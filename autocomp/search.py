@@ -17,6 +17,7 @@ whose reading puts it on the front, or near it, gets a second window
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import platform
@@ -24,6 +25,8 @@ import shutil
 import signal
 import sys
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -230,15 +233,20 @@ def _versions() -> dict[str, str]:
 class _StopOnSignal:
     """SIGTERM and SIGINT stop the search and leave it resumable.
 
-    The handler raises KeyboardInterrupt so the running trial is closed at once (Optuna marks it
-    failed) instead of being left RUNNING in the storage; one that lands while a trained trial's
-    siblings are built keeps the trial and stops the search after it. A raise can be lost (one that
-    lands in a finalizer during garbage collection is printed and dropped), so the request is also
-    recorded and the search stops at the next trial boundary at the latest.
+    A stop is always recorded, and the search ends at the next trial boundary at the latest
+    (:meth:`after_trial`, or :meth:`check` as a trial starts). Only while a trial builds, trains,
+    scores or times a candidate (:meth:`interruptible`) does the handler also raise
+    KeyboardInterrupt, so that long work ends at once and Optuna closes the trial as failed.
+    Anywhere else it raises nothing: a raise inside Optuna's own bookkeeping (telling a trial its
+    values, sampling, a callback) or a storage write could leave the trial RUNNING or escape as
+    another error. Work inside an interruptible stretch that must not be cut in two (a storage
+    write) runs under :meth:`deferred`; a stop that lands there is acted on at the next
+    :meth:`check`.
     """
 
     def __init__(self) -> None:
         self.requested = False
+        self._armed = False
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> "_StopOnSignal":
@@ -249,7 +257,27 @@ class _StopOnSignal:
 
     def _handle(self, signum, frame):
         self.requested = True
-        raise KeyboardInterrupt
+        if self._armed:
+            raise KeyboardInterrupt
+
+    @contextmanager
+    def interruptible(self) -> Iterator[None]:
+        """A stretch of a trial's work that a stop ends at once (KeyboardInterrupt)."""
+        armed, self._armed = self._armed, True
+        try:
+            self.check()
+            yield
+        finally:
+            self._armed = armed
+
+    @contextmanager
+    def deferred(self) -> Iterator[None]:
+        """A stretch, inside an interruptible one, that a stop must not cut in two."""
+        armed, self._armed = self._armed, False
+        try:
+            yield
+        finally:
+            self._armed = armed
 
     def check(self) -> None:
         if self.requested:
@@ -262,6 +290,12 @@ class _StopOnSignal:
     def __exit__(self, *exc):
         for sig, previous in self._previous.items():
             signal.signal(sig, previous)
+        if self.requested:
+            # A KeyboardInterrupt raised through code run by exec() from a string (a dataclass or
+            # namedtuple defined during a lazy import, say) sets CPython's "unhandled Ctrl-C" flag,
+            # and `python -m ...` then ends by killing itself with SIGINT instead of exiting with
+            # its status (here 3). Running any string clears the flag: the interrupt was handled.
+            exec("")
         return False
 
 
@@ -466,29 +500,32 @@ def run_search(config: SearchConfig, registry: Registry, on_event: Event | None 
     on_event("search_start", {"trials": config.trials, "done": len(done), "remaining": remaining})
     stop = _StopOnSignal()
     objective = Objective(prep, concrete, baseline, on_event, stop, toggles)
-    status = "complete"
-    try:
-        with stop:
+    with stop:  # until the run's record is written: a stop during the final measurements interrupts too
+        try:
             if remaining:
                 study.optimize(objective, n_trials=remaining, timeout=config.timeout_s, catch=(Exception,),
                                gc_after_trial=True, callbacks=[*proposals, stop.after_trial])
-    except KeyboardInterrupt:
-        stop.requested = True
-    if stop.requested:
-        status = "interrupted"
-
-    summary = _summary(prep, concrete, study, baseline, status)
-    if status == "complete":
-        _final_measurements(prep, summary["pareto"], summary["baseline"])
-        _test_metrics(prep, summary["pareto"], summary["baseline"])
-        if not config.keep_all:
+        except KeyboardInterrupt:
+            stop.requested = True
+        summary = _summary(prep, concrete, study, baseline, "interrupted" if stop.requested else "complete")
+        if not stop.requested:
+            measured = copy.deepcopy(summary)  # written only whole: a resumed run measures again
+            try:
+                with stop.interruptible():
+                    _final_measurements(prep, measured["pareto"], measured["baseline"])
+                    _test_metrics(prep, measured["pareto"], measured["baseline"])
+                summary = measured
+            except KeyboardInterrupt:
+                summary["status"] = "interrupted"
+        status = summary["status"]
+        if status == "complete" and not config.keep_all:
             keep = {m["trial"] for m in summary["pareto"]}
             for t in study.get_trials(deepcopy=False):
                 if t.number not in keep:
                     (_files_of(run, t) / "model.onnx").unlink(missing_ok=True)
-    write_json(run.pareto, summary)
-    run.update_manifest(status=status, finished=datetime.now(timezone.utc).isoformat(),
-                        pareto_size=len(summary["pareto"]))
+        write_json(run.pareto, summary)
+        run.update_manifest(status=status, finished=datetime.now(timezone.utc).isoformat(),
+                            pareto_size=len(summary["pareto"]))
     if status == "interrupted":
         raise Interrupted(
             f"search interrupted after {summary['trials']['total']} trials; results so far are in {run.root}. "

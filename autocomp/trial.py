@@ -176,22 +176,17 @@ class Objective:
                                seed=cfg.seed * 100_003 + trial.user_attrs.get(SEED_OF, trial.number))
         try:
             try:
-                model = build_structure(wl.model, spec, self.concrete, ctx)
-                predicted = self._predicted_latency(model, spec, ctx)
-                if predicted is not None and predicted > self.latency_bound():
-                    reason = (f"predicted latency {predicted:.3f} ms exceeds --max-latency {cfg.max_latency_ms} ms"
-                              f" (with a {100 * self.margin():.0f} % margin); rejected before training")
-                    trial.set_user_attr("rejected", reason)
-                    write_json(trial_dir / "metrics.json", {"status": "rejected", "reason": reason,
-                                                            "predicted_latency_ms": predicted})
-                    self.on_event("trial_rejected", {"number": trial.number, "reason": reason})
-                    raise optuna.TrialPruned(reason)
-                model = recover(model, spec, self.concrete, ctx)
-                stats = model_stats(model, wl.example_input)
-                fp32 = export_onnx(model, wl.example_input, work / "fp32.onnx")
-                parity = check_parity(model, fp32, wl.val.inputs[:32])
-                final = build_artifact(fp32, spec, self.concrete, ctx)
-                artifact, metric, latency = self._score(trial, final, trial_dir, ctx)
+                with self.stop.interruptible():  # a stop ends the candidate's work at once
+                    model = build_structure(wl.model, spec, self.concrete, ctx)
+                    predicted = self._predicted_latency(model, spec, ctx)
+                    if predicted is not None and predicted > self.latency_bound():
+                        self._reject(trial, predicted)
+                    model = recover(model, spec, self.concrete, ctx)
+                    stats = model_stats(model, wl.example_input)
+                    fp32 = export_onnx(model, wl.example_input, work / "fp32.onnx")
+                    parity = check_parity(model, fp32, wl.val.inputs[:32])
+                    final = build_artifact(fp32, spec, self.concrete, ctx)
+                    artifact, metric, latency = self._score(trial, final, trial_dir, ctx)
             except optuna.TrialPruned:
                 raise
             except BaseException as exc:
@@ -214,12 +209,28 @@ class Objective:
             self.on_event("trial_complete", {"number": trial.number, **metrics})
             if cfg.siblings:
                 try:
-                    self._add_siblings(trial, fp32, metrics, stats, parity, ctx.seed)
+                    with self.stop.interruptible():
+                        self._add_siblings(trial, fp32, metrics, stats, parity, ctx.seed)
                 except KeyboardInterrupt:  # a stop while building siblings: the trained trial stands
                     self.stop.requested = True  # and the search stops at its end (_StopOnSignal.after_trial)
         finally:
             shutil.rmtree(work, ignore_errors=True)
         return metric, metrics["latency_ms"]
+
+    def _reject(self, trial, predicted: float) -> None:
+        """Record ``trial`` as rejected before training, its predicted latency over the bound, and
+        end it (optuna.TrialPruned)."""
+        import optuna
+
+        cfg = self.prep.config
+        reason = (f"predicted latency {predicted:.3f} ms exceeds --max-latency {cfg.max_latency_ms} ms"
+                  f" (with a {100 * self.margin():.0f} % margin); rejected before training")
+        with self.stop.deferred():
+            trial.set_user_attr("rejected", reason)
+        write_json(self.prep.run.trial_dir(trial.number) / "metrics.json",
+                   {"status": "rejected", "reason": reason, "predicted_latency_ms": predicted})
+        self.on_event("trial_rejected", {"number": trial.number, "reason": reason})
+        raise optuna.TrialPruned(reason)
 
     def _add_siblings(self, trial, fp32: Path, metrics: dict[str, Any], stats: dict[str, int], parity: float,
                       seed: int) -> None:
@@ -234,6 +245,7 @@ class Objective:
 
         cfg, run = self.prep.config, self.prep.run
         for method, switched_on, params in self.toggles.post_export(trial.params):
+            self.stop.check()  # a stop that landed while the previous sibling was added
             if switched_on and metrics["drop"] > cfg.max_drop:
                 continue
             if tried(self.concrete, trial.study.get_trials(deepcopy=False), params):
@@ -253,9 +265,11 @@ class Objective:
                          SEED_OF: trial.user_attrs.get(SEED_OF, trial.number),
                          FILES_IN: out_dir.relative_to(run.root).as_posix(), "skipped": record["skipped"],
                          **{key: record[key] for key in RECORD_ATTRS}}
-                trial.study.add_trial(optuna.trial.create_trial(
+                sibling = optuna.trial.create_trial(
                     params=fixed.params, distributions=fixed.distributions,
-                    values=[record["metric"], record["latency_ms"]], user_attrs=attrs, constraints=self._constraints(record)))
+                    values=[record["metric"], record["latency_ms"]], user_attrs=attrs, constraints=self._constraints(record))
+                with self.stop.deferred():  # a sibling is added whole or not at all
+                    trial.study.add_trial(sibling)
             except BaseException as exc:
                 shutil.rmtree(out_dir, ignore_errors=True)  # no trial holds it
                 if not isinstance(exc, Exception):

@@ -232,9 +232,10 @@ def _print_summary(console, summary: dict[str, Any]) -> None:
     t = summary["trials"]
     siblings = (f" (+{t['siblings']} siblings, not trained again, {t['siblings_feasible']} feasible)"
                 if t.get("siblings") else "")
+    stopped = f" ({t['interrupted']} more cut short by a stop, not counted)" if t.get("interrupted") else ""
     console.print(f"{t['complete']} trials complete{siblings}, {t['failed']} failed, "
-                  f"{t.get('rejected_before_training', 0)} rejected before training, {t['feasible']} feasible; "
-                  f"run directory: {summary['run_dir']}")
+                  f"{t.get('rejected_before_training', 0)} rejected before training, {t['feasible']} feasible"
+                  f"{stopped}; run directory: {summary['run_dir']}")
     skipped = sorted(summary.get("skipped", {}).items(), key=lambda kv: -kv[1])
     for item, count in skipped[:8]:
         console.print(f"[yellow]skipped[/] in {count} trial(s): {item}", highlight=False)

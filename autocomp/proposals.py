@@ -203,10 +203,10 @@ class _FrontProposals(abc.ABC):
         """Enqueue again every proposal of this kind a stopped run left unfinished (failed by the
         interruption, or closed as failed on resume); returns how many."""
         existing = study.get_trials(deepcopy=False)
-        seen = _settings(self.space, [t for t in existing if not _interrupted(t)])
+        seen = _settings(self.space, [t for t in existing if not is_interrupted(t)])
         return sum(self._enqueue_new(study, t.system_attrs.get("fixed_params", {}),
                                      proposal_origin(t.user_attrs, with_seed=True), seen)
-                   for t in existing if self.mine(t) and _interrupted(t))
+                   for t in existing if self.mine(t) and is_interrupted(t))
 
     def _enqueue_new(self, study, params: dict[str, Any], user_attrs: dict[str, Any],
                      seen: list[dict[str, Any]]) -> bool:
@@ -231,7 +231,7 @@ class _FrontProposals(abc.ABC):
         finished = sum(t.state.is_finished() and not is_sibling(t) for t in trials)
         waiting = sum(t.state == TrialState.WAITING for t in trials)
         # an interrupted proposal is enqueued again on resume: it does not use up the cap twice
-        used = sum(self.mine(t) for t in trials if not _interrupted(t))
+        used = sum(self.mine(t) for t in trials if not is_interrupted(t))
         allowed = self.allowed(finished)
 
         def full() -> bool:  # the share is used up, or a proposal queued now would not run
@@ -383,6 +383,32 @@ def _on_grid(p: FloatParam | IntParam, value: float) -> float | int:
     return int(round(value)) if isinstance(p, IntParam) else value
 
 
+#: The failure reason reported for a failed trial that recorded none: a resumed run found it
+#: RUNNING, the process that ran it gone, or Optuna failed it (an invalid value).
+UNRECORDED_FAILURE = ("no reason recorded: the process running it ended without closing it (killed, or crashed), "
+                      "or its values were invalid")
+
+
+def requeue_interrupted_anchors(space: ConcreteSpace, study) -> int:
+    """Enqueue again every anchor (:func:`anchors`), or other trial enqueued from outside the
+    search, that a stopped run left unfinished (:func:`is_interrupted`), unless another trial has
+    tried its setting or waits to; returns how many. The proposals requeue their own
+    (:meth:`_FrontProposals.requeue_interrupted`)."""
+    existing = study.get_trials(deepcopy=False)
+    seen = _settings(space, [t for t in existing if not is_interrupted(t)])
+    count = 0
+    for t in existing:
+        fixed = t.system_attrs.get("fixed_params")
+        if not fixed or not is_interrupted(t) or proposal_origin(t.user_attrs) or is_sibling(t):
+            continue
+        canonical = space.canonical(fixed)
+        if not _among(canonical, seen):
+            study.enqueue_trial(fixed)
+            seen.append(canonical)
+            count += 1
+    return count
+
+
 def tried(space: ConcreteSpace, trials, params: dict[str, Any]) -> bool:
     """Whether one of ``trials`` (finished, running or waiting) already tried the setting ``params``,
     however either is written (their canonical forms agree)."""
@@ -404,13 +430,18 @@ def _setting(trial) -> dict[str, Any]:
     return {**trial.system_attrs.get("fixed_params", {}), **trial.params}
 
 
-def _interrupted(trial) -> bool:
-    """A trial that failed because the run stopped, not because of its candidate: failed by a signal
-    or Ctrl-C, or closed as failed on resume (no reason recorded)."""
+def is_interrupted(trial) -> bool:
+    """Whether ``trial`` failed because the run was stopped (SIGTERM, Ctrl-C; before it started,
+    too), not because of its candidate. It does not use up the budget and, when it was proposed or
+    enqueued, is enqueued again on resume. A trial whose process died instead (killed, or crashed
+    by its candidate), failed with no reason recorded when a resumed run found it RUNNING (or by
+    Optuna's heartbeats), is a failed trial (:data:`UNRECORDED_FAILURE`): not retried, so a candidate
+    that crashes the process cannot crash every resume."""
     from optuna.trial import TrialState
 
     reason = trial.user_attrs.get("failure_reason")
-    return trial.state == TrialState.FAIL and (reason is None or reason.startswith(("KeyboardInterrupt", "SystemExit")))
+    stopped = reason is not None and reason.startswith(("KeyboardInterrupt", "SystemExit"))
+    return trial.state == TrialState.FAIL and stopped
 
 
 def _agrees(fixed: dict[str, Any], params: dict[str, Any]) -> bool:

@@ -41,7 +41,16 @@ from autocomp.errors import (
 )
 from autocomp.method import BaseModelInfo
 from autocomp.plugins import Registry
-from autocomp.proposals import MethodToggles, StrengthSteps, anchors, is_sibling, proposal_origin
+from autocomp.proposals import (
+    UNRECORDED_FAILURE,
+    MethodToggles,
+    StrengthSteps,
+    anchors,
+    is_interrupted,
+    is_sibling,
+    proposal_origin,
+    requeue_interrupted_anchors,
+)
 from autocomp.results import RunDir, read_json, sha256_of, write_json
 from autocomp.space import ConcreteSpace, SearchSpace, default_space_path, load_space
 from autocomp.target import STATISTICS
@@ -288,14 +297,15 @@ class _StopOnSignal:
             study.stop()
 
     def __exit__(self, *exc):
-        for sig, previous in self._previous.items():
-            signal.signal(sig, previous)
         if self.requested:
             # A KeyboardInterrupt raised through code run by exec() from a string (a dataclass or
-            # namedtuple defined during a lazy import, say) sets CPython's "unhandled Ctrl-C" flag,
-            # and `python -m ...` then ends by killing itself with SIGINT instead of exiting with
-            # its status (here 3). Running any string clears the flag: the interrupt was handled.
+            # namedtuple defined during a lazy import, say) sets CPython's "unhandled Ctrl-C" flag
+            # (up to 3.13; gh-128130 changed it), and `python -m ...` then ends by killing itself
+            # with SIGINT instead of exiting with its status (3). Running any string clears the
+            # flag: the interrupt was handled.
             exec("")
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
         return False
 
 
@@ -354,7 +364,8 @@ def _files_of(run: RunDir, trial) -> Path:
 def _summary(prep: Prepared, concrete: ConcreteSpace, study, baseline: dict[str, Any], status: str) -> dict[str, Any]:
     from optuna.trial import TrialState
 
-    trials = [t for t in study.get_trials(deepcopy=False) if t.state.is_finished()]  # not enqueued ones
+    finished = [t for t in study.get_trials(deepcopy=False) if t.state.is_finished()]  # not enqueued ones
+    trials = [t for t in finished if not is_interrupted(t)]  # a trial a stop cut short is counted apart
     members = []
     # the sampler can draw the same setting twice (common with categorical parameters), or write it
     # another way (quantization on at fp32 is quantization off); the same candidate is listed once,
@@ -395,7 +406,7 @@ def _summary(prep: Prepared, concrete: ConcreteSpace, study, baseline: dict[str,
         for method, what, why in t.user_attrs.get("skipped", []):
             skipped[f"{method}: {what} ({why})"] = skipped.get(f"{method}: {what} ({why})", 0) + 1
     failures = [
-        {"trial": t.number, "reason": t.user_attrs.get("failure_reason", "unknown")}
+        {"trial": t.number, "reason": t.user_attrs.get("failure_reason", UNRECORDED_FAILURE)}
         for t in trials if t.state == TrialState.FAIL
     ]
     rejected = sum(t.state == TrialState.PRUNED for t in trials)
@@ -415,6 +426,7 @@ def _summary(prep: Prepared, concrete: ConcreteSpace, study, baseline: dict[str,
             "complete": sum(t.state == TrialState.COMPLETE and not is_sibling(t) for t in trials),
             "failed": len(failures),
             "rejected_before_training": rejected,
+            "interrupted": len(finished) - len(trials),  # cut short by a stop: not in the counts above
             "feasible": sum(bool(t.user_attrs.get("feasible")) for t in trials
                             if t.state == TrialState.COMPLETE and not is_sibling(t)),
             # built from a trial's trained model with quantization toggled; not in the counts above
@@ -426,37 +438,58 @@ def _summary(prep: Prepared, concrete: ConcreteSpace, study, baseline: dict[str,
     }
 
 
+def _baseline(prep: Prepared, on_event: Event) -> tuple[dict[str, Any], ConcreteSpace]:
+    """The base model's record (measured, or read back on resume) and the space made concrete for it."""
+    config, run = prep.config, prep.run
+    on_event("baseline_start", {"workload": prep.workload.name, "target": prep.target.name})
+    if config.resume:
+        baseline = read_json(run.root / "baseline" / "metrics.json")
+        # runs from before --latency-statistic optimised the p50
+        used = baseline.setdefault("latency_statistic", "p50")
+        baseline.setdefault("latency_ms", baseline["latency_p50_ms"])
+        if used != config.latency_statistic:
+            raise ConfigError(
+                f"{run.root} was searched on the {used} latency and cannot be resumed on the "
+                f"{config.latency_statistic}: its trials would mix the two; pass --latency-statistic {used}"
+            )
+    else:
+        baseline = _measure_baseline(prep)
+        write_json(run.baseline_dir / "metrics.json", baseline)
+    info = BaseModelInfo(prep.workload.model, prep.workload.example_input, Path(baseline["artifact"]), prep.target)
+    return baseline, prep.space.concrete(info)
+
+
 def run_search(config: SearchConfig, registry: Registry, on_event: Event | None = None) -> SearchResult:
     """Run (or resume) a search and return its summary. Raises :class:`ConfigError` (nothing written)
-    for bad input, :class:`Interrupted` when stopped by a signal (the run can be resumed)."""
+    for bad input, :class:`Interrupted` when stopped by SIGTERM or SIGINT (the run can be resumed,
+    or, stopped before its first trial, run again)."""
+    with _StopOnSignal() as stop:
+        return _run_search(config, registry, on_event or (lambda kind, data: None), stop)
+
+
+def _run_search(config: SearchConfig, registry: Registry, on_event: Event, stop: _StopOnSignal) -> SearchResult:
     import optuna
     from optuna.trial import TrialState
 
-    on_event = on_event or (lambda kind, data: None)
-    prep = prepare(config, registry)
+    try:
+        with stop.interruptible():  # preparing may train the built-in model on first use
+            prep = prepare(config, registry)
+    except KeyboardInterrupt:
+        raise Interrupted("search interrupted while preparing its workload; nothing was written: "
+                          "run the same command again") from None
     run = prep.run
     created = not run.root.exists() or not any(run.root.iterdir())
     run.root.mkdir(parents=True, exist_ok=True)
     try:
-        on_event("baseline_start", {"workload": prep.workload.name, "target": prep.target.name})
-        if config.resume:
-            baseline = read_json(run.root / "baseline" / "metrics.json")
-            # runs from before --latency-statistic optimised the p50
-            used = baseline.setdefault("latency_statistic", "p50")
-            baseline.setdefault("latency_ms", baseline["latency_p50_ms"])
-            if used != config.latency_statistic:
-                raise ConfigError(
-                    f"{run.root} was searched on the {used} latency and cannot be resumed on the "
-                    f"{config.latency_statistic}: its trials would mix the two; pass --latency-statistic {used}"
-                )
-        else:
-            baseline = _measure_baseline(prep)
-            write_json(run.baseline_dir / "metrics.json", baseline)
-        info = BaseModelInfo(prep.workload.model, prep.workload.example_input, Path(baseline["artifact"]), prep.target)
-        concrete = prep.space.concrete(info)
-    except BaseException:
+        with stop.interruptible():
+            baseline, concrete = _baseline(prep, on_event)
+    except BaseException as exc:
         if created:  # leave no half-written run behind
             shutil.rmtree(run.root, ignore_errors=True)
+        if isinstance(exc, KeyboardInterrupt):
+            then = ("nothing was kept: run the same command again" if created else
+                    f"Resume with: autocomp search --resume --out {run.root} (same options)")
+            raise Interrupted(f"search interrupted while measuring the base model; {then}") from None
         raise
     on_event("baseline_done", {**baseline, "parameters": concrete.size()})
 
@@ -483,49 +516,51 @@ def run_search(config: SearchConfig, registry: Registry, on_event: Event | None 
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = _open_study(prep)
-    done = [t for t in study.get_trials(deepcopy=False) if t.state.is_finished() and not is_sibling(t)]
+    # a trial a stop cut short does not use up the budget (is_interrupted)
+    done = [t for t in study.get_trials(deepcopy=False)
+            if t.state.is_finished() and not is_sibling(t) and not is_interrupted(t)]
     if not study.get_trials(deepcopy=False):
         for anchor in anchors(concrete):
             study.enqueue_trial(anchor, skip_if_exists=True)
     # trials left RUNNING by a process that died are closed so the count below is honest
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if config.storage is None:  # with a shared storage, heartbeats do this for live workers
-            study.tell(t.number, state=TrialState.FAIL)
+        if config.storage is None:  # a shared storage's may belong to a live process: left as they are
+            study.tell(t.number, state=TrialState.FAIL)  # a failed trial of the budget, its process gone
+            done.append(t)
     toggles = MethodToggles(concrete, config.trials)  # also what a trial's siblings toggle
     proposals = [toggles, StrengthSteps(concrete, config.trials)]
     if config.resume:
+        requeue_interrupted_anchors(concrete, study)
         for kind in proposals:
             kind.requeue_interrupted(study)
     remaining = max(0, config.trials - len(done))
     on_event("search_start", {"trials": config.trials, "done": len(done), "remaining": remaining})
-    stop = _StopOnSignal()
     objective = Objective(prep, concrete, baseline, on_event, stop, toggles)
-    with stop:  # until the run's record is written: a stop during the final measurements interrupts too
+    try:
+        if remaining and not stop.requested:
+            study.optimize(objective, n_trials=remaining, timeout=config.timeout_s, catch=(Exception,),
+                           gc_after_trial=True, callbacks=[*proposals, stop.after_trial])
+    except KeyboardInterrupt:
+        stop.requested = True
+    summary = _summary(prep, concrete, study, baseline, "interrupted" if stop.requested else "complete")
+    if not stop.requested:
+        measured = copy.deepcopy(summary)  # written only whole: a resumed run measures again
         try:
-            if remaining:
-                study.optimize(objective, n_trials=remaining, timeout=config.timeout_s, catch=(Exception,),
-                               gc_after_trial=True, callbacks=[*proposals, stop.after_trial])
+            with stop.interruptible():
+                _final_measurements(prep, measured["pareto"], measured["baseline"])
+                _test_metrics(prep, measured["pareto"], measured["baseline"])
+            summary = measured
         except KeyboardInterrupt:
-            stop.requested = True
-        summary = _summary(prep, concrete, study, baseline, "interrupted" if stop.requested else "complete")
-        if not stop.requested:
-            measured = copy.deepcopy(summary)  # written only whole: a resumed run measures again
-            try:
-                with stop.interruptible():
-                    _final_measurements(prep, measured["pareto"], measured["baseline"])
-                    _test_metrics(prep, measured["pareto"], measured["baseline"])
-                summary = measured
-            except KeyboardInterrupt:
-                summary["status"] = "interrupted"
-        status = summary["status"]
-        if status == "complete" and not config.keep_all:
-            keep = {m["trial"] for m in summary["pareto"]}
-            for t in study.get_trials(deepcopy=False):
-                if t.number not in keep:
-                    (_files_of(run, t) / "model.onnx").unlink(missing_ok=True)
-        write_json(run.pareto, summary)
-        run.update_manifest(status=status, finished=datetime.now(timezone.utc).isoformat(),
-                            pareto_size=len(summary["pareto"]))
+            summary["status"] = "interrupted"
+    status = summary["status"]
+    if status == "complete" and not config.keep_all:
+        keep = {m["trial"] for m in summary["pareto"]}
+        for t in study.get_trials(deepcopy=False):
+            if t.number not in keep:
+                (_files_of(run, t) / "model.onnx").unlink(missing_ok=True)
+    write_json(run.pareto, summary)
+    run.update_manifest(status=status, finished=datetime.now(timezone.utc).isoformat(),
+                        pareto_size=len(summary["pareto"]))
     if status == "interrupted":
         raise Interrupted(
             f"search interrupted after {summary['trials']['total']} trials; results so far are in {run.root}. "

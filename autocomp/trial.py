@@ -163,7 +163,9 @@ class Objective:
         from autocomp.candidate import build_artifact, build_structure, recover
         from autocomp.export import check_parity, export_onnx
 
-        self.stop.check()
+        if self.stop.requested:  # a stop landed while Optuna readied this trial: it never starts
+            trial.set_user_attr("failure_reason", "KeyboardInterrupt: stopped before it started")
+            raise KeyboardInterrupt
         prep, cfg, wl = self.prep, self.prep.config, self.prep.workload
         trial_dir = prep.run.trial_dir(trial.number)
         work = trial_dir / "work"
@@ -257,6 +259,7 @@ class Objective:
                 continue
             out_dir = run.trial_dir(trial.number) / f"sibling-{method}"
             what = f"{'with' if switched_on else 'without'} {method}"
+            added = False
             try:
                 # the structure is its source's: so are the structural and recovery methods' skips
                 inherited = [s for s in metrics["skipped"] if s[0] not in self.toggles.post_export_methods]
@@ -266,12 +269,14 @@ class Objective:
                          FILES_IN: out_dir.relative_to(run.root).as_posix(), "skipped": record["skipped"],
                          **{key: record[key] for key in RECORD_ATTRS}}
                 sibling = optuna.trial.create_trial(
-                    params=fixed.params, distributions=fixed.distributions,
-                    values=[record["metric"], record["latency_ms"]], user_attrs=attrs, constraints=self._constraints(record))
+                    params=fixed.params, distributions=fixed.distributions, values=[record["metric"], record["latency_ms"]],
+                    user_attrs=attrs, constraints=self._constraints(record))
                 with self.stop.deferred():  # a sibling is added whole or not at all
                     trial.study.add_trial(sibling)
+                    added = True
             except BaseException as exc:
-                shutil.rmtree(out_dir, ignore_errors=True)  # no trial holds it
+                if not added:
+                    shutil.rmtree(out_dir, ignore_errors=True)  # no trial holds it
                 if not isinstance(exc, Exception):
                     raise
                 logger.warning("trial %d %s (its sibling) failed: %s: %s", trial.number, what, type(exc).__name__, exc)

@@ -186,6 +186,115 @@ def test_a_stop_during_the_final_measurements_leaves_the_run_interrupted_and_res
     assert result.summary["pareto"] and all("final_latency_ms" in m for m in result.summary["pareto"])
 
 
+def _fast_config(tmp_path, trials, space_text=FAST_SPACE):
+    space = tmp_path / "fast.toml"
+    space.write_text(space_text)
+    return SearchConfig(workload="digits-tiny", target_options=FAST_TIMING, space=space, max_drop=1.0,
+                        trials=trials, out=tmp_path / "run", final_rounds=1)
+
+
+def _signal_before(monkeypatch, owner, name, calls=(1,)):
+    """Make ``owner.name`` raise SIGTERM on itself before its call numbered in ``calls`` (from 1)."""
+    original, seen = getattr(owner, name), []
+
+    def under_a_signal(*args, **kwargs):
+        seen.append(1)
+        if len(seen) in calls:
+            signal.raise_signal(signal.SIGTERM)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, under_a_signal)
+
+
+def test_a_stop_before_a_trial_starts_costs_no_trial_and_its_anchor_runs_on_resume(
+        tmp_path, registry, tiny_workload, monkeypatch):
+    """SIGTERM while Optuna readies the second trial (an enqueued anchor): that trial never starts,
+    is neither counted nor listed as a failure, and the resumed run enqueues the anchor again, once."""
+    import optuna
+
+    from autocomp.errors import Interrupted
+
+    _signal_before(monkeypatch, optuna.Study, "ask", calls=(2,))
+    config = _fast_config(tmp_path, trials=3)
+    with pytest.raises(Interrupted):
+        run_search(config, registry)
+    summary = json.loads((tmp_path / "run" / "pareto.json").read_text())
+    assert summary["trials"]["total"] == 1 and summary["trials"]["interrupted"] == 1 and not summary["failures"]
+    study = optuna.load_study(study_name="autocomp", storage=f"sqlite:///{tmp_path / 'run' / 'study.db'}")
+    (stopped,) = [t for t in study.trials if t.state == optuna.trial.TrialState.FAIL]
+    assert stopped.user_attrs["failure_reason"] == "KeyboardInterrupt: stopped before it started"
+    anchor = stopped.system_attrs["fixed_params"]
+
+    monkeypatch.undo()
+    result = run_search(replace(config, resume=True, trials=2), registry)
+    trials = result.summary["trials"]
+    assert (trials["total"], trials["interrupted"], trials["failed"]) == (2, 1, 0)
+    study = optuna.load_study(study_name="autocomp", storage=f"sqlite:///{tmp_path / 'run' / 'study.db'}")
+    again = [t for t in study.trials if t.number != stopped.number and t.system_attrs.get("fixed_params") == anchor]
+    assert len(again) == 1
+
+
+def test_a_stop_while_the_base_model_is_measured_leaves_nothing_behind(tmp_path, registry, tiny_workload, monkeypatch):
+    """SIGTERM before the first trial: the run is interrupted (exit 3), its half-made directory
+    removed, and the same command runs afresh."""
+    import autocomp.search as search
+    from autocomp.errors import Interrupted
+
+    _signal_before(monkeypatch, search, "_measure_baseline")
+    config = _fast_config(tmp_path, trials=1)
+    with pytest.raises(Interrupted, match="measuring the base model; nothing was kept: run the same command again"):
+        run_search(config, registry)
+    assert not (tmp_path / "run").exists()
+    monkeypatch.undo()
+    assert run_search(config, registry).summary["trials"]["total"] == 1
+
+
+def test_a_stop_while_a_sibling_is_added_keeps_the_sibling(tmp_path, registry, tiny_workload, monkeypatch):
+    """SIGTERM during the storage write that adds a sibling: the write is not cut, the sibling
+    keeps its files, and the search ends after its trial."""
+    import optuna
+
+    from autocomp.errors import Interrupted
+    from autocomp.trial import FILES_IN
+
+    add_trial = optuna.Study.add_trial
+
+    def add_under_a_signal(self, trial):
+        if "sibling_of" in trial.user_attrs:  # not an enqueued one (enqueue_trial adds a trial too)
+            signal.raise_signal(signal.SIGTERM)
+        return add_trial(self, trial)
+
+    monkeypatch.setattr(optuna.Study, "add_trial", add_under_a_signal)
+    with pytest.raises(Interrupted):
+        run_search(_fast_config(tmp_path, trials=4, space_text=FAST_SPACE + "optional = true\n"), registry)
+    study = optuna.load_study(study_name="autocomp", storage=f"sqlite:///{tmp_path / 'run' / 'study.db'}")
+    finished = [t for t in study.trials if t.state.is_finished()]
+    (sibling,) = [t for t in finished if "sibling_of" in t.user_attrs]
+    trials = [t for t in finished if "sibling_of" not in t.user_attrs]
+    assert trials[-1].number == sibling.user_attrs["sibling_of"]  # the search ended after the sibling's trial
+    assert {t.state for t in finished} == {optuna.trial.TrialState.COMPLETE}
+    assert (tmp_path / "run" / sibling.user_attrs[FILES_IN] / "model.onnx").exists()
+
+
+def test_a_trial_whose_process_died_is_a_failed_trial_not_retried(tmp_path, registry, tiny_workload):
+    """A trial a resumed run finds RUNNING (its process killed, or crashed by its candidate) is
+    closed as a failed trial of the budget with a reason, and not enqueued again."""
+    import optuna
+
+    config = _fast_config(tmp_path, trials=1)
+    run_search(config, registry)
+    study = optuna.load_study(study_name="autocomp", storage=f"sqlite:///{tmp_path / 'run' / 'study.db'}")
+    orphan = study.ask()  # the next anchor, left RUNNING as by a process that died running it
+    anchor = study.trials[orphan.number].system_attrs["fixed_params"]
+    result = run_search(replace(config, resume=True, trials=2), registry)
+    trials = result.summary["trials"]
+    assert (trials["total"], trials["failed"], trials["interrupted"]) == (2, 1, 0)
+    (failure,) = result.summary["failures"]
+    assert "ended without closing it" in failure["reason"]
+    study = optuna.load_study(study_name="autocomp", storage=f"sqlite:///{tmp_path / 'run' / 'study.db'}")
+    assert [t.number for t in study.trials if t.system_attrs.get("fixed_params") == anchor] == [orphan.number]
+
+
 STOPPED_IN_EXEC = """
 import signal, sys
 from autocomp.search import _StopOnSignal

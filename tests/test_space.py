@@ -555,8 +555,9 @@ def test_quantization_is_put_in_with_every_kept_layer_at_its_anchor_precision(re
 
 
 def test_a_toggle_a_stopped_run_left_is_enqueued_again(registry, tiny_zoo):
-    """A toggle (ablation or addition) failed by an interruption (or closed as failed on resume) does
-    not use up the budget and is enqueued again, once; one whose candidate failed is not."""
+    """A toggle (ablation or addition) failed by a stop (also before it started) does not use up the
+    budget and is enqueued again, once; one whose candidate failed is not, nor one whose process
+    died (closed on resume with no reason: its candidate may be what crashes it)."""
     import optuna
     from optuna.trial import TrialState
 
@@ -571,8 +572,10 @@ def test_a_toggle_a_stopped_run_left_is_enqueued_again(registry, tiny_zoo):
     ablation, addition = {ABLATION_OF: 0, "ablated": "quantize"}, {ADDITION_OF: 0, "added": "lowrank"}
     for params, attrs, reason in (
             ({"prune.importance": "l2", "quantize.enabled": False}, ablation, "KeyboardInterrupt: "),
-            ({"prune.importance": "taylor", "lowrank.enabled": True}, addition, None),
-            ({"prune.importance": "l2", "lowrank.enabled": False}, ablation, "CandidateError: no")):
+            ({"prune.importance": "taylor", "lowrank.enabled": True}, addition,
+             "KeyboardInterrupt: stopped before it started"),
+            ({"prune.importance": "l2", "lowrank.enabled": False}, ablation, "CandidateError: no"),
+            ({"prune.importance": "taylor", "quantize.enabled": False}, ablation, None)):
         study.enqueue_trial(params, user_attrs=attrs)
         trial = study.ask()
         if reason:

@@ -227,11 +227,12 @@ class _FrontProposals(abc.ABC):
             return
         from optuna.trial import TrialState
 
-        trials = study.get_trials(deepcopy=False)
+        # an interrupted trial counts for nothing: not as finished, and a proposal (enqueued again on
+        # resume) does not use up the cap twice
+        trials = [t for t in study.get_trials(deepcopy=False) if not is_interrupted(t)]
         finished = sum(t.state.is_finished() and not is_sibling(t) for t in trials)
         waiting = sum(t.state == TrialState.WAITING for t in trials)
-        # an interrupted proposal is enqueued again on resume: it does not use up the cap twice
-        used = sum(self.mine(t) for t in trials if not is_interrupted(t))
+        used = sum(self.mine(t) for t in trials)
         allowed = self.allowed(finished)
 
         def full() -> bool:  # the share is used up, or a proposal queued now would not run
@@ -410,9 +411,9 @@ def requeue_interrupted_anchors(space: ConcreteSpace, study) -> int:
 
 
 def tried(space: ConcreteSpace, trials, params: dict[str, Any]) -> bool:
-    """Whether one of ``trials`` (finished, running or waiting) already tried the setting ``params``,
-    however either is written (their canonical forms agree)."""
-    return _among(space.canonical(params), _settings(space, trials))
+    """Whether one of ``trials`` (finished, running or waiting; not one a stop cut short) already
+    tried the setting ``params``, however either is written (their canonical forms agree)."""
+    return _among(space.canonical(params), _settings(space, [t for t in trials if not is_interrupted(t)]))
 
 
 def _settings(space: ConcreteSpace, trials) -> list[dict[str, Any]]:
@@ -432,16 +433,16 @@ def _setting(trial) -> dict[str, Any]:
 
 def is_interrupted(trial) -> bool:
     """Whether ``trial`` failed because the run was stopped (SIGTERM, Ctrl-C; before it started,
-    too), not because of its candidate. It does not use up the budget and, when it was proposed or
-    enqueued, is enqueued again on resume. A trial whose process died instead (killed, or crashed
-    by its candidate), failed with no reason recorded when a resumed run found it RUNNING (or by
-    Optuna's heartbeats), is a failed trial (:data:`UNRECORDED_FAILURE`): not retried, so a candidate
-    that crashes the process cannot crash every resume."""
+    too: a KeyboardInterrupt), not because of its candidate. It does not use up the budget, is not
+    counted as tried, and, when it was proposed or enqueued, is enqueued again on resume. A trial
+    whose process died instead (killed, or crashed by its candidate; a SystemExit), failed with no
+    reason recorded when a resumed run found it RUNNING (or by Optuna's heartbeats), is a failed
+    trial (:data:`UNRECORDED_FAILURE`): not retried, so a candidate that crashes the process cannot
+    crash every resume."""
     from optuna.trial import TrialState
 
     reason = trial.user_attrs.get("failure_reason")
-    stopped = reason is not None and reason.startswith(("KeyboardInterrupt", "SystemExit"))
-    return trial.state == TrialState.FAIL and stopped
+    return trial.state == TrialState.FAIL and reason is not None and reason.startswith("KeyboardInterrupt")
 
 
 def _agrees(fixed: dict[str, Any], params: dict[str, Any]) -> bool:

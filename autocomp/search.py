@@ -516,9 +516,6 @@ def _run_search(config: SearchConfig, registry: Registry, on_event: Event, stop:
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = _open_study(prep)
-    # a trial a stop cut short does not use up the budget (is_interrupted)
-    done = [t for t in study.get_trials(deepcopy=False)
-            if t.state.is_finished() and not is_sibling(t) and not is_interrupted(t)]
     if not study.get_trials(deepcopy=False):
         for anchor in anchors(concrete):
             study.enqueue_trial(anchor, skip_if_exists=True)
@@ -526,7 +523,9 @@ def _run_search(config: SearchConfig, registry: Registry, on_event: Event, stop:
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if config.storage is None:  # a shared storage's may belong to a live process: left as they are
             study.tell(t.number, state=TrialState.FAIL)  # a failed trial of the budget, its process gone
-            done.append(t)
+    # a trial a stop cut short does not use up the budget (is_interrupted)
+    done = [t for t in study.get_trials(deepcopy=False)
+            if t.state.is_finished() and not is_sibling(t) and not is_interrupted(t)]
     toggles = MethodToggles(concrete, config.trials)  # also what a trial's siblings toggle
     proposals = [toggles, StrengthSteps(concrete, config.trials)]
     if config.resume:

@@ -206,7 +206,7 @@ def _signal_before(monkeypatch, owner, name, calls=(1,)):
     monkeypatch.setattr(owner, name, under_a_signal)
 
 
-def test_a_stop_before_a_trial_starts_costs_no_trial_and_its_anchor_runs_on_resume(
+def test_a_stop_before_a_trial_starts_costs_no_trial_and_its_anchor_is_queued_again_on_resume(
         tmp_path, registry, tiny_workload, monkeypatch):
     """SIGTERM while Optuna readies the second trial (an enqueued anchor): that trial never starts,
     is neither counted nor listed as a failure, and the resumed run enqueues the anchor again, once."""
@@ -293,6 +293,34 @@ def test_a_trial_whose_process_died_is_a_failed_trial_not_retried(tmp_path, regi
     assert "ended without closing it" in failure["reason"]
     study = optuna.load_study(study_name="autocomp", storage=f"sqlite:///{tmp_path / 'run' / 'study.db'}")
     assert [t.number for t in study.trials if t.system_attrs.get("fixed_params") == anchor] == [orphan.number]
+
+
+def test_a_candidate_that_exits_the_process_is_a_failure_on_resume_not_retried(
+        tmp_path, registry, tiny_workload, monkeypatch):
+    """A candidate whose code calls sys.exit (SystemExit) ends the process, its trial left RUNNING;
+    the resumed run counts it as a failed trial, not as one a stop cut short, and does not queue
+    its anchor again (it would end every resume)."""
+    import optuna
+
+    import autocomp.candidate as candidate
+
+    build = candidate.build_structure
+
+    def exits(*args, **kwargs):
+        raise SystemExit("a plugin called sys.exit")
+
+    monkeypatch.setattr(candidate, "build_structure", exits)
+    config = _fast_config(tmp_path, trials=2)
+    with pytest.raises(SystemExit):
+        run_search(config, registry)
+    monkeypatch.setattr(candidate, "build_structure", build)
+    result = run_search(replace(config, resume=True), registry)
+    trials = result.summary["trials"]
+    assert (trials["total"], trials["failed"], trials["interrupted"]) == (2, 1, 0)
+    assert result.summary["failures"][0]["reason"] == "SystemExit: a plugin called sys.exit"
+    study = optuna.load_study(study_name="autocomp", storage=f"sqlite:///{tmp_path / 'run' / 'study.db'}")
+    first = study.trials[0].system_attrs["fixed_params"]
+    assert [t.number for t in study.trials if t.system_attrs.get("fixed_params") == first] == [0]
 
 
 STOPPED_IN_EXEC = """

@@ -607,6 +607,43 @@ def test_a_toggle_a_stopped_run_left_is_enqueued_again(registry, tiny_zoo):
     assert requeued.user_attrs == step and requeued.system_attrs["fixed_params"]["prune.ratio"] == 0.45
 
 
+def test_a_setting_a_stop_cut_short_is_not_tried_and_paces_nothing(registry, tiny_zoo):
+    """A trial a stop cut short has not tried its setting (a proposal may queue it) and counts as no
+    finished trial when the proposals are paced; a trial whose candidate failed has tried its."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from autocomp.method import BaseModelInfo
+    from autocomp.proposals import MethodToggles, tried
+
+    model, x, onnx_path = tiny_zoo("resnet20")
+    space = load_space(default_space_path().with_name("joint.toml"), registry.methods)
+    concrete = space.concrete(BaseModelInfo(model, x, onnx_path, registry.target("jetson")))
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    setting = {"prune.importance": "l2", "quantize.enabled": False}
+    for reason in ("KeyboardInterrupt: stopped before it started", "CandidateError: no"):
+        study.enqueue_trial(setting)
+        trial = study.ask()
+        trial.set_user_attr("failure_reason", reason)
+        study.tell(trial, state=TrialState.FAIL)
+        assert tried(concrete, study.get_trials(deepcopy=False), setting) is reason.startswith("CandidateError")
+    # a front member, then three trials a stop cut short: a budget of 4 still has room for a toggle
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    study.enqueue_trial({**setting, "remove_blocks.enabled": False, "lowrank.enabled": False})
+    member = study.ask()
+    concrete.sample(member)
+    study.tell(member, (0.9, 1.0))
+    for _ in range(3):
+        study.enqueue_trial(setting)
+        trial = study.ask()
+        trial.set_user_attr("failure_reason", "KeyboardInterrupt: ")
+        study.tell(trial, state=TrialState.FAIL)
+    MethodToggles(concrete, trials=4, share=1.0)(study, study.trials[-1])
+    (waiting,) = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+    assert waiting.user_attrs["addition_of"] == member.number
+
+
 def test_a_setting_already_tried_is_recognised_through_float_error():
     from autocomp.proposals import _agrees
     from autocomp.space import same_value

@@ -393,6 +393,8 @@ def _summary(prep: Prepared, concrete: ConcreteSpace, study, baseline: dict[str,
             "artifact": str(artifact),
             "sha256": sha256_of(artifact),
             "spec": read_json(files / "spec.json"),
+            # what the methods did (channels kept, layers at each precision, recovery skipped ...)
+            "notes": metrics.get("notes", {}),
             "skipped": metrics.get("skipped", []),
         })
         # proposed by the search: another member's setting with one method left out or put in, or a step

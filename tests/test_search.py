@@ -439,6 +439,8 @@ def test_quantization_alone_in_a_joint_space_is_neither_fine_tuned_nor_given_the
     notes = json.loads((result.run_dir / "trials" / "0000" / "metrics.json").read_text())["notes"]
     assert notes["structure_unchanged"] is True and "recovery_skipped" in notes
     assert "distill_steps" not in notes and "bn_recalibrated" not in notes
+    (member,) = result.summary["pareto"]  # its spec still lists distillation: the notes say it did not run
+    assert member["spec"]["distill"] and member["notes"] == notes
     assert result.summary["trials"]["siblings"] == 0
     concrete = load_space(tmp_path / "optional.toml", registry.methods).concrete(BaseModelInfo(
         tiny_workload.model, tiny_workload.example_input, result.run_dir / "baseline" / "model.onnx",

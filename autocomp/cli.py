@@ -282,9 +282,12 @@ def _cmd_search(args) -> int:
                     state["best"] = data["latency_ms"]
             status = (f"fastest feasible: {config.latency_statistic} {state['best']:.3f} ms" if state["best"]
                       else "no feasible candidate yet")
-            if kind == "trial_failed":
+            stopped = kind == "trial_failed" and data["reason"].startswith("KeyboardInterrupt")
+            if stopped:
+                progress.console.print(f"trial {data['number']} cut short by the stop: not counted")
+            elif kind == "trial_failed":
                 progress.console.print(f"[yellow]trial {data['number']} failed:[/] {data['reason']}")
-            progress.update(state["task"], advance=int(kind != "sibling_complete"), status=status)
+            progress.update(state["task"], advance=int(kind != "sibling_complete" and not stopped), status=status)
 
     try:
         result = run_search(config, registry, on_event)

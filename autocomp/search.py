@@ -250,19 +250,39 @@ class _StopOnSignal:
     values, sampling, a callback) or a storage write could leave the trial RUNNING or escape as
     another error. Work inside an interruptible stretch that must not be cut in two (a storage
     write) runs under :meth:`deferred`; a stop that lands there is acted on at the next
-    :meth:`check`.
+    :meth:`check`. So is one whose raise lands in a finalizer, where Python drops it (and, while
+    the block runs, does not report it as an error).
     """
 
     def __init__(self) -> None:
         self.requested = False
         self._armed = False
         self._previous: dict[int, Any] = {}
+        self._quieted: list[logging.Handler] = []
+
+    def quiet(self, logger: logging.Logger) -> None:
+        """Leave out, until the block ends, what ``logger``'s handlers (Optuna's) report of a trial
+        after a stop: a trial the stop cut short is not a failure to show with its traceback."""
+        for handler in logger.handlers:
+            handler.addFilter(self)
+            self._quieted.append(handler)
+
+    def filter(self, record: logging.LogRecord) -> bool:  # a logging filter
+        message = record.getMessage()
+        return not (self.requested and message.startswith("Trial ") and " failed " in message)
 
     def __enter__(self) -> "_StopOnSignal":
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 self._previous[sig] = signal.signal(sig, self._handle)
+            self._unraisable_hook, sys.unraisablehook = sys.unraisablehook, self._unraisable
         return self
+
+    def _unraisable(self, unraisable) -> None:
+        # a raise that landed in a finalizer (garbage collection) is lost, and Python prints it as
+        # an error; the stop it carried is recorded and acted on at the next check
+        if not (self.requested and unraisable.exc_type is KeyboardInterrupt):
+            self._unraisable_hook(unraisable)
 
     def _handle(self, signum, frame):
         self.requested = True
@@ -306,6 +326,10 @@ class _StopOnSignal:
             exec("")
         for sig, previous in self._previous.items():
             signal.signal(sig, previous)
+        if self._previous:
+            sys.unraisablehook = self._unraisable_hook
+        for handler in self._quieted:
+            handler.removeFilter(self)
         return False
 
 
@@ -517,6 +541,7 @@ def _run_search(config: SearchConfig, registry: Registry, on_event: Event, stop:
     run.write_manifest(manifest)
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    stop.quiet(logging.getLogger("optuna"))
     study = _open_study(prep)
     if not study.get_trials(deepcopy=False):
         for anchor in anchors(concrete):

@@ -87,6 +87,26 @@ def _search(out, trials, extra=()):
             "--out", str(out), "--space", str(space), "-T", "min_s=0.1", *extra]
 
 
+def _fast_config(tmp_path, trials, space_text=FAST_SPACE):
+    space = tmp_path / "fast.toml"
+    space.write_text(space_text)
+    return SearchConfig(workload="digits-tiny", target_options=FAST_TIMING, space=space, max_drop=1.0,
+                        trials=trials, out=tmp_path / "run", final_rounds=1)
+
+
+def _signal_before(monkeypatch, owner, name, calls=(1,)):
+    """Make ``owner.name`` raise SIGTERM on itself before its call numbered in ``calls`` (from 1)."""
+    original, seen = getattr(owner, name), []
+
+    def under_a_signal(*args, **kwargs):
+        seen.append(1)
+        if len(seen) in calls:
+            signal.raise_signal(signal.SIGTERM)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, under_a_signal)
+
+
 def test_sigterm_leaves_an_interrupted_resumable_run(tmp_path, tiny_workload, _cache_dir):
     out = tmp_path / "run"
     env = {**os.environ, "AUTOCOMP_CACHE_DIR": str(_cache_dir)}
@@ -131,17 +151,8 @@ def test_a_stop_while_optuna_records_a_trial_ends_the_search_cleanly(tmp_path, r
 
     from autocomp.errors import Interrupted
 
-    tell = optimize._tell_with_warning
-
-    def tell_under_a_signal(*args, **kwargs):
-        signal.raise_signal(signal.SIGTERM)
-        return tell(*args, **kwargs)
-
-    monkeypatch.setattr(optimize, "_tell_with_warning", tell_under_a_signal)
-    space = tmp_path / "fast.toml"
-    space.write_text(FAST_SPACE)
-    config = SearchConfig(workload="digits-tiny", target_options=FAST_TIMING, space=space, max_drop=1.0, trials=3,
-                          out=tmp_path / "run", final_rounds=1)
+    _signal_before(monkeypatch, optimize, "_tell_with_warning")
+    config = _fast_config(tmp_path, trials=3)
     with pytest.raises(Interrupted, match="Resume with"):
         run_search(config, registry)
     assert json.loads((tmp_path / "run" / "run.json").read_text())["status"] == "interrupted"
@@ -149,7 +160,7 @@ def test_a_stop_while_optuna_records_a_trial_ends_the_search_cleanly(tmp_path, r
     run = [t.state for t in study.trials if "sibling_of" not in t.user_attrs]
     assert [s for s in run if s != optuna.trial.TrialState.WAITING] == [optuna.trial.TrialState.COMPLETE]
 
-    monkeypatch.setattr(optimize, "_tell_with_warning", tell)
+    monkeypatch.undo()
     result = run_search(replace(config, resume=True, trials=2), registry)
     assert result.summary["status"] == "complete" and result.summary["trials"]["complete"] >= 2
 
@@ -162,17 +173,8 @@ def test_a_stop_during_the_final_measurements_leaves_the_run_interrupted_and_res
     import autocomp.search as search
     from autocomp.errors import Interrupted
 
-    measure = search._final_measurements
-
-    def measure_under_a_signal(*args):
-        signal.raise_signal(signal.SIGTERM)
-        return measure(*args)
-
-    monkeypatch.setattr(search, "_final_measurements", measure_under_a_signal)
-    space = tmp_path / "fast.toml"
-    space.write_text(FAST_SPACE)
-    config = SearchConfig(workload="digits-tiny", target_options=FAST_TIMING, space=space, max_drop=1.0, trials=2,
-                          out=tmp_path / "run", final_rounds=1)
+    _signal_before(monkeypatch, search, "_final_measurements")
+    config = _fast_config(tmp_path, trials=2)
     with pytest.raises(Interrupted, match="Resume with"):
         run_search(config, registry)
     summary = json.loads((tmp_path / "run" / "pareto.json").read_text())
@@ -181,30 +183,10 @@ def test_a_stop_during_the_final_measurements_leaves_the_run_interrupted_and_res
     assert json.loads((tmp_path / "run" / "run.json").read_text())["status"] == "interrupted"
     assert len(list((tmp_path / "run" / "trials").glob("*/model.onnx"))) == 2
 
-    monkeypatch.setattr(search, "_final_measurements", measure)
+    monkeypatch.undo()
     result = run_search(replace(config, resume=True), registry)
     assert result.summary["status"] == "complete" and result.summary["trials"]["total"] == 2
     assert result.summary["pareto"] and all("final_latency_ms" in m for m in result.summary["pareto"])
-
-
-def _fast_config(tmp_path, trials, space_text=FAST_SPACE):
-    space = tmp_path / "fast.toml"
-    space.write_text(space_text)
-    return SearchConfig(workload="digits-tiny", target_options=FAST_TIMING, space=space, max_drop=1.0,
-                        trials=trials, out=tmp_path / "run", final_rounds=1)
-
-
-def _signal_before(monkeypatch, owner, name, calls=(1,)):
-    """Make ``owner.name`` raise SIGTERM on itself before its call numbered in ``calls`` (from 1)."""
-    original, seen = getattr(owner, name), []
-
-    def under_a_signal(*args, **kwargs):
-        seen.append(1)
-        if len(seen) in calls:
-            signal.raise_signal(signal.SIGTERM)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(owner, name, under_a_signal)
 
 
 def test_a_stop_before_a_trial_starts_costs_no_trial_and_its_anchor_is_queued_again_on_resume(

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from autocomp.errors import AutocompError
+from autocomp.errors import AutocompError, Interrupted
 
 EXIT_OK, EXIT_INFEASIBLE, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_INFRA, EXIT_REGRESSION = 0, 1, 2, 3, 4, 5
 
@@ -291,6 +291,10 @@ def _cmd_search(args) -> int:
 
     try:
         result = run_search(config, registry, on_event)
+    except Interrupted as exc:  # a job reading --json still gets the run's summary, its status "interrupted"
+        if args.json and exc.summary is not None:
+            _print_json(exc.summary)
+        raise
     finally:
         if state["task"] is not None:
             progress.stop()

@@ -76,6 +76,12 @@ class InfrastructureError(AutocompError):
 
 
 class Interrupted(AutocompError):
-    """The run was interrupted (Ctrl-C, SIGTERM); what was computed is kept and the run can resume."""
+    """The run was interrupted (Ctrl-C, SIGTERM); what was computed is kept and the run can resume.
+    ``summary`` is the run's summary as written to its ``pareto.json`` (None when stopped before
+    its first trial)."""
 
     exit_code = 3
+
+    def __init__(self, message: str, summary: dict | None = None):
+        super().__init__(message)
+        self.summary = summary

@@ -590,6 +590,6 @@ def _run_search(config: SearchConfig, registry: Registry, on_event: Event, stop:
     if status == "interrupted":
         raise Interrupted(
             f"search interrupted after {summary['trials']['total']} trials; results so far are in {run.root}. "
-            f"Resume with: autocomp search --resume --out {run.root} (same options)"
+            f"Resume with: autocomp search --resume --out {run.root} (same options)", summary
         )
     return SearchResult(run.root, summary)

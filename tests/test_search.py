@@ -173,6 +173,28 @@ def test_cli_exit_1_when_no_candidate_meets_the_constraints(tmp_path, registry, 
     assert json.loads((out / "pareto.json").read_text())["pareto"] == []
 
 
+def test_cli_json_on_a_stop_is_the_interrupted_runs_summary(tmp_path, registry, space_file, capsys, monkeypatch):
+    """A job reading --json gets one document on a stop too: the summary written to pareto.json,
+    its status "interrupted"; the exit code is 3."""
+    import signal
+
+    import autocomp.search as search
+
+    measure = search._final_measurements
+
+    def measure_under_a_signal(*args):
+        signal.raise_signal(signal.SIGTERM)
+        return measure(*args)
+
+    monkeypatch.setattr(search, "_final_measurements", measure_under_a_signal)
+    out = tmp_path / "run"
+    code = _cli("search", "--workload", "digits-tiny", "--space", str(space_file), "--trials", "1", "--max-drop", "1",
+                "--out", str(out), "--json", "-T", "min_s=0.02", "-T", "min_runs=5")
+    assert code == 3
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["status"] == "interrupted" and summary == json.loads((out / "pareto.json").read_text())
+
+
 def _bad_workload_module(tmp_path, monkeypatch) -> str:
     (tmp_path / "bad_workloads.py").write_text(textwrap.dedent("""
         import torch

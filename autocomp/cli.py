@@ -292,16 +292,22 @@ def _cmd_search(args) -> int:
     try:
         result = run_search(config, registry, on_event)
     except Interrupted as exc:  # a job reading --json still gets the run's summary, its status "interrupted"
+        _stop_progress(progress, state)  # first: while it runs, rich sends stdout to the console (stderr)
         if args.json and exc.summary is not None:
             _print_json(exc.summary)
         raise
     finally:
-        if state["task"] is not None:
-            progress.stop()
+        _stop_progress(progress, state)
     _print_summary(console, result.summary)
     if args.json:
         _print_json(result.summary)
     return EXIT_OK if result.pareto else EXIT_INFEASIBLE
+
+
+def _stop_progress(progress, state: dict[str, Any]) -> None:
+    if state["task"] is not None:
+        progress.stop()
+        state["task"] = None
 
 
 def _options_from(args) -> dict[str, Any]:

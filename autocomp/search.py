@@ -258,18 +258,20 @@ class _StopOnSignal:
         self.requested = False
         self._armed = False
         self._previous: dict[int, Any] = {}
-        self._quieted: list[logging.Handler] = []
+        self._quieted: list[logging.Logger] = []
 
     def quiet(self, logger: logging.Logger) -> None:
-        """Leave out, until the block ends, what ``logger``'s handlers (Optuna's) report of a trial
-        after a stop: a trial the stop cut short is not a failure to show with its traceback."""
-        for handler in logger.handlers:
-            handler.addFilter(self)
-            self._quieted.append(handler)
+        """Leave out, until the block ends, what ``logger`` (Optuna's trial loop) reports of a trial
+        after a stop, wherever its records go: a trial the stop cut short is not a failure to show
+        with its traceback."""
+        logger.addFilter(self)
+        self._quieted.append(logger)
 
     def filter(self, record: logging.LogRecord) -> bool:  # a logging filter
+        if not self.requested:
+            return True
         message = record.getMessage()
-        return not (self.requested and message.startswith("Trial ") and " failed " in message)
+        return not (message.startswith("Trial ") and " failed " in message)
 
     def __enter__(self) -> "_StopOnSignal":
         if threading.current_thread() is threading.main_thread():
@@ -326,10 +328,10 @@ class _StopOnSignal:
             exec("")
         for sig, previous in self._previous.items():
             signal.signal(sig, previous)
-        if self._previous:
+        if self._previous and sys.unraisablehook == self._unraisable:  # unless another replaced it since
             sys.unraisablehook = self._unraisable_hook
-        for handler in self._quieted:
-            handler.removeFilter(self)
+        for logger in self._quieted:
+            logger.removeFilter(self)
         return False
 
 
@@ -541,7 +543,7 @@ def _run_search(config: SearchConfig, registry: Registry, on_event: Event, stop:
     run.write_manifest(manifest)
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    stop.quiet(logging.getLogger("optuna"))
+    stop.quiet(logging.getLogger("optuna.study._optimize"))  # where Optuna reports a failed trial
     study = _open_study(prep)
     if not study.get_trials(deepcopy=False):
         for anchor in anchors(concrete):

@@ -187,6 +187,8 @@ def test_cli_json_on_a_stop_is_the_interrupted_runs_summary(tmp_path, registry, 
         return measure(*args)
 
     monkeypatch.setattr(search, "_final_measurements", measure_under_a_signal)
+    # as on a terminal, where rich's live progress sends what is printed to stdout to its console (stderr)
+    monkeypatch.setenv("FORCE_COLOR", "1")
     out = tmp_path / "run"
     code = _cli("search", "--workload", "digits-tiny", "--space", str(space_file), "--trials", "1", "--max-drop", "1",
                 "--out", str(out), "--json", "-T", "min_s=0.02", "-T", "min_runs=5")

@@ -200,8 +200,8 @@ class _FrontProposals(abc.ABC):
         return any(k in trial.user_attrs for k in self.marks)
 
     def requeue_interrupted(self, study) -> int:
-        """Enqueue again every proposal of this kind a stopped run left unfinished (failed by the
-        interruption, or closed as failed on resume); returns how many."""
+        """Enqueue again every proposal of this kind a stop cut short (:func:`is_interrupted`);
+        returns how many."""
         existing = study.get_trials(deepcopy=False)
         seen = _settings(self.space, [t for t in existing if not is_interrupted(t)])
         return sum(self._enqueue_new(study, t.system_attrs.get("fixed_params", {}),
@@ -413,7 +413,8 @@ def requeue_interrupted_anchors(space: ConcreteSpace, study) -> int:
 def tried(space: ConcreteSpace, trials, params: dict[str, Any]) -> bool:
     """Whether one of ``trials`` (finished, running or waiting; not one a stop cut short) already
     tried the setting ``params``, however either is written (their canonical forms agree)."""
-    return _among(space.canonical(params), _settings(space, [t for t in trials if not is_interrupted(t)]))
+    considered = [t for t in trials if not is_interrupted(t)]
+    return _among(space.canonical(params), _settings(space, considered))
 
 
 def _settings(space: ConcreteSpace, trials) -> list[dict[str, Any]]:

@@ -268,9 +268,9 @@ class Objective:
                          SEED_OF: trial.user_attrs.get(SEED_OF, trial.number),
                          FILES_IN: out_dir.relative_to(run.root).as_posix(), "skipped": record["skipped"],
                          **{key: record[key] for key in RECORD_ATTRS}}
-                sibling = optuna.trial.create_trial(
-                    params=fixed.params, distributions=fixed.distributions, values=[record["metric"], record["latency_ms"]],
-                    user_attrs=attrs, constraints=self._constraints(record))
+                values = [record["metric"], record["latency_ms"]]
+                sibling = optuna.trial.create_trial(params=fixed.params, distributions=fixed.distributions, values=values,
+                                                    user_attrs=attrs, constraints=self._constraints(record))
                 with self.stop.deferred():  # a sibling is added whole or not at all
                     trial.study.add_trial(sibling)
                     added = True

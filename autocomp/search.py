@@ -590,8 +590,10 @@ def _run_search(config: SearchConfig, registry: Registry, on_event: Event, stop:
     run.update_manifest(status=status, finished=datetime.now(timezone.utc).isoformat(),
                         pareto_size=len(summary["pareto"]))
     if status == "interrupted":
+        cut = summary["trials"]["interrupted"]
         raise Interrupted(
-            f"search interrupted after {summary['trials']['total']} trials; results so far are in {run.root}. "
+            f"search interrupted after {summary['trials']['total']} trials"
+            f"{f' (and {cut} cut short by a stop, not counted)' if cut else ''}; results so far are in {run.root}. "
             f"Resume with: autocomp search --resume --out {run.root} (same options)", summary
         )
     return SearchResult(run.root, summary)

@@ -212,7 +212,7 @@ def test_a_stop_before_a_trial_starts_costs_no_trial_and_its_anchor_is_queued_ag
     reports = _Recorder()
     logging.getLogger("optuna").addHandler(reports)  # where Optuna's trial loop reports go
     try:
-        with pytest.raises(Interrupted):
+        with pytest.raises(Interrupted, match=r"after 1 trials \(and 1 cut short by a stop, not counted\)"):
             run_search(config, registry)
     finally:
         logging.getLogger("optuna").removeHandler(reports)

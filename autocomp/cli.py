@@ -282,7 +282,7 @@ def _cmd_search(args) -> int:
                     state["best"] = data["latency_ms"]
             status = (f"fastest feasible: {config.latency_statistic} {state['best']:.3f} ms" if state["best"]
                       else "no feasible candidate yet")
-            stopped = kind == "trial_failed" and data["reason"].startswith("KeyboardInterrupt")
+            stopped = kind == "trial_failed" and data["stopped"]
             if stopped:
                 progress.console.print(f"trial {data['number']} cut short by the stop: not counted")
             elif kind == "trial_failed":

@@ -37,6 +37,7 @@ from __future__ import annotations
 import abc
 import logging
 import math
+from collections.abc import Callable
 from typing import Any
 
 from autocomp.method import ChoiceParam, FloatParam, IntParam
@@ -202,24 +203,7 @@ class _FrontProposals(abc.ABC):
     def requeue_interrupted(self, study) -> int:
         """Enqueue again every proposal of this kind a stop cut short (:func:`is_interrupted`);
         returns how many."""
-        existing = study.get_trials(deepcopy=False)
-        seen = _settings(self.space, [t for t in existing if not is_interrupted(t)])
-        return sum(self._enqueue_new(study, t.system_attrs.get("fixed_params", {}),
-                                     proposal_origin(t.user_attrs, with_seed=True), seen)
-                   for t in existing if self.mine(t) and is_interrupted(t))
-
-    def _enqueue_new(self, study, params: dict[str, Any], user_attrs: dict[str, Any],
-                     seen: list[dict[str, Any]]) -> bool:
-        """Enqueue ``params`` and add its canonical form to ``seen`` (canonical forms), unless a trial
-        in ``seen`` already has that setting or it builds the base model itself (a toggle leaving
-        quantization out of quantization alone, a milder step down to no pruning: the base model is
-        measured apart, never a trial); returns whether it was enqueued."""
-        canonical = self.space.canonical(params)
-        if not params or _among(canonical, seen) or self.space.builds_base_model(params):
-            return False
-        study.enqueue_trial(params, user_attrs=user_attrs)
-        seen.append(canonical)
-        return True
+        return _requeue_interrupted(self.space, study, self.mine)
 
     def __call__(self, study, trial) -> None:
         # called after every finished trial (complete, pruned or failed): each one paces the proposals
@@ -246,7 +230,7 @@ class _FrontProposals(abc.ABC):
                 if full():
                     return
                 attrs = {**attrs, SEED_OF: member.user_attrs.get(SEED_OF, member.number)}
-                if self._enqueue_new(study, params, attrs, seen):
+                if _enqueue_new(self.space, study, params, attrs, seen):
                     logger.info("trial %d is on the front: queued it %s", member.number, what)
                     used += 1
                     waiting += 1
@@ -384,30 +368,35 @@ def _on_grid(p: FloatParam | IntParam, value: float) -> float | int:
     return int(round(value)) if isinstance(p, IntParam) else value
 
 
-#: The failure reason reported for a failed trial that recorded none: a resumed run found it
-#: RUNNING, the process that ran it gone, or Optuna failed it (an invalid value).
-UNRECORDED_FAILURE = ("no reason recorded: the process running it ended without closing it (killed, or crashed), "
-                      "or its values were invalid")
-
-
 def requeue_interrupted_anchors(space: ConcreteSpace, study) -> int:
     """Enqueue again every anchor (:func:`anchors`), or other trial enqueued from outside the
-    search, that a stopped run left unfinished (:func:`is_interrupted`), unless another trial has
-    tried its setting or waits to; returns how many. The proposals requeue their own
-    (:meth:`_FrontProposals.requeue_interrupted`)."""
+    search, that a stop cut short (:func:`is_interrupted`); returns how many. The proposals requeue
+    their own (:meth:`_FrontProposals.requeue_interrupted`)."""
+    return _requeue_interrupted(space, study, lambda t: not proposal_origin(t.user_attrs) and not is_sibling(t))
+
+
+def _requeue_interrupted(space: ConcreteSpace, study, which: Callable[[Any], bool]) -> int:
+    """Enqueue again, with its setting and origin, every enqueued trial ``which`` picks among those
+    a stop cut short (:func:`_enqueue_new`); returns how many."""
     existing = study.get_trials(deepcopy=False)
     seen = _settings(space, [t for t in existing if not is_interrupted(t)])
-    count = 0
-    for t in existing:
-        fixed = t.system_attrs.get("fixed_params")
-        if not fixed or not is_interrupted(t) or proposal_origin(t.user_attrs) or is_sibling(t):
-            continue
-        canonical = space.canonical(fixed)
-        if not _among(canonical, seen):
-            study.enqueue_trial(fixed)
-            seen.append(canonical)
-            count += 1
-    return count
+    return sum(_enqueue_new(space, study, t.system_attrs.get("fixed_params", {}),
+                            proposal_origin(t.user_attrs, with_seed=True), seen)
+               for t in existing if is_interrupted(t) and which(t))
+
+
+def _enqueue_new(space: ConcreteSpace, study, params: dict[str, Any], user_attrs: dict[str, Any],
+                 seen: list[dict[str, Any]]) -> bool:
+    """Enqueue ``params`` and add its canonical form to ``seen`` (canonical forms), unless it is
+    empty (a trial the sampler drew), a trial in ``seen`` already has that setting, or it builds the
+    base model itself (a toggle leaving quantization out of quantization alone, a milder step down
+    to no pruning: the base model is measured apart, never a trial); returns whether it was enqueued."""
+    canonical = space.canonical(params)
+    if not params or _among(canonical, seen) or space.builds_base_model(params):
+        return False
+    study.enqueue_trial(params, user_attrs=user_attrs)
+    seen.append(canonical)
+    return True
 
 
 def tried(space: ConcreteSpace, trials, params: dict[str, Any]) -> bool:
@@ -438,8 +427,7 @@ def is_interrupted(trial) -> bool:
     counted as tried, and, when it was proposed or enqueued, is enqueued again on resume. A trial
     whose process died instead (killed, or crashed by its candidate; a SystemExit), failed with no
     reason recorded when a resumed run found it RUNNING (or by Optuna's heartbeats), is a failed
-    trial (:data:`UNRECORDED_FAILURE`): not retried, so a candidate that crashes the process cannot
-    crash every resume."""
+    trial, not retried: a candidate that crashes the process cannot crash every resume."""
     from optuna.trial import TrialState
 
     reason = trial.user_attrs.get("failure_reason")

@@ -42,7 +42,6 @@ from autocomp.errors import (
 from autocomp.method import BaseModelInfo
 from autocomp.plugins import Registry
 from autocomp.proposals import (
-    UNRECORDED_FAILURE,
     MethodToggles,
     StrengthSteps,
     anchors,
@@ -239,6 +238,10 @@ def _versions() -> dict[str, str]:
     return versions
 
 
+#: The logger Optuna's trial loop reports a failed trial with.
+_OPTUNA_TRIALS = "optuna.study._optimize"
+
+
 class _StopOnSignal:
     """SIGTERM and SIGINT stop the search and leave it resumable.
 
@@ -258,22 +261,18 @@ class _StopOnSignal:
         self.requested = False
         self._armed = False
         self._previous: dict[int, Any] = {}
-        self._quieted: list[logging.Logger] = []
 
-    def quiet(self, logger: logging.Logger) -> None:
-        """Leave out, until the block ends, what ``logger`` (Optuna's trial loop) reports of a trial
-        after a stop, wherever its records go: a trial the stop cut short is not a failure to show
-        with its traceback."""
-        logger.addFilter(self)
-        self._quieted.append(logger)
-
-    def filter(self, record: logging.LogRecord) -> bool:  # a logging filter
+    def filter(self, record: logging.LogRecord) -> bool:
+        """A logging filter on Optuna's trial loop (:data:`_OPTUNA_TRIALS`), wherever its records go:
+        after a stop it leaves out Optuna's report of a failed trial, with its traceback: a trial the
+        stop cut short is no failure to show."""
         if not self.requested:
             return True
         message = record.getMessage()
         return not (message.startswith("Trial ") and " failed " in message)
 
     def __enter__(self) -> "_StopOnSignal":
+        logging.getLogger(_OPTUNA_TRIALS).addFilter(self)  # the logger exists before Optuna is imported
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 self._previous[sig] = signal.signal(sig, self._handle)
@@ -330,8 +329,7 @@ class _StopOnSignal:
             signal.signal(sig, previous)
         if self._previous and sys.unraisablehook == self._unraisable:  # unless another replaced it since
             sys.unraisablehook = self._unraisable_hook
-        for logger in self._quieted:
-            logger.removeFilter(self)
+        logging.getLogger(_OPTUNA_TRIALS).removeFilter(self)
         return False
 
 
@@ -385,6 +383,12 @@ def _files_of(run: RunDir, trial) -> Path:
     """The directory holding ``trial``'s spec, metrics and model: its trial directory, or for a
     sibling, the one inside its source's (:data:`FILES_IN`)."""
     return run.root / trial.user_attrs[FILES_IN] if FILES_IN in trial.user_attrs else run.trial_dir(trial.number)
+
+
+#: The failure reason reported for a failed trial that recorded none: a resumed run found it
+#: RUNNING, the process that ran it gone, or Optuna failed it (an invalid value).
+UNRECORDED_FAILURE = ("no reason recorded: the process running it ended without closing it (killed, or crashed), "
+                      "or its values were invalid")
 
 
 def _summary(prep: Prepared, concrete: ConcreteSpace, study, baseline: dict[str, Any], status: str) -> dict[str, Any]:
@@ -543,7 +547,6 @@ def _run_search(config: SearchConfig, registry: Registry, on_event: Event, stop:
     run.write_manifest(manifest)
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    stop.quiet(logging.getLogger("optuna.study._optimize"))  # where Optuna reports a failed trial
     study = _open_study(prep)
     if not study.get_trials(deepcopy=False):
         for anchor in anchors(concrete):

@@ -199,7 +199,9 @@ class Objective:
                 trial.set_user_attr("failure_reason", reason)
                 write_json(trial_dir / "metrics.json", {"status": "failed", "reason": reason,
                                                         "skipped": ctx.skipped, "notes": ctx.notes})
-                self.on_event("trial_failed", {"number": trial.number, "reason": reason})
+                # stopped: cut short by a stop (is_interrupted), not a failure of the candidate
+                self.on_event("trial_failed", {"number": trial.number, "reason": reason,
+                                               "stopped": isinstance(exc, KeyboardInterrupt)})
                 raise
             metrics = self._metrics(metric, latency, artifact, parity, started, ctx, stats)
             for key, value in self._constraints(metrics).items():

@@ -22,6 +22,23 @@ def unmeasured_target(name: str = "device", precisions=("fp32",), aliases=()):
     return type(f"Unmeasured[{name}]", (Target,), attrs)()
 
 
+def signal_before(monkeypatch, owner, name, calls=(1,), when=None):
+    """Make ``owner.name`` raise SIGTERM on itself before its calls numbered in ``calls`` (from 1),
+    counting only the calls ``when(*args, **kwargs)`` accepts when given: a stop landing exactly there."""
+    import signal
+
+    original, seen = getattr(owner, name), []
+
+    def under_a_signal(*args, **kwargs):
+        if when is None or when(*args, **kwargs):
+            seen.append(1)
+            if len(seen) in calls:
+                signal.raise_signal(signal.SIGTERM)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, under_a_signal)
+
+
 def builtin_plugins():
     import importlib
 

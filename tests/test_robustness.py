@@ -19,7 +19,7 @@ from autocomp.errors import CandidateError
 from autocomp.method import FixedParam, Method
 from autocomp.search import SearchConfig, run_search
 
-from .conftest import FAST_TIMING, builtin_plugins
+from .conftest import FAST_TIMING, builtin_plugins, signal_before
 
 SPACE = """
 [prune]
@@ -104,19 +104,6 @@ class _Recorder(logging.Handler):
         self.messages.append(record.getMessage())
 
 
-def _signal_before(monkeypatch, owner, name, calls=(1,)):
-    """Make ``owner.name`` raise SIGTERM on itself before its call numbered in ``calls`` (from 1)."""
-    original, seen = getattr(owner, name), []
-
-    def under_a_signal(*args, **kwargs):
-        seen.append(1)
-        if len(seen) in calls:
-            signal.raise_signal(signal.SIGTERM)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(owner, name, under_a_signal)
-
-
 def test_sigterm_leaves_an_interrupted_resumable_run(tmp_path, tiny_workload, _cache_dir):
     out = tmp_path / "run"
     env = {**os.environ, "AUTOCOMP_CACHE_DIR": str(_cache_dir)}
@@ -161,7 +148,7 @@ def test_a_stop_while_optuna_records_a_trial_ends_the_search_cleanly(tmp_path, r
 
     from autocomp.errors import Interrupted
 
-    _signal_before(monkeypatch, optimize, "_tell_with_warning")
+    signal_before(monkeypatch, optimize, "_tell_with_warning")
     config = _fast_config(tmp_path, trials=3)
     with pytest.raises(Interrupted, match="Resume with"):
         run_search(config, registry)
@@ -183,7 +170,7 @@ def test_a_stop_during_the_final_measurements_leaves_the_run_interrupted_and_res
     import autocomp.search as search
     from autocomp.errors import Interrupted
 
-    _signal_before(monkeypatch, search, "_final_measurements")
+    signal_before(monkeypatch, search, "_final_measurements")
     config = _fast_config(tmp_path, trials=2)
     with pytest.raises(Interrupted, match="Resume with"):
         run_search(config, registry)
@@ -207,7 +194,7 @@ def test_a_stop_before_a_trial_starts_costs_no_trial_and_its_anchor_is_queued_ag
 
     from autocomp.errors import Interrupted
 
-    _signal_before(monkeypatch, optuna.Study, "ask", calls=(2,))
+    signal_before(monkeypatch, optuna.Study, "ask", calls=(2,))
     config = _fast_config(tmp_path, trials=3)
     reports = _Recorder()
     logging.getLogger("optuna").addHandler(reports)  # where Optuna's trial loop reports go
@@ -239,7 +226,7 @@ def test_a_stop_while_the_base_model_is_measured_leaves_nothing_behind(tmp_path,
     import autocomp.search as search
     from autocomp.errors import Interrupted
 
-    _signal_before(monkeypatch, search, "_measure_baseline")
+    signal_before(monkeypatch, search, "_measure_baseline")
     config = _fast_config(tmp_path, trials=1)
     with pytest.raises(Interrupted, match="measuring the base model; nothing was kept: run the same command again"):
         run_search(config, registry)
@@ -256,14 +243,8 @@ def test_a_stop_while_a_sibling_is_added_keeps_the_sibling(tmp_path, registry, t
     from autocomp.errors import Interrupted
     from autocomp.trial import FILES_IN
 
-    add_trial = optuna.Study.add_trial
-
-    def add_under_a_signal(self, trial):
-        if "sibling_of" in trial.user_attrs:  # not an enqueued one (enqueue_trial adds a trial too)
-            signal.raise_signal(signal.SIGTERM)
-        return add_trial(self, trial)
-
-    monkeypatch.setattr(optuna.Study, "add_trial", add_under_a_signal)
+    # a sibling's, not an enqueued one (enqueue_trial adds a trial too)
+    signal_before(monkeypatch, optuna.Study, "add_trial", when=lambda study, trial: "sibling_of" in trial.user_attrs)
     with pytest.raises(Interrupted):
         run_search(_fast_config(tmp_path, trials=4, space_text=FAST_SPACE + "optional = true\n"), registry)
     study = optuna.load_study(study_name="autocomp", storage=f"sqlite:///{tmp_path / 'run' / 'study.db'}")

@@ -18,7 +18,7 @@ from autocomp.ort import run_batches
 from autocomp.results import sha256_of
 from autocomp.search import SearchConfig, run_search
 
-from .conftest import FAST_TIMING
+from .conftest import FAST_TIMING, signal_before
 
 FAST_SPACE = """
 [prune]
@@ -176,17 +176,9 @@ def test_cli_exit_1_when_no_candidate_meets_the_constraints(tmp_path, registry, 
 def test_cli_json_on_a_stop_is_the_interrupted_runs_summary(tmp_path, registry, space_file, capsys, monkeypatch):
     """A job reading --json gets one document on a stop too: the summary written to pareto.json,
     its status "interrupted"; the exit code is 3."""
-    import signal
-
     import autocomp.search as search
 
-    measure = search._final_measurements
-
-    def measure_under_a_signal(*args):
-        signal.raise_signal(signal.SIGTERM)
-        return measure(*args)
-
-    monkeypatch.setattr(search, "_final_measurements", measure_under_a_signal)
+    signal_before(monkeypatch, search, "_final_measurements")
     # as on a terminal, where rich's live progress sends what is printed to stdout to its console (stderr)
     monkeypatch.setenv("FORCE_COLOR", "1")
     out = tmp_path / "run"

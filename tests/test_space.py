@@ -48,6 +48,15 @@ def tiny_zoo(tmp_path_factory, torch_threads):
     return get
 
 
+def _joint_space(registry, tiny_zoo):
+    """The shipped joint space made concrete for the tiny ResNet-20, on the jetson target."""
+    from autocomp.method import BaseModelInfo
+
+    model, x, onnx_path = tiny_zoo("resnet20")
+    space = load_space(default_space_path().with_name("joint.toml"), registry.methods)
+    return space.concrete(BaseModelInfo(model, x, onnx_path, registry.target("jetson")))
+
+
 def test_default_space_loads(registry):
     space = load_space(default_space_path(), registry.methods)
     assert space.names() == ["prune", "distill", "quantize"]  # stage order, as in the file's stages
@@ -417,12 +426,9 @@ def test_toggles_follow_the_front_leaving_out_or_putting_in_one_method_each(regi
     import optuna
     from optuna.trial import TrialState
 
-    from autocomp.method import BaseModelInfo
     from autocomp.proposals import SEED_OF, TOGGLE_ATTRS, MethodToggles, _agrees, _setting
 
-    model, x, onnx_path = tiny_zoo("resnet20")
-    space = load_space(default_space_path().with_name("joint.toml"), registry.methods)
-    concrete = space.concrete(BaseModelInfo(model, x, onnx_path, registry.target("jetson")))
+    concrete = _joint_space(registry, tiny_zoo)
     toggles = MethodToggles(concrete, trials=60, share=0.2)
     assert toggles.gated == ["remove_blocks", "lowrank", "quantize"] and toggles.budget == 12
     assert [toggles.allowed(n) for n in (0, 1, 5, 6, 59, 60, 80)] == [0, 1, 1, 2, 12, 12, 12]
@@ -487,12 +493,9 @@ def test_toggles_follow_the_front_leaving_out_or_putting_in_one_method_each(regi
 def test_no_ablation_of_a_method_that_changes_nothing(registry, tiny_zoo):
     """Block removal switched on with no block removed builds the same model as switched off, and so
     does quantization with every layer at fp32."""
-    from autocomp.method import BaseModelInfo
     from autocomp.proposals import MethodToggles
 
-    model, x, onnx_path = tiny_zoo("resnet20")
-    space = load_space(default_space_path().with_name("joint.toml"), registry.methods)
-    concrete = space.concrete(BaseModelInfo(model, x, onnx_path, registry.target("jetson")))
+    concrete = _joint_space(registry, tiny_zoo)
     blocks = [f"remove_blocks.{p.name}" for m, _, ps in concrete.entries if m.name == "remove_blocks"
               for p in ps if p.name != "enabled"]
     params = {"remove_blocks.enabled": True, **{b: False for b in blocks}, "prune.importance": "l2",
@@ -561,12 +564,9 @@ def test_a_toggle_a_stopped_run_left_is_enqueued_again(registry, tiny_zoo):
     import optuna
     from optuna.trial import TrialState
 
-    from autocomp.method import BaseModelInfo
     from autocomp.proposals import ABLATION_OF, ADDITION_OF, STEP_OF, STEPPED, MethodToggles, StrengthSteps
 
-    model, x, onnx_path = tiny_zoo("resnet20")
-    space = load_space(default_space_path().with_name("joint.toml"), registry.methods)
-    concrete = space.concrete(BaseModelInfo(model, x, onnx_path, registry.target("jetson")))
+    concrete = _joint_space(registry, tiny_zoo)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(directions=["maximize", "minimize"])
     ablation, addition = {ABLATION_OF: 0, "ablated": "quantize"}, {ADDITION_OF: 0, "added": "lowrank"}
@@ -613,12 +613,9 @@ def test_a_setting_a_stop_cut_short_is_not_tried_and_paces_nothing(registry, tin
     import optuna
     from optuna.trial import TrialState
 
-    from autocomp.method import BaseModelInfo
     from autocomp.proposals import MethodToggles, tried
 
-    model, x, onnx_path = tiny_zoo("resnet20")
-    space = load_space(default_space_path().with_name("joint.toml"), registry.methods)
-    concrete = space.concrete(BaseModelInfo(model, x, onnx_path, registry.target("jetson")))
+    concrete = _joint_space(registry, tiny_zoo)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(directions=["maximize", "minimize"])
     setting = {"prune.importance": "l2", "quantize.enabled": False}
@@ -662,12 +659,9 @@ def test_toggles_do_not_toggle_back_retry_a_failure_or_outrun_the_budget(registr
     import optuna
     from optuna.trial import TrialState
 
-    from autocomp.method import BaseModelInfo
     from autocomp.proposals import ABLATED, ABLATION_OF, ADDED, ADDITION_OF, MethodToggles
 
-    model, x, onnx_path = tiny_zoo("resnet20")
-    space = load_space(default_space_path().with_name("joint.toml"), registry.methods)
-    concrete = space.concrete(BaseModelInfo(model, x, onnx_path, registry.target("jetson")))
+    concrete = _joint_space(registry, tiny_zoo)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(directions=["maximize", "minimize"])
     off = {"remove_blocks.enabled": False, "prune.importance": "l2", "lowrank.enabled": False}
@@ -714,12 +708,9 @@ def test_siblings_use_no_trial_of_the_proposals_budget(registry, tiny_zoo):
     import optuna
     from optuna.trial import TrialState
 
-    from autocomp.method import BaseModelInfo
     from autocomp.proposals import SIBLING_OF, MethodToggles
 
-    model, x, onnx_path = tiny_zoo("resnet20")
-    space = load_space(default_space_path().with_name("joint.toml"), registry.methods)
-    concrete = space.concrete(BaseModelInfo(model, x, onnx_path, registry.target("jetson")))
+    concrete = _joint_space(registry, tiny_zoo)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(directions=["maximize", "minimize"])
     off = {"remove_blocks.enabled": False, "prune.importance": "l2", "lowrank.enabled": False, "quantize.enabled": False}
@@ -741,14 +732,11 @@ def test_strength_steps_move_every_sampled_compression_range_one_step(registry, 
     width (kept on the ratio's grid and inside the range), toward the strong end or the neutral end;
     choices and everything without a direction stay as they are; a direction that changes nothing is
     not proposed."""
-    from autocomp.method import BaseModelInfo
     from types import SimpleNamespace
 
     from autocomp.proposals import MILDER, SEED_OF, STEP_OF, STEPPED, STRONGER, StrengthSteps
 
-    model, x, onnx_path = tiny_zoo("resnet20")
-    space = load_space(default_space_path().with_name("joint.toml"), registry.methods)
-    concrete = space.concrete(BaseModelInfo(model, x, onnx_path, registry.target("jetson")))
+    concrete = _joint_space(registry, tiny_zoo)
     steps = StrengthSteps(concrete, trials=60, share=0.15, size=0.15)
     assert steps.budget == 9
     ratios = [k for k in steps.ranges if k.startswith("prune.")]
@@ -892,12 +880,9 @@ def test_toggles_and_steps_share_one_study_each_within_its_own_share(registry, t
     import optuna
     from optuna.trial import TrialState
 
-    from autocomp.method import BaseModelInfo
     from autocomp.proposals import MethodToggles, StrengthSteps
 
-    model, x, onnx_path = tiny_zoo("resnet20")
-    space = load_space(default_space_path().with_name("joint.toml"), registry.methods)
-    concrete = space.concrete(BaseModelInfo(model, x, onnx_path, registry.target("jetson")))
+    concrete = _joint_space(registry, tiny_zoo)
     toggles, steps = MethodToggles(concrete, trials=40), StrengthSteps(concrete, trials=40)
 
     def objective(trial):
@@ -933,12 +918,9 @@ def test_settings_that_build_the_same_candidate_have_one_canonical_form(registry
     proposed again."""
     import optuna
 
-    from autocomp.method import BaseModelInfo
     from autocomp.proposals import MethodToggles
 
-    model, x, onnx_path = tiny_zoo("resnet20")
-    space = load_space(default_space_path().with_name("joint.toml"), registry.methods)
-    concrete = space.concrete(BaseModelInfo(model, x, onnx_path, registry.target("jetson")))
+    concrete = _joint_space(registry, tiny_zoo)
     entries = {m.name: ps for m, _, ps in concrete.entries}
     layers = [f"quantize.{p.name}" for p in entries["quantize"] if p.name not in ("enabled", "all_layers")]
     blocks = [f"remove_blocks.{p.name}" for p in entries["remove_blocks"] if p.name != "enabled"]

@@ -15,6 +15,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from autocomp.errors import CandidateError
 from autocomp.method import CandidateContext, Method
 from autocomp.space import GATE, CandidateSpec, ConcreteSpace
 
@@ -73,7 +74,7 @@ def build_structure(base_model: "torch.nn.Module", spec: CandidateSpec, space: C
     for method, config, params in space.entries:
         setting = _setting(spec, method, space)
         if method.stage == "structural" and setting is not None:
-            model = method.apply(model, setting, config, ctx)
+            model = _model_from(method, method.apply(model, setting, config, ctx))
     if space.structure_unchanged(spec.flat()):  # every structural method off or changing nothing
         ctx.notes["structure_unchanged"] = True
     else:
@@ -92,7 +93,7 @@ def recover(model: "torch.nn.Module", spec: CandidateSpec, space: ConcreteSpace,
         ctx.notes["recovery_skipped"] = "the structural methods left the model unchanged: nothing to recover"
         return model.eval()
     for method, config, setting in recovery:
-        model = method.apply(model, setting, config, ctx)
+        model = _model_from(method, method.apply(model, setting, config, ctx))
     return model.eval()
 
 
@@ -105,8 +106,27 @@ def build_artifact(fp32_onnx: Path, spec: CandidateSpec, space: ConcreteSpace, c
         setting = _setting(spec, method, space)
         if method.stage == "post_export" and setting is not None:
             ctx.notes.pop(EVALUATION_ARTIFACT, None)  # the twin belongs to the last method that ran
-            path = Path(method.apply(path, setting, config, ctx))
+            path = _onnx_from(method, method.apply(path, setting, config, ctx))
     return path
+
+
+def _model_from(method: Method, result: Any) -> "torch.nn.Module":
+    """What a structural or recovery method's ``apply`` returned, checked: the model (a method that
+    changes it in place still returns it)."""
+    import torch
+
+    if not isinstance(result, torch.nn.Module):
+        raise CandidateError(f"method {method.name!r}: apply() returned {type(result).__name__}, not the model; a "
+                             "method that changes the model in place still returns it (a bug in its plugin)")
+    return result
+
+
+def _onnx_from(method: Method, result: Any) -> Path:
+    """What a post-export method's ``apply`` returned, checked: the path of an ONNX file that exists."""
+    if not isinstance(result, (str, Path)) or not Path(result).is_file():
+        raise CandidateError(f"method {method.name!r}: apply() returned {result!r}, not the path of the ONNX file "
+                             "it wrote (a bug in its plugin)")
+    return Path(result)
 
 
 def count_macs(model: "torch.nn.Module", example_input: "torch.Tensor") -> tuple[int, int]:

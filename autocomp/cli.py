@@ -511,12 +511,16 @@ def _cmd_plugins(args) -> int:
     from rich.table import Table
 
     console = _console()
-    table = Table(title="autocomp plugins", title_justify="left")
-    for col in ("kind", "name", "package"):
-        table.add_column(col)
-    for row in rows:
-        table.add_row(row["kind"], row["name"], row["package"])
-    console.print(table)  # a plugin that was skipped has been logged, with its reason
+    tables = [("autocomp plugins", ("kind", "name", "package"), rows)]
+    if broken:
+        tables.append(("skipped plugins (nothing of them is loaded)", ("name", "package", "reason"), broken))
+    for title, columns, entries in tables:
+        table = Table(title=title, title_justify="left")
+        for col in columns:
+            table.add_column(col)
+        for entry in entries:
+            table.add_row(*(entry[col] for col in columns))
+        console.print(table)
     return EXIT_OK
 
 
@@ -603,6 +607,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         _console().print("[red]interrupted[/]")
         return EXIT_INTERRUPTED
+    except Exception as exc:  # a bug, autocomp's or a plugin's: exit 4, never Python's 1 ("no candidate met ...")
+        if args.verbose:
+            import traceback
+
+            traceback.print_exc()
+        _console().print(f"[red]error:[/] unexpected {type(exc).__name__}: {exc}\n(a bug in autocomp or in a plugin; "
+                         f"{'its traceback is above' if args.verbose else 'run again with -v for its traceback'}, "
+                         "please report it)", highlight=False)
+        return EXIT_INFRA
 
 
 if __name__ == "__main__":  # pragma: no cover

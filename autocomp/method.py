@@ -7,11 +7,25 @@ dataclass whose fields are the keys of its search-space table), and implements
 Stages run in this order for every candidate:
 
 1. ``structural``: changes the torch model's structure (remove blocks, prune channels, factorize).
-   ``apply(model, setting, ctx) -> model``; the model is already a private copy.
-2. ``recovery``: trains the structurally changed model back (distillation, fine-tuning).
-   ``apply(model, setting, ctx) -> model``.
+   ``apply(model, setting, config, ctx) -> model``; the model is already a private copy, and a
+   method that changes it in place still returns it.
+2. ``recovery``: trains the structurally changed model back (distillation, fine-tuning); it runs
+   only when a structural method changed the model (:meth:`Method.changes_nothing`).
+   ``apply(model, setting, config, ctx) -> model``. A method that changes weights but not the
+   structure (weight clustering, masking) would see its changes trained away here: make it
+   ``post_export``, on the ONNX file, where nothing trains after it.
 3. ``post_export``: works on the exported ONNX file (quantization).
-   ``apply(onnx_path, setting, ctx) -> new_onnx_path`` (write new files under ``ctx.work_dir``).
+   ``apply(onnx_path, setting, config, ctx) -> new_onnx_path``: write new files under
+   ``ctx.work_dir`` and leave ``onnx_path`` as it is. The graph has one input, named ``input``,
+   with a dynamic batch dimension. It may run twice for one candidate: with ``--max-latency`` on a
+   target that predicts latency, once on the untrained structure first, to reject a candidate that
+   cannot meet the bound before it is trained.
+
+``setting`` maps the method's parameter names (without the ``<method>.`` prefix) to the values the
+trial sampled; ``config`` is the method's parsed table of the space file (``config_type``). What
+``apply`` returns is checked: a model, or the path of a file that exists. An exception fails the
+trial, not the search (raise :class:`autocomp.errors.CandidateError` with the reason), and parts
+the method leaves alone go to ``ctx.skip``, listed in the run's summary.
 """
 
 from __future__ import annotations
@@ -59,7 +73,9 @@ STAGES: tuple[Stage, ...] = ("structural", "recovery", "post_export")
 class _ParamBase:
     #: Name within the method; the study sees ``<method>.<name>``.
     name: str
-    #: Sample this parameter only when another parameter (full name) took the given value.
+    #: Sample this parameter only when another parameter took the given value: ``(full name, value)``,
+    #: e.g. ``("prune.scope", "group")``. That parameter must be declared before this one (by this
+    #: method or an earlier one): the space refuses any other name.
     only_if: tuple[str, Any] | None = field(default=None, kw_only=True)
     #: The module (dotted path in the base model) this parameter concerns. It is not sampled when
     #: an earlier parameter removed that module or one of its parents.
@@ -70,6 +86,8 @@ class _ParamBase:
     #: choices), when the parameter has a direction: a pruning ratio's low end, a rank ratio's high
     #: end, ``False`` for a block removal, the highest precision offered. The search's anchor trials
     #: move away from it; ``None`` for parameters with no direction (a temperature, an importance).
+    #: For a choice the anchors take the end of ``choices`` away from the neutral one (the last, or
+    #: the first when the neutral one is last): list choices from least to most compression.
     neutral: Any = field(default=None, kw_only=True)
 
 

@@ -1,8 +1,10 @@
 """The plugin manager: entry-point discovery (once, lazily), validation, and the registries.
 
 Built-in plugins (the ``autocomp_plugins`` package) are found through the same entry-point group,
-``autocomp``, as any third party's. A plugin that fails to import or declares a hook autocomp
-does not have is reported and skipped; two plugins registering one name is an error naming both.
+``autocomp``, as any third party's. A plugin that fails to import, declares a hook autocomp
+does not have, raises in a hook or registers something malformed (a class instead of an instance, an
+unknown stage, a name with a dot) is reported and skipped whole; two plugins registering one name is
+an error naming both.
 """
 
 from __future__ import annotations
@@ -154,27 +156,90 @@ def load_registry(entry_points: Iterable[metadata.EntryPoint] | None = None,
         owner("workload", name, package)
         registry.workloads[name] = WorkloadEntry(name, factory, description, package)
 
+    # Every hook of every plugin is called and what it registers checked before anything is added, so
+    # a plugin that raises, or registers something malformed, in any of its hooks registers nothing.
     failed: set[str] = set()
+    staged: list[tuple[str, Callable[..., None], tuple, dict]] = []
     for hook, add in ((pm.hook.register_methods, add_method), (pm.hook.register_targets, add_target),
                       (pm.hook.register_workloads, add_workload)):
         for impl in hook.get_hookimpls():
             if impl.plugin_name in failed:
                 continue
-            package = registry.plugins.get(impl.plugin_name, "?")
-            staged: list[tuple[tuple, dict]] = []
+            calls: list[tuple[tuple, dict]] = []
             try:
-                # Staged, so a plugin that raises half-way registers nothing.
-                impl.function(register=lambda *args, **kwargs: staged.append((args, kwargs)))
+                impl.function(register=lambda *args, **kwargs: calls.append((args, kwargs)))
+                reason = next((r for args, kwargs in calls if (r := _malformed(hook.name, args, kwargs))), None)
             except Exception as exc:
                 reason = f"{hook.name} raised {type(exc).__name__}: {exc}"
+            if reason is not None:
+                package = registry.plugins.get(impl.plugin_name, "?")
                 logger.warning("plugin %r from %s skipped: %s", impl.plugin_name, package, reason)
                 registry.broken.append(BrokenPlugin(impl.plugin_name, package, reason))
                 failed.add(impl.plugin_name)
                 continue
-            for args, kwargs in staged:
-                add(package, *args, **kwargs)
+            staged += [(impl.plugin_name, add, args, kwargs) for args, kwargs in calls]
+    for plugin_name, add, args, kwargs in staged:
+        if plugin_name not in failed:
+            add(registry.plugins.get(plugin_name, "?"), *args, **kwargs)
 
     return registry
+
+
+def _malformed(hook: str, args: tuple, kwargs: dict) -> str | None:
+    """Why one ``register(...)`` call of ``hook`` cannot be taken, or None: caught when plugins load,
+    so a malformed registration is reported with its plugin instead of failing deep in a search."""
+    import dataclasses
+    import inspect
+
+    from autocomp.method import STAGES, Method
+    from autocomp.target import Target
+
+    spec = {"register_methods": (Method, "register(method)"), "register_targets": (Target, "register(target)")}
+    if hook == "register_workloads":
+        try:
+            bound = inspect.signature(lambda name, factory, description="": None).bind(*args, **kwargs)
+        except TypeError as exc:
+            return f"{hook} called register(name, factory, description='') wrongly: {exc}"
+        name, factory = bound.arguments["name"], bound.arguments["factory"]
+        if not _is_name(name):
+            return f"{hook} registered a workload named {name!r}: a name is a non-empty string without '.' or ':'"
+        if not callable(factory):
+            return f"{hook} registered workload {name!r} with factory {factory!r}, which is not callable"
+        return None
+    base, call = spec[hook]
+    kind = base.__name__
+    if len(args) != 1 or kwargs:
+        return (f"{hook} called register with {len(args)} argument(s) and {sorted(kwargs) or 'no'} keyword(s): "
+                f"use {call}")
+    obj = args[0]
+    if isinstance(obj, type) and issubclass(obj, base):
+        return f"{hook} registered the class {obj.__name__}, not an instance: register {obj.__name__}()"
+    if not isinstance(obj, base):
+        return f"{hook} registered {obj!r}, which is not an instance of autocomp.{kind} (subclass it)"
+    name = getattr(obj, "name", None)
+    if not _is_name(name):
+        return f"{hook} registered a {kind} named {name!r}: a name is a non-empty string without '.' or ':'"
+    if base is Method:
+        if getattr(obj, "stage", None) not in STAGES:
+            return f"method {name!r} has stage {getattr(obj, 'stage', None)!r}; use one of {', '.join(STAGES)}"
+        config_type = getattr(obj, "config_type", None)
+        parses_itself = type(obj).parse_config is not Method.parse_config
+        if not parses_itself and not (isinstance(config_type, type) and dataclasses.is_dataclass(config_type)):
+            return (f"method {name!r} has config_type {config_type!r}; it must be a dataclass whose fields are "
+                    "the keys of the method's table in a search-space file (or the method overrides parse_config)")
+        if not parses_itself and "optional" in {f.name for f in dataclasses.fields(config_type)}:
+            return (f"method {name!r} has a config field named 'optional', which every space table keeps for "
+                    "'optional = true' (the search may leave the method out): rename the field")
+    elif not all(_is_name(alias) for alias in getattr(obj, "aliases", ())):
+        return (f"target {name!r} has aliases {getattr(obj, 'aliases', ())!r}: each a non-empty string without "
+                "'.' or ':'")
+    return None
+
+
+def _is_name(value: Any) -> bool:
+    """A method, target or workload name: it names a search-space table, a study parameter's prefix
+    (``<method>.<parameter>``) or a ``--workload``, where ``module:function`` means a user's factory."""
+    return isinstance(value, str) and value.strip() == value and bool(value) and not set(value) & {".", ":"}
 
 
 _registry: Registry | None = None

@@ -8,6 +8,7 @@ table (:meth:`autocomp.method.Method.parse_config`). The concrete parameters dep
 
 from __future__ import annotations
 
+import difflib
 import logging
 import math
 import tomllib
@@ -51,13 +52,24 @@ class SearchSpace:
 
     def concrete(self, base: BaseModelInfo) -> "ConcreteSpace":
         params: list[tuple[Method, Any, tuple[Param, ...]]] = []
+        earlier: set[str] = set()  # full names of the parameters declared so far, which only_if may name
         for method, config in self.methods:
             declared = tuple(method.parameters(config, base))
+            if method.name in self.optional:
+                earlier.add(f"{method.name}.{GATE}")  # sampled before the method's own parameters
             seen: set[str] = set()
             for p in declared:
+                if not isinstance(p, Param):
+                    raise SpaceError(f"method declared {p!r}, which is not a parameter (FloatParam, IntParam, "
+                                     "ChoiceParam or FixedParam from autocomp.method): a bug in the plugin that "
+                                     "provides it", key=method.name)
                 if p.name in seen:
                     raise SpaceError(f"method declared parameter {p.name!r} twice", key=method.name)
+                if problem := _malformed(p, earlier):
+                    raise SpaceError(f"method's parameter {p.name!r} {problem}: a bug in the plugin that provides "
+                                     "it", key=method.name)
                 seen.add(p.name)
+                earlier.add(f"{method.name}.{p.name}")
             if method.name in self.optional:
                 if GATE in seen:
                     raise SpaceError(f"method has a parameter named {GATE!r}, which 'optional = true' needs for its "
@@ -235,6 +247,35 @@ class ConcreteSpace:
 
 #: A value :meth:`ConcreteSpace.sampled_part` does not know.
 _UNKNOWN = object()
+
+
+def _malformed(p: Param, earlier: set[str]) -> str | None:
+    """What is wrong with the parameter ``p`` a method declared, or None; ``earlier``: the full names
+    of the parameters declared before it, the only ones its ``only_if`` can name (a parameter is
+    sampled after those, so naming a later one, or a misspelled one, would silently never sample it)."""
+    if not isinstance(p.name, str) or not p.name:
+        return "has no name (a non-empty string)"
+    if p.only_if is not None:
+        if not (isinstance(p.only_if, tuple) and len(p.only_if) == 2):
+            return f"has only_if={p.only_if!r}; it is a pair (full name of another parameter, value)"
+        if p.only_if[0] not in earlier:
+            close = difflib.get_close_matches(str(p.only_if[0]), sorted(earlier), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            return (f"has only_if naming {p.only_if[0]!r}, which is not a parameter declared before it (a full name, "
+                    f"<method>.<parameter>){hint}")
+    if isinstance(p, (FloatParam, IntParam)):
+        if not p.low <= p.high:
+            return f"has low={p.low!r} > high={p.high!r}"
+        if p.step is not None and not p.step > 0:
+            return f"has step={p.step!r}; a step is positive"
+        if p.neutral is not None and p.neutral not in (p.low, p.high):
+            return f"has neutral={p.neutral!r}; a range's neutral value is one of its ends ({p.low!r}, {p.high!r})"
+    elif isinstance(p, ChoiceParam):
+        if not isinstance(p.choices, (tuple, list)) or not p.choices:
+            return f"has choices={p.choices!r}; choices are a non-empty tuple"
+        if p.neutral is not None and p.neutral not in p.choices:
+            return f"has neutral={p.neutral!r}, which is not one of its choices {p.choices!r}"
+    return None
 
 
 def _fixed_value(p: Param) -> Any:

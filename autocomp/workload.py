@@ -78,11 +78,18 @@ class Workload:
                 f"workload {self.name!r}: example_input must be a tensor with batch size 1, got "
                 f"{getattr(self.example_input, 'shape', type(self.example_input).__name__)}"
             )
-        if tuple(self.val.inputs.shape[1:]) != tuple(self.example_input.shape[1:]):
-            raise WorkloadError(
-                f"workload {self.name!r}: validation inputs have shape {tuple(self.val.inputs.shape[1:])} "
-                f"per example but example_input has {tuple(self.example_input.shape[1:])}; they must match"
-            )
+        splits = {"training": self.train, "validation": self.val, "test": self.test}
+        for which, split in splits.items():
+            if split is None:
+                continue
+            if not isinstance(split, Split):
+                raise WorkloadError(f"workload {self.name!r}: the {which} split must be an autocomp.Split(inputs, "
+                                    f"targets), got {type(split).__name__}")
+            if tuple(split.inputs.shape[1:]) != tuple(self.example_input.shape[1:]):
+                raise WorkloadError(
+                    f"workload {self.name!r}: {which} inputs have shape {tuple(split.inputs.shape[1:])} "
+                    f"per example but example_input has {tuple(self.example_input.shape[1:])}; they must match"
+                )
 
     def compute_loss(self, outputs: "torch.Tensor", targets: "torch.Tensor") -> "torch.Tensor":
         if self.loss is not None:

@@ -41,3 +41,41 @@ def test_details_only_with_verbose_and_events_the_cli_prints_itself_are_left_out
             log.warning("one line")
     err = capsys.readouterr().err
     assert "a detail" in err and err.count("one line") == 1 and "served: one line" in err
+
+
+def test_an_unexpected_exception_exits_4_with_a_message_not_1(monkeypatch, capsys):
+    """A bug (autocomp's or a plugin's) must not exit 1, which says "no candidate met the
+    constraints" to a nightly job; the traceback shows with -v only."""
+    def broken(args):
+        raise RuntimeError("a plugin's parameters() blew up")
+
+    monkeypatch.setattr(cli, "_cmd_targets", broken)
+    assert main(["targets"]) == 4
+    err = " ".join(capsys.readouterr().err.split())
+    assert "error: unexpected RuntimeError: a plugin's parameters() blew up" in err
+    assert "run again with -v for its traceback" in err and "Traceback" not in err
+    assert main(["-v", "targets"]) == 4
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and "its traceback is above" in " ".join(err.split())
+
+
+def test_plugins_lists_the_skipped_ones_with_their_reason(monkeypatch, capsys):
+    import types
+
+    from autocomp import hookimpl
+    from autocomp.plugins import load_registry, reset_registry
+
+    from .conftest import builtin_plugins
+
+    module = types.ModuleType("bad_plugin")
+    module.register_methods = hookimpl(lambda register: register(object()), specname="register_methods")
+    reset_registry(load_registry(entry_points=[], extra_plugins=[*builtin_plugins(), ("bad", module)]))
+    monkeypatch.setenv("COLUMNS", "400")  # one table row per line
+    capsys.readouterr()  # the warning logged while loading, if any reached stderr: only the command's output counts
+    try:
+        assert main(["plugins"]) == 0
+    finally:
+        reset_registry(None)
+    err = " ".join(capsys.readouterr().err.split())
+    assert "skipped plugins" in err and "bad" in err and "not an instance of autocomp.Method" in err
+    assert "prune" in err  # the others are listed as before

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import re
 import sys
 import types
+from dataclasses import dataclass
 from types import SimpleNamespace
 
 import pytest
 
 from autocomp import hookimpl, hookspecs
 from autocomp.errors import PluginError
+from autocomp.method import Method
 from autocomp.plugins import load_registry
 
 from .conftest import unmeasured_target
@@ -116,3 +120,150 @@ def test_workload_registration_records_package():
     registry = load_registry(entry_points=[_entry_point("wl", "pkg-wl", lambda: module)])
     assert registry.workloads["mine"].package == "pkg-wl"
     assert registry.workloads["mine"].description == "a workload"
+
+
+@dataclass(frozen=True)
+class _NoConfig:
+    pass
+
+
+@dataclass(frozen=True)
+class _OptionalField:
+    optional: bool = False
+
+
+class _Noop(Method):
+    name, stage, config_type = "noop", "structural", _NoConfig
+
+    def parameters(self, config, base):
+        return []
+
+    def apply(self, model, setting, config, ctx):
+        return model
+
+
+def _stage(value):
+    return type("BadStage", (_Noop,), {"stage": value})()
+
+
+def _named(value):
+    return type("BadName", (_Noop,), {"name": value})()
+
+
+@pytest.mark.parametrize("hook, args, expected", [
+    ("register_methods", lambda: (_Noop,), r"registered the class _Noop, not an instance: register _Noop\(\)"),
+    ("register_methods", lambda: (_Noop(), _Noop()), r"called register with 2 argument\(s\)"),
+    ("register_methods", lambda: (object(),), r"not an instance of autocomp.Method"),
+    ("register_methods", lambda: (_stage("post-export"),), r"stage 'post-export'; use one of structural, recovery"),
+    ("register_methods", lambda: (_named("my.method"),), r"named 'my.method': a name is a non-empty string"),
+    ("register_methods", lambda: (type("NoDataclass", (_Noop,), {"config_type": dict})(),),
+     r"config_type <class 'dict'>; it must be a dataclass"),
+    ("register_methods", lambda: (type("Reserved", (_Noop,), {"config_type": _OptionalField})(),),
+     r"config field named 'optional', which every space table keeps"),
+    ("register_targets", lambda: (unmeasured_target("board", aliases=["my:board"]),), r"aliases .*'my:board'"),
+    ("register_workloads", lambda: ("mine",), r"register\(name, factory, description=''\) wrongly"),
+    ("register_workloads", lambda: ("mine", "not callable"), r"factory 'not callable', which is not callable"),
+])
+def test_a_malformed_registration_skips_its_plugin_with_the_reason(hook, args, expected):
+    """Caught when plugins load and reported with the plugin, not as a crash deep in a search; the
+    other plugins still load."""
+    module = types.ModuleType("malformed")
+
+    def register_hook(register):
+        register(*args())
+
+    setattr(module, hook, hookimpl(register_hook, specname=hook))
+    registry = load_registry(entry_points=[_entry_point("malformed", "pkg-m", lambda: module),
+                                           _entry_point("good", "pkg-good", lambda: _target_plugin("board2"))])
+    [broken] = registry.broken
+    assert broken.name == "malformed" and broken.package == "pkg-m"
+    assert re.search(expected, broken.reason), broken.reason
+    assert set(registry.targets) == {"board2"} and not registry.methods and not registry.workloads
+
+
+def test_a_plugin_broken_in_one_hook_registers_nothing_from_its_others():
+    """Its methods registered fine, its targets hook raised: none of it is kept (a half-loaded
+    plugin would run with parts missing)."""
+    module = types.ModuleType("half")
+    module.register_methods = hookimpl(lambda register: register(_Noop()), specname="register_methods")
+
+    @hookimpl
+    def register_targets(register):
+        raise RuntimeError("no board attached")
+
+    module.register_targets = register_targets
+    registry = load_registry(entry_points=[_entry_point("half", "pkg-h", lambda: module)])
+    assert [b.name for b in registry.broken] == ["half"] and "no board attached" in registry.broken[0].reason
+    assert "noop" not in registry.methods
+
+
+def test_a_method_subclass_that_parses_its_own_table_needs_no_dataclass():
+    """config_type need not be a dataclass when the method overrides parse_config."""
+    class OwnParser(_Noop):
+        config_type = dict
+
+        def parse_config(self, table, source):
+            return dict(table)
+
+    module = types.ModuleType("own")
+    module.register_methods = hookimpl(lambda register: register(OwnParser()), specname="register_methods")
+    registry = load_registry(entry_points=[_entry_point("own", "pkg-o", lambda: module)])
+    assert not registry.broken and "noop" in registry.methods
+
+
+def _readme_method_example(monkeypatch) -> types.ModuleType:
+    """The method plugin the README shows, as a module (the README's code, not a copy of it)."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    [code] = [block for block in re.findall(r"```python\n(.*?)```", text, re.S) if "class FactorizeHead" in block]
+    module = types.ModuleType("readme_factorize_head")
+    monkeypatch.setitem(sys.modules, module.__name__, module)  # where dataclasses and typing look a class's module up
+    exec(compile(code, "README.md", "exec"), module.__dict__)
+    return module
+
+
+def test_the_readme_method_example_runs_in_a_search(tmp_path, tiny_workload, monkeypatch):
+    """The README's example plugin registers, its parameter is sampled, and the candidate it builds
+    is trained back, exported and scored: the kept artifact has the head factorized in two layers."""
+    import onnx
+
+    from autocomp.search import SearchConfig, run_search
+
+    from .conftest import FAST_TIMING, builtin_plugins
+
+    example = _readme_method_example(monkeypatch)
+    registry = load_registry(entry_points=[], extra_plugins=[*builtin_plugins(), ("head", example)])
+    assert not registry.broken and registry.methods["factorize_head"].stage == "structural"
+    space = tmp_path / "space.toml"
+    space.write_text("[factorize_head]\nkeep = [0.25, 1.0]\n\n[distill]\nsteps = 5\n")
+    result = run_search(SearchConfig(workload="digits-tiny", target_options=FAST_TIMING, space=space, max_drop=1.0,
+                                     trials=2, out=tmp_path / "run", final_rounds=1, keep_all=True), registry)
+    assert result.summary["trials"]["complete"] == 2
+    first = tmp_path / "run" / "trials" / "0000"
+    # the first anchor: the rank ratio half way from its neutral end, 0.625 of the head's rank 10
+    assert json.loads((first / "spec.json").read_text())["factorize_head"] == {"keep": 0.625}
+    layers = [n.op_type for n in onnx.load(first / "model.onnx").graph.node if n.op_type in ("Gemm", "MatMul")]
+    assert len(layers) == 2, layers
+
+
+@pytest.mark.parametrize("which, expected", [
+    ("train", r"training inputs have shape \(4,\) per example but example_input has \(8,\)"),
+    ("test", r"test inputs have shape \(4,\) per example"),
+    ("val", r"validation inputs have shape \(4,\) per example"),
+])
+def test_a_workload_split_of_another_shape_is_refused_naming_the_split(which, expected):
+    """Every split is checked against example_input when the workload is made, not only the
+    validation split: a mismatched training split would fail every candidate's fine-tuning."""
+    import torch
+
+    from autocomp import Split, Workload
+    from autocomp.errors import WorkloadError
+
+    good, bad = Split(torch.zeros(3, 8), torch.zeros(3)), Split(torch.zeros(3, 4), torch.zeros(3))
+    splits = {"train": good, "val": good, "test": good, which: bad}
+    with pytest.raises(WorkloadError, match=r"workload 'mine': " + expected):
+        Workload(name="mine", model=torch.nn.Linear(8, 2), example_input=torch.zeros(1, 8), **splits)
+    with pytest.raises(WorkloadError, match=r"the test split must be an autocomp.Split\(inputs, targets\), got tuple"):
+        Workload(name="mine", model=torch.nn.Linear(8, 2), example_input=torch.zeros(1, 8), train=good, val=good,
+                 test=(torch.zeros(3, 8), torch.zeros(3)))

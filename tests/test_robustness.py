@@ -68,6 +68,39 @@ def test_a_failing_candidate_is_a_failed_trial_and_the_search_goes_on(tmp_path, 
     assert result.exit_code == 0
 
 
+def test_an_apply_that_returns_no_model_or_no_file_fails_the_candidate_with_the_fix(tmp_path, tiny_workload):
+    """What apply returns is checked where it is used: a structural method changing the model in
+    place and returning None, or a post-export method returning a file it never wrote, fails that
+    candidate with a reason naming the method, not a NoneType error further on."""
+    import optuna
+
+    from autocomp.candidate import build_artifact, build_structure
+    from autocomp.method import BaseModelInfo, CandidateContext
+    from autocomp.space import parse_space
+
+    class InPlace(_Flaky):
+        name = "inplace"
+
+        def apply(self, model, setting, config, ctx):
+            model.fc.weight.data.mul_(1.0)
+
+    class NoFile(_Flaky):
+        name, stage = "nofile", "post_export"
+
+        def apply(self, onnx_path, setting, config, ctx):
+            return ctx.work_dir / "never_written.onnx"
+
+    space = parse_space({"inplace": {}, "nofile": {}}, {"inplace": InPlace(), "nofile": NoFile()}, source="s.toml")
+    concrete = space.concrete(BaseModelInfo(None, None, tmp_path / "m.onnx", None))
+    spec = concrete.sample(optuna.create_study(directions=["maximize", "minimize"]).ask())
+    ctx = CandidateContext(workload=tiny_workload, teacher=tiny_workload.model, target=None, work_dir=tmp_path, seed=0)
+    with pytest.raises(CandidateError, match=r"method 'inplace': apply\(\) returned NoneType, not the model"):
+        build_structure(tiny_workload.model, spec, concrete, ctx)
+    (tmp_path / "fp32.onnx").write_bytes(b"an fp32 export")
+    with pytest.raises(CandidateError, match=r"method 'nofile': apply\(\) returned .*never_written.onnx'\), not the path"):
+        build_artifact(tmp_path / "fp32.onnx", spec, concrete, ctx)
+
+
 FAST_SPACE = """
 [prune]
 ratio = [0.0, 0.5]

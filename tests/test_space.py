@@ -1059,3 +1059,69 @@ def test_only_a_method_that_says_so_changes_nothing(registry, tiny_zoo):
     finally:
         logger.removeHandler(handler)
     assert any("no canonical form for 4" in r.getMessage() for r in records)
+
+
+@pytest.mark.parametrize("declared, expected", [
+    (lambda: [FloatParam("ratio", 0.9, 0.1)], r"parameter 'ratio' has low=0.9 > high=0.1"),
+    (lambda: [FloatParam("ratio", 0.1, 0.9, neutral=0.5)], r"neutral=0.5; a range's neutral value is one of its ends"),
+    (lambda: [FloatParam("ratio", 0.1, 0.9, step=0.0)], r"step=0.0; a step is positive"),
+    (lambda: [_choice("bits", (8, 16), neutral=32)], r"neutral=32, which is not one of its choices \(8, 16\)"),
+    (lambda: [_choice("bits", ())], r"choices=\(\); choices are a non-empty tuple"),
+    (lambda: [FloatParam("ratio", 0.1, 0.9, only_if=("mine.scope", "group")), _choice("scope", ("group", "all"))],
+     r"only_if naming 'mine.scope', which is not a parameter declared before it"),
+    (lambda: [_choice("scope", ("group", "all")), FloatParam("ratio", 0.1, 0.9, only_if=("scope", "group"))],
+     r"only_if naming 'scope', .*; did you mean 'mine.scope'\?"),
+    (lambda: [("ratio", 0.1, 0.9)], r"declared \('ratio', 0.1, 0.9\), which is not a parameter"),
+])
+def test_a_malformed_parameter_stops_the_search_before_it_starts(tmp_path, declared, expected):
+    """A plugin's malformed parameter is a configuration error naming the method and the problem,
+    raised while the space is made concrete, not a failure of every trial (or an only_if that
+    silently never samples its parameter)."""
+    from autocomp.method import BaseModelInfo, Method
+    from autocomp.space import parse_space
+
+    class Mine(Method):
+        name, stage, config_type = "mine", "structural", dict
+
+        def parse_config(self, table, source):
+            return dict(table)
+
+        def parameters(self, config, base):
+            return declared()
+
+        def apply(self, model, setting, config, ctx):
+            return model
+
+    space = parse_space({"mine": {}}, {"mine": Mine()}, source="s.toml")
+    with pytest.raises(SpaceError, match=r"\[mine\] .*" + expected):
+        space.concrete(BaseModelInfo(None, None, tmp_path / "m.onnx", None))
+
+
+def _choice(name, choices, **kwargs):
+    from autocomp.method import ChoiceParam
+
+    return ChoiceParam(name, choices, **kwargs)
+
+
+def test_only_if_may_name_an_earlier_parameter_or_the_methods_own_switch(tmp_path):
+    """The forms the built-in methods use are accepted: a parameter declared before, by the method
+    or an earlier one, and an optional method's on/off switch."""
+    from autocomp.method import BaseModelInfo, ChoiceParam, Method
+    from autocomp.space import GATE, parse_space
+
+    class Mine(Method):
+        name, stage, config_type = "mine", "structural", dict
+
+        def parse_config(self, table, source):
+            return dict(table)
+
+        def parameters(self, config, base):
+            return [ChoiceParam("scope", ("group", "all")), FloatParam("ratio", 0.1, 0.9, only_if=("mine.scope", "all")),
+                    FloatParam("gain", 1.0, 2.0, only_if=(f"mine.{GATE}", True))]
+
+        def apply(self, model, setting, config, ctx):
+            return model
+
+    space = parse_space({"mine": {"optional": True}}, {"mine": Mine()}, source="s.toml")
+    concrete = space.concrete(BaseModelInfo(None, None, tmp_path / "m.onnx", None))
+    assert "mine.ratio" in concrete.declared_names and "mine.gain" in concrete.declared_names

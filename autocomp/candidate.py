@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -123,7 +124,7 @@ def _model_from(method: Method, result: Any) -> "torch.nn.Module":
 
 def _onnx_from(method: Method, result: Any) -> Path:
     """What a post-export method's ``apply`` returned, checked: the path of an ONNX file that exists."""
-    if not isinstance(result, (str, Path)) or not Path(result).is_file():
+    if not isinstance(result, (str, os.PathLike)) or not Path(result).is_file():
         raise CandidateError(f"method {method.name!r}: apply() returned {result!r}, not the path of the ONNX file "
                              "it wrote (a bug in its plugin)")
     return Path(result)

@@ -83,6 +83,13 @@ def _console():
     return Console(stderr=True)
 
 
+def _escape(text: str) -> str:
+    """``text`` printed as it is by rich, not read as markup: an error's ``[key]`` or ``[/tmp]``."""
+    from rich.markup import escape as rich_escape
+
+    return rich_escape(text)
+
+
 def _parser() -> argparse.ArgumentParser:
     from autocomp.target import STATISTICS  # light: dataclasses and abc only
 
@@ -519,7 +526,7 @@ def _cmd_plugins(args) -> int:
         for col in columns:
             table.add_column(col)
         for entry in entries:
-            table.add_row(*(entry[col] for col in columns))
+            table.add_row(*(_escape(entry[col]) for col in columns))  # a reason may hold [brackets]
         console.print(table)
     return EXIT_OK
 
@@ -602,19 +609,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         with _log_to_stderr(logging.INFO if args.verbose else logging.WARNING):
             return handler(args)
     except AutocompError as exc:
-        _console().print(f"[red]error:[/] {exc}", highlight=False)
+        _console().print(f"[red]error:[/] {_escape(str(exc))}", highlight=False)
         return exc.exit_code
     except KeyboardInterrupt:
         _console().print("[red]interrupted[/]")
         return EXIT_INTERRUPTED
+    except (OSError, MemoryError) as exc:  # the machine's, not a bug: a full disk, a permission, memory
+        _console().print(f"[red]error:[/] {_escape(f'{type(exc).__name__}: {exc}')}", highlight=False)
+        return EXIT_INFRA
     except Exception as exc:  # a bug, autocomp's or a plugin's: exit 4, never Python's 1 ("no candidate met ...")
         if args.verbose:
             import traceback
 
             traceback.print_exc()
-        _console().print(f"[red]error:[/] unexpected {type(exc).__name__}: {exc}\n(a bug in autocomp or in a plugin; "
-                         f"{'its traceback is above' if args.verbose else 'run again with -v for its traceback'}, "
-                         "please report it)", highlight=False)
+        _console().print(f"[red]error:[/] unexpected {_escape(f'{type(exc).__name__}: {exc}')}\n(a bug in autocomp or "
+                         f"in a plugin; {'its traceback is above' if args.verbose else 'run again with -v for its traceback'}"
+                         ", please report it)", highlight=False)
         return EXIT_INFRA
 
 

@@ -202,7 +202,8 @@ def _malformed(hook: str, args: tuple, kwargs: dict) -> str | None:
             return f"{hook} called register(name, factory, description='') wrongly: {exc}"
         name, factory = bound.arguments["name"], bound.arguments["factory"]
         if not _is_name(name):
-            return f"{hook} registered a workload named {name!r}: a name is a non-empty string without '.' or ':'"
+            return (f"{hook} registered a workload named {name!r}: a name is a non-empty string without '.', ':' "
+                    "or spaces at its ends")
         if not callable(factory):
             return f"{hook} registered workload {name!r} with factory {factory!r}, which is not callable"
         return None
@@ -218,7 +219,8 @@ def _malformed(hook: str, args: tuple, kwargs: dict) -> str | None:
         return f"{hook} registered {obj!r}, which is not an instance of autocomp.{kind} (subclass it)"
     name = getattr(obj, "name", None)
     if not _is_name(name):
-        return f"{hook} registered a {kind} named {name!r}: a name is a non-empty string without '.' or ':'"
+        return (f"{hook} registered a {kind} named {name!r}: a name is a non-empty string without '.', ':' or "
+                "spaces at its ends")
     if base is Method:
         if getattr(obj, "stage", None) not in STAGES:
             return f"method {name!r} has stage {getattr(obj, 'stage', None)!r}; use one of {', '.join(STAGES)}"
@@ -232,7 +234,7 @@ def _malformed(hook: str, args: tuple, kwargs: dict) -> str | None:
                     "'optional = true' (the search may leave the method out): rename the field")
     elif not all(_is_name(alias) for alias in getattr(obj, "aliases", ())):
         return (f"target {name!r} has aliases {getattr(obj, 'aliases', ())!r}: each a non-empty string without "
-                "'.' or ':'")
+                "'.', ':' or spaces at its ends")
     return None
 
 

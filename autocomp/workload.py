@@ -80,7 +80,7 @@ class Workload:
             )
         splits = {"training": self.train, "validation": self.val, "test": self.test}
         for which, split in splits.items():
-            if split is None:
+            if split is None and which == "test":  # the only optional one
                 continue
             if not isinstance(split, Split):
                 raise WorkloadError(f"workload {self.name!r}: the {which} split must be an autocomp.Split(inputs, "

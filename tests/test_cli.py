@@ -45,18 +45,38 @@ def test_details_only_with_verbose_and_events_the_cli_prints_itself_are_left_out
 
 def test_an_unexpected_exception_exits_4_with_a_message_not_1(monkeypatch, capsys):
     """A bug (autocomp's or a plugin's) must not exit 1, which says "no candidate met the
-    constraints" to a nightly job; the traceback shows with -v only."""
+    constraints" to a nightly job; the traceback shows with -v only. The message is printed as it
+    is: brackets in it are not read as markup (rich would drop them, or raise on "[/tmp]")."""
     def broken(args):
-        raise RuntimeError("a plugin's parameters() blew up")
+        raise RuntimeError("a plugin's parameters() blew up on shape [batch, channels] in [/tmp]")
 
     monkeypatch.setattr(cli, "_cmd_targets", broken)
     assert main(["targets"]) == 4
     err = " ".join(capsys.readouterr().err.split())
-    assert "error: unexpected RuntimeError: a plugin's parameters() blew up" in err
+    assert "error: unexpected RuntimeError: a plugin's parameters() blew up on shape [batch, channels] in [/tmp]" in err
     assert "run again with -v for its traceback" in err and "Traceback" not in err
     assert main(["-v", "targets"]) == 4
     err = capsys.readouterr().err
     assert "Traceback (most recent call last)" in err and "its traceback is above" in " ".join(err.split())
+
+
+def test_a_machine_error_exits_4_without_calling_itself_a_bug(monkeypatch, capsys):
+    def full(args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(cli, "_cmd_targets", full)
+    assert main(["targets"]) == 4
+    err = " ".join(capsys.readouterr().err.split())
+    assert "error: OSError: [Errno 28] No space left on device" in err and "bug" not in err
+
+
+def test_a_configuration_error_names_its_table(tmp_path, registry, capsys):
+    """A SpaceError's [table] prefix is shown, not swallowed as markup."""
+    space = tmp_path / "bad.toml"
+    space.write_text("[prune]\nratio = [0.9, 0.1]\n")
+    assert main(["space", "show", "--workload", "digits-tiny", "--space", str(space)]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "[prune.ratio]" in err and "low <= high" in err
 
 
 def test_plugins_lists_the_skipped_ones_with_their_reason(monkeypatch, capsys):

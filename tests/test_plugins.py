@@ -264,6 +264,8 @@ def test_a_workload_split_of_another_shape_is_refused_naming_the_split(which, ex
     splits = {"train": good, "val": good, "test": good, which: bad}
     with pytest.raises(WorkloadError, match=r"workload 'mine': " + expected):
         Workload(name="mine", model=torch.nn.Linear(8, 2), example_input=torch.zeros(1, 8), **splits)
+    with pytest.raises(WorkloadError, match=r"the training split must be an autocomp.Split\(inputs, targets\), got None"):
+        Workload(name="mine", model=torch.nn.Linear(8, 2), example_input=torch.zeros(1, 8), train=None, val=good)
     with pytest.raises(WorkloadError, match=r"the test split must be an autocomp.Split\(inputs, targets\), got tuple"):
         Workload(name="mine", model=torch.nn.Linear(8, 2), example_input=torch.zeros(1, 8), train=good, val=good,
                  test=(torch.zeros(3, 8), torch.zeros(3)))

@@ -614,17 +614,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         _console().print("[red]interrupted[/]")
         return EXIT_INTERRUPTED
-    except (OSError, MemoryError) as exc:  # the machine's, not a bug: a full disk, a permission, memory
-        _console().print(f"[red]error:[/] {_escape(f'{type(exc).__name__}: {exc}')}", highlight=False)
-        return EXIT_INFRA
-    except Exception as exc:  # a bug, autocomp's or a plugin's: exit 4, never Python's 1 ("no candidate met ...")
-        if args.verbose:
+    except Exception as exc:  # exit 4, never Python's 1 ("no candidate met the constraints")
+        what = _escape(f"{type(exc).__name__}: {exc}")
+        if isinstance(exc, (OSError, MemoryError)):  # the machine's, not a bug: a full disk, a permission
+            _console().print(f"[red]error:[/] {what}", highlight=False)
+            return EXIT_INFRA
+        if args.verbose:  # a bug, autocomp's or a plugin's
             import traceback
 
             traceback.print_exc()
-        _console().print(f"[red]error:[/] unexpected {_escape(f'{type(exc).__name__}: {exc}')}\n(a bug in autocomp or "
-                         f"in a plugin; {'its traceback is above' if args.verbose else 'run again with -v for its traceback'}"
-                         ", please report it)", highlight=False)
+        hint = "its traceback is above" if args.verbose else "run again with -v for its traceback"
+        _console().print(f"[red]error:[/] unexpected {what}\n(a bug in autocomp or in a plugin; {hint}, please "
+                         "report it)", highlight=False)
         return EXIT_INFRA
 
 

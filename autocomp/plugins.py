@@ -9,7 +9,9 @@ an error naming both.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import inspect
 import logging
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -188,9 +190,6 @@ def load_registry(entry_points: Iterable[metadata.EntryPoint] | None = None,
 def _malformed(hook: str, args: tuple, kwargs: dict) -> str | None:
     """Why one ``register(...)`` call of ``hook`` cannot be taken, or None: caught when plugins load,
     so a malformed registration is reported with its plugin instead of failing deep in a search."""
-    import dataclasses
-    import inspect
-
     from autocomp.method import STAGES, Method
     from autocomp.target import Target
 
@@ -202,8 +201,7 @@ def _malformed(hook: str, args: tuple, kwargs: dict) -> str | None:
             return f"{hook} called register(name, factory, description='') wrongly: {exc}"
         name, factory = bound.arguments["name"], bound.arguments["factory"]
         if not _is_name(name):
-            return (f"{hook} registered a workload named {name!r}: a name is a non-empty string without '.', ':' "
-                    "or spaces at its ends")
+            return f"{hook} registered a workload named {name!r}: {_NAME_RULE}"
         if not callable(factory):
             return f"{hook} registered workload {name!r} with factory {factory!r}, which is not callable"
         return None
@@ -219,8 +217,7 @@ def _malformed(hook: str, args: tuple, kwargs: dict) -> str | None:
         return f"{hook} registered {obj!r}, which is not an instance of autocomp.{kind} (subclass it)"
     name = getattr(obj, "name", None)
     if not _is_name(name):
-        return (f"{hook} registered a {kind} named {name!r}: a name is a non-empty string without '.', ':' or "
-                "spaces at its ends")
+        return f"{hook} registered a {kind} named {name!r}: {_NAME_RULE}"
     if base is Method:
         if getattr(obj, "stage", None) not in STAGES:
             return f"method {name!r} has stage {getattr(obj, 'stage', None)!r}; use one of {', '.join(STAGES)}"
@@ -233,9 +230,12 @@ def _malformed(hook: str, args: tuple, kwargs: dict) -> str | None:
             return (f"method {name!r} has a config field named 'optional', which every space table keeps for "
                     "'optional = true' (the search may leave the method out): rename the field")
     elif not all(_is_name(alias) for alias in getattr(obj, "aliases", ())):
-        return (f"target {name!r} has aliases {getattr(obj, 'aliases', ())!r}: each a non-empty string without "
-                "'.', ':' or spaces at its ends")
+        return f"target {name!r} has aliases {getattr(obj, 'aliases', ())!r}: {_NAME_RULE}, and so is an alias"
     return None
+
+
+#: What :func:`_is_name` accepts, as the messages say it.
+_NAME_RULE = "a name is a non-empty string without '.', ':' or spaces at its ends"
 
 
 def _is_name(value: Any) -> bool:

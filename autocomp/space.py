@@ -65,7 +65,7 @@ class SearchSpace:
                                      "provides it", key=method.name)
                 if p.name in seen:
                     raise SpaceError(f"method declared parameter {p.name!r} twice", key=method.name)
-                if problem := _malformed(p, earlier):
+                if problem := _malformed_param(p, earlier):
                     raise SpaceError(f"method's parameter {p.name!r} {problem}: a bug in the plugin that provides "
                                      "it", key=method.name)
                 seen.add(p.name)
@@ -249,7 +249,7 @@ class ConcreteSpace:
 _UNKNOWN = object()
 
 
-def _malformed(p: Param, earlier: set[str]) -> str | None:
+def _malformed_param(p: Param, earlier: set[str]) -> str | None:
     """What is wrong with the parameter ``p`` a method declared, or None; ``earlier``: the full names
     of the parameters declared before it, the only ones its ``only_if`` can name (a parameter is
     sampled after those, so naming a later one, or a misspelled one, would silently never sample it)."""

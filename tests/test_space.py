@@ -7,7 +7,7 @@ import math
 import pytest
 
 from autocomp.errors import SpaceError
-from autocomp.method import FloatParam
+from autocomp.method import ChoiceParam, FloatParam
 
 from .conftest import unmeasured_target
 from autocomp.space import default_space_path, load_space
@@ -1065,11 +1065,11 @@ def test_only_a_method_that_says_so_changes_nothing(registry, tiny_zoo):
     (lambda: [FloatParam("ratio", 0.9, 0.1)], r"parameter 'ratio' has low=0.9 > high=0.1"),
     (lambda: [FloatParam("ratio", 0.1, 0.9, neutral=0.5)], r"neutral=0.5; a range's neutral value is one of its ends"),
     (lambda: [FloatParam("ratio", 0.1, 0.9, step=0.0)], r"step=0.0; a step is positive"),
-    (lambda: [_choice("bits", (8, 16), neutral=32)], r"neutral=32, which is not one of its choices \(8, 16\)"),
-    (lambda: [_choice("bits", ())], r"choices=\(\); choices are a non-empty tuple"),
-    (lambda: [FloatParam("ratio", 0.1, 0.9, only_if=("mine.scope", "group")), _choice("scope", ("group", "all"))],
+    (lambda: [ChoiceParam("bits", (8, 16), neutral=32)], r"neutral=32, which is not one of its choices \(8, 16\)"),
+    (lambda: [ChoiceParam("bits", ())], r"choices=\(\); choices are a non-empty tuple"),
+    (lambda: [FloatParam("ratio", 0.1, 0.9, only_if=("mine.scope", "group")), ChoiceParam("scope", ("group", "all"))],
      r"only_if naming 'mine.scope', which is not a parameter declared before it"),
-    (lambda: [_choice("scope", ("group", "all")), FloatParam("ratio", 0.1, 0.9, only_if=("scope", "group"))],
+    (lambda: [ChoiceParam("scope", ("group", "all")), FloatParam("ratio", 0.1, 0.9, only_if=("scope", "group"))],
      r"only_if naming 'scope', .*; did you mean 'mine.scope'\?"),
     (lambda: [("ratio", 0.1, 0.9)], r"declared \('ratio', 0.1, 0.9\), which is not a parameter"),
 ])
@@ -1095,12 +1095,6 @@ def test_a_malformed_parameter_stops_the_search_before_it_starts(tmp_path, decla
     space = parse_space({"mine": {}}, {"mine": Mine()}, source="s.toml")
     with pytest.raises(SpaceError, match=r"\[mine\] .*" + expected):
         space.concrete(BaseModelInfo(None, None, tmp_path / "m.onnx", None))
-
-
-def _choice(name, choices, **kwargs):
-    from autocomp.method import ChoiceParam
-
-    return ChoiceParam(name, choices, **kwargs)
 
 
 def test_only_if_may_name_an_earlier_parameter_or_the_methods_own_switch(tmp_path):

@@ -131,7 +131,17 @@ def _parser() -> argparse.ArgumentParser:
                         "built without training and not counted in --trials)")
     s.add_argument("--json", action="store_true", help="print one JSON summary on stdout")
 
-    sub.add_parser("plugins", help="list loaded plugins and what they register").add_argument("--json", action="store_true")
+    plug = sub.add_parser("plugins", help="list loaded plugins and what they register; --check runs them through "
+                                          "autocomp's contracts")
+    plug.add_argument("--json", action="store_true")
+    plug.add_argument("--check", nargs="*", default=None, metavar="NAME",
+                      help="check the named methods and targets (all when none is named) on tiny models of the zoo, "
+                           "as autocomp.testing does; exit 1 when one breaks a contract")
+    plug.add_argument("--space", type=Path, default=None,
+                      help="with --check: take each method's table from this space file (default: the shipped one)")
+    plug.add_argument("--arch", action="append", default=None, metavar="NAME",
+                      help="with --check: try methods on this zoo architecture (repeat it for several; default: "
+                           "resnet20, mobilenet_v2, vit and mobilefacenet)")
     sub.add_parser("targets", help="list device targets").add_argument("--json", action="store_true")
 
     lat = sub.add_parser("latency", help="latency statistics of an ONNX file on a target")
@@ -510,6 +520,12 @@ def _cmd_plugins(args) -> int:
     from autocomp.plugins import get_registry
 
     registry = get_registry()
+    if args.check is not None:
+        return _check_plugins(args, registry)
+    if args.space or args.arch:
+        from autocomp.errors import ConfigError
+
+        raise ConfigError("--space and --arch choose what `autocomp plugins --check` runs; add --check")
     rows = [{"kind": kind, "name": name, "package": package} for (kind, name), package in sorted(registry.sources.items())]
     broken = [{"name": b.name, "package": b.package, "reason": b.reason} for b in registry.broken]
     if args.json:
@@ -529,6 +545,68 @@ def _cmd_plugins(args) -> int:
             table.add_row(*(_escape(entry[col]) for col in columns))  # a reason may hold [brackets]
         console.print(table)
     return EXIT_OK
+
+
+def _check_plugins(args, registry) -> int:
+    """``autocomp plugins --check``: :func:`autocomp.testing.check_method` and ``check_target`` on the
+    named plugins (all by default); a target that cannot run without options is listed, not checked."""
+    import tempfile
+    import tomllib
+
+    from autocomp import zoo
+    from autocomp.errors import ConfigError
+    from autocomp.space import default_space_path, load_space
+
+    known = {**{n: ("method", m) for n, m in registry.methods.items()}, **{n: ("target", t) for n, t in
+                                                                              registry.targets.items()}}
+    names = [registry.target_aliases.get(n, n) for n in args.check] or list(known)
+    if unknown := [n for n in names if n not in known]:
+        raise ConfigError(f"no method or target named {', '.join(map(repr, unknown))}; loaded: {', '.join(known)} "
+                          "(and the targets' aliases)")
+    if unknown := sorted(set(args.arch or ()) - set(zoo.ARCHITECTURES)):
+        raise ConfigError(f"--arch: unknown architecture(s) {', '.join(unknown)}; the zoo has "
+                          f"{', '.join(zoo.ARCHITECTURES)}")
+    tables: dict[str, Any] = {}  # a method the space leaves out is checked with its defaults
+    if any(known[n][0] == "method" for n in names):
+        tables = tomllib.loads(load_space(args.space or default_space_path(), registry.methods).text)
+    rows, failed = [], 0
+    with tempfile.TemporaryDirectory(prefix="autocomp-check-") as tmp, _console().status("checking plugins ..."):
+        from autocomp.testing import DEFAULT_ARCHITECTURES, ConformanceError, check_method, check_target
+
+        for name in names:
+            kind, plugin = known[name]
+            try:
+                if kind == "method":
+                    report = check_method(plugin, tables.get(name, {}), work_dir=Path(tmp) / name,
+                                          architectures=args.arch or DEFAULT_ARCHITECTURES)
+                else:
+                    report = check_target(plugin, work_dir=Path(tmp) / name)
+            except ConformanceError as exc:
+                report = exc.report
+            row = {"kind": kind, "name": name, "passed": report.passed, "failed": len(report.failures),
+                   "status": "FAILED" if report.failures else "ok", "details": [str(f) for f in report.failures]}
+            if kind == "target" and [f.where for f in report.failures] == ["configure"]:
+                row.update(passed=None, failed=None, status="not checked: it needs options",
+                           details=[report.failures[0].detail])
+            failed += row["status"] == "FAILED"
+            rows.append(row)
+    if args.json:
+        _print_json({"checked": rows, "failed": failed})
+    else:
+        from rich.table import Table
+
+        table = Table(title="autocomp plugins --check", title_justify="left")
+        for col in ("kind", "name", "passed", "failed", "status"):
+            table.add_column(col)
+        for row in rows:
+            table.add_row(*(_escape("-" if row[col] is None else str(row[col]))
+                            for col in ("kind", "name", "passed", "failed", "status")))
+        console = _console()
+        console.print(table)
+        for row in rows:
+            for line in row["details"]:
+                console.print(f"{row['kind']} {row['name']}: {_escape(line)}", highlight=False)
+    return EXIT_INFEASIBLE if failed else EXIT_OK
 
 
 def _cmd_targets(args) -> int:

@@ -393,6 +393,23 @@ def test_remote_target_measures_through_the_agent(agent, tmp_path, monkeypatch):
     assert target.facts()["cpu_count"]
 
 
+def test_remote_target_passes_the_conformance_checks_through_a_real_agent(tmp_path, monkeypatch):
+    """autocomp.testing.check_target with the options a user gives: a tiny model measured on the
+    agent, facts from the device, and a file that is not a model refused as a CandidateError."""
+    from autocomp.testing import check_target
+
+    monkeypatch.setenv(TOKEN_ENV_VAR, TOKEN)
+    server, thread = _start(max_upload_bytes=1 << 20)  # the tiny ResNet-20 is 79 kB
+    try:
+        report = check_target(RemoteTarget(), {"agent": server.url}, work_dir=tmp_path)
+        assert not report.failures and report.passed == 9
+        _assert_alive(server.url)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
 def test_remote_target_is_registered_by_the_plugin_hook():
     from autocomp.plugins import load_registry
     from autocomp_plugins import remote_target

@@ -247,6 +247,28 @@ def test_the_readme_method_example_runs_in_a_search(tmp_path, tiny_workload, mon
     assert len(layers) == 2, layers
 
 
+def test_the_readme_conformance_example_passes_the_readme_method(tmp_path, monkeypatch, torch_threads):
+    """The README's autocomp.testing example, run on the README's method; the report shows the head
+    factorized on every architecture that has one (fc or head), and left alone elsewhere."""
+    from pathlib import Path
+
+    example = _readme_method_example(monkeypatch)
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    [code] = [block for block in re.findall(r"```python\n(.*?)```", text, re.S) if "check_method(" in block]
+    exec(compile(code, "README.md", "exec"), example.__dict__)
+    reports = []
+    monkeypatch.setattr(example, "check_method", lambda *a, **k: reports.append(check(*a, **k)) or reports[-1])
+    from autocomp.testing import check_method as check
+
+    example.test_factorize_head_conforms(tmp_path)
+    [report] = reports
+    assert not report.failures and report.passed > 50
+    costs = {f.where: f.detail for f in report.findings if f.check == "cost against the base model"}
+    assert set(costs) == {f"{a} / strongest" for a in ("resnet20", "mobilenet_v2", "vit", "mobilefacenet")}
+    assert "parameters x1.000" in costs["mobilenet_v2 / strongest"]  # its classifier is not named fc
+    assert "parameters x1.000" not in costs["resnet20 / strongest"]
+
+
 @pytest.mark.parametrize("which, expected", [
     ("train", r"training inputs have shape \(4,\) per example but example_input has \(8,\)"),
     ("test", r"test inputs have shape \(4,\) per example"),

@@ -1,0 +1,511 @@
+"""The checks behind :mod:`autocomp.testing`: the contracts of ``autocomp/method.py`` and
+``autocomp/target.py``, run on tiny versions of the zoo's architectures.
+
+:func:`check_method`, for each architecture, makes the method's parameters concrete the way a
+search does and applies it at three kinds of setting: every parameter at its ``neutral`` value
+("mildest"), every parameter at the end away from it ("strongest"), and random draws. Each
+application is checked against what the engine relies on:
+
+- the registration is one autocomp accepts, the table parses and the parameters are well formed;
+- ``apply`` returns the model (structural, recovery) or the path of a file it wrote under
+  ``ctx.work_dir`` (post-export), leaves the base model, the teacher and the input file as they
+  were, and gives outputs of the base model's shape, all finite;
+- a torch result exports to ONNX and agrees with its export; an ONNX result runs in ONNX Runtime,
+  and so does the evaluation twin a method names in ``ctx.notes``;
+- ``ctx.skip`` entries are strings (they go into the study's storage);
+- ``canonical`` is stable (its own canonical form) and names only the method's parameters, and
+  the canonical form builds the same candidate as the setting it came from;
+- where ``changes_nothing`` is true, ``apply`` really left the model as it was: the search then
+  skips fine-tuning, and counts the candidate as the base model.
+
+``apply`` raising :class:`~autocomp.errors.CandidateError` is the method refusing one candidate, as
+the contract allows: a figure, not a failure, unless the method refuses every setting on every
+architecture. Any other exception is a failure. Figures (MACs and parameters against the base
+model at the strongest setting, the artifact's accuracy on labels the base model gives itself,
+so the base model scores 1.0) are reported, not judged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from autocomp import zoo
+from autocomp.candidate import count_macs, recalibrate_batchnorm
+from autocomp.errors import AutocompError, CandidateError
+from autocomp.export import check_parity, export_onnx
+from autocomp.method import EVALUATION_ARTIFACT, BaseModelInfo, CandidateContext, ChoiceParam, FloatParam, IntParam
+from autocomp.ort import TimingPolicy, input_shapes_of, measure_latency, run_batches
+from autocomp.plugins import _malformed
+from autocomp.space import parse_space, same_value
+from autocomp.target import PRECISIONS, LatencyStats, Target
+from autocomp.workload import Split, Workload
+
+__all__ = ["DEFAULT_ARCHITECTURES", "ConformanceError", "Finding", "HostTarget", "Report", "check_method",
+           "check_target", "tiny_workload"]
+
+#: A residual CNN, depthwise inverted residuals, a transformer encoder and a PReLU embedding network.
+DEFAULT_ARCHITECTURES: tuple[str, ...] = ("resnet20", "mobilenet_v2", "vit", "mobilefacenet")
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One check (``ok`` True or False) or one figure (``ok`` None) of a conformance run."""
+
+    where: str  # "registration", "resnet20", "resnet20 / strongest" ...
+    check: str
+    ok: bool | None
+    detail: str = ""
+
+    def __str__(self) -> str:
+        mark = {True: "ok", False: "FAILED", None: "figure"}[self.ok]
+        return f"[{mark}] {self.where}: {self.check}" + (f": {self.detail}" if self.detail else "")
+
+
+@dataclass
+class Report:
+    """What a conformance run checked and measured."""
+
+    subject: str
+    findings: list[Finding] = field(default_factory=list)
+
+    @property
+    def failures(self) -> list[Finding]:
+        return [f for f in self.findings if f.ok is False]
+
+    @property
+    def passed(self) -> int:
+        return sum(f.ok is True for f in self.findings)
+
+    def check(self, where: str, check: str, ok: bool, detail: str = "") -> bool:
+        self.findings.append(Finding(where, check, bool(ok), "" if ok else detail))
+        return bool(ok)
+
+    def figure(self, where: str, what: str, detail: str) -> None:
+        self.findings.append(Finding(where, what, None, detail))
+
+    def __str__(self) -> str:
+        head = f"{self.subject}: {self.passed} checks passed, {len(self.failures)} failed"
+        return "\n".join([head, *(f"  {f}" for f in self.findings)])
+
+    def raise_for_failures(self) -> "Report":
+        if self.failures:
+            raise ConformanceError(self)
+        return self
+
+
+class ConformanceError(AssertionError):
+    """A plugin broke one or more of autocomp's contracts; ``report`` holds every finding."""
+
+    def __init__(self, report: Report):
+        self.report = report
+        lines = [f"{report.subject} broke {len(report.failures)} of autocomp's contracts "
+                 f"({report.passed} checks passed):", *(f"  {f}" for f in report.failures)]
+        super().__init__("\n".join(lines))
+
+
+class HostTarget(Target):
+    """The stand-in target of the checks: this host, timed briefly with ONNX Runtime, offering every
+    precision autocomp knows, so a method declares all the parameters it can."""
+
+    name = "host"
+    precisions = frozenset(PRECISIONS)
+    description = "this host, timed briefly (conformance checks only)"
+
+    def latency(self, onnx_path: Path, input_shapes: Mapping[str, Sequence[int]]) -> LatencyStats:
+        policy = TimingPolicy(warmup_runs=2, warmup_s=0.0, min_runs=5, min_s=0.0)
+        return measure_latency(onnx_path, input_shapes, policy, target=self.name)
+
+
+def tiny_workload(architecture: str = "resnet20", *, examples: int = 64, seed: int = 0) -> Workload:
+    """A tiny zoo model (:func:`autocomp.zoo.tiny_kwargs`) with random inputs labelled by the model
+    itself (so the base model scores 1.0 and a method's damage shows as lost accuracy), batch-norm
+    statistics of its training inputs, and no test split. The same arguments give the same workload;
+    the global random state is left as it was."""
+    generator = torch.Generator().manual_seed(seed + 1)
+    shape = zoo.input_shape(architecture, batch=examples, tiny=True)
+    train, val = torch.randn(shape, generator=generator), torch.randn(shape, generator=generator)
+    with torch.random.fork_rng(devices=[]):  # initialisation, and dropout while statistics are taken
+        torch.manual_seed(seed)
+        model = zoo.build(architecture, **zoo.tiny_kwargs(architecture))
+        recalibrate_batchnorm(model, train, batches=1, batch_size=examples)
+    model.eval()
+    with torch.no_grad():
+        labels = [model(x).argmax(1) for x in (train, val)]
+    return Workload(name=f"tiny-{architecture}", model=model, example_input=zoo.example_input(architecture, tiny=True),
+                    train=Split(train, labels[0]), val=Split(val, labels[1]), batch_size=16)
+
+
+def check_method(method: Any, table: Mapping[str, Any] | None = None, *, work_dir: Path | str,
+                 architectures: Sequence[str] = DEFAULT_ARCHITECTURES, target: Target | None = None,
+                 samples: int = 2, seed: int = 0, atol: float = 1e-4, rtol: float = 1e-3) -> Report:
+    """Run ``method`` (an instance, as a plugin registers it) through autocomp's contracts on tiny
+    versions of ``architectures``, with ``table`` as its table of a space file (``{}``: its
+    defaults) and ``target`` (default :class:`HostTarget`) as the search's target. Files go under
+    ``work_dir``. ``samples`` random settings are tried besides the mildest and the strongest one;
+    ``atol`` and ``rtol`` are the tolerances of every comparison of outputs (the engine's
+    export-parity defaults).
+
+    Returns the :class:`Report`; raises :class:`ConformanceError` listing every broken contract.
+    """
+    name = getattr(method, "name", None)
+    report = Report(f"method {name!r}")
+    problem = _malformed("register_methods", (method,), {})
+    if not report.check("registration", "is a method autocomp registers", problem is None, problem or ""):
+        return report.raise_for_failures()
+    table = {k: v for k, v in (table or {}).items() if k != "optional"}  # checked switched on
+    try:
+        with _quiet():  # a recovery method alone "never runs" in a search: here it does
+            space = parse_space({name: table}, {name: method}, source="check_method")
+    except Exception as exc:  # noqa: BLE001 - any failure is reported, with its kind
+        report.check("registration", "parses its table", False, _why(exc))
+        return report.raise_for_failures()
+    config = space.methods[0][1]
+    target = target if target is not None else HostTarget()
+    built = 0
+    for architecture in architectures:
+        with _quiet():
+            built += _check_on(method, config, space, tiny_workload(architecture, seed=seed), target,
+                               Path(work_dir) / architecture, report, samples, seed, atol, rtol)
+    report.check("all", "builds a candidate", built > 0 or not architectures,
+                 "no setting on any architecture built a candidate")
+    return report.raise_for_failures()
+
+
+def _check_on(method, config, space, wl: Workload, target: Target, work: Path, report: Report, samples: int,
+              seed: int, atol: float, rtol: float) -> int:
+    """Every check on one architecture; how many candidates were built."""
+    arch = wl.name.removeprefix("tiny-")
+    fp32 = export_onnx(wl.model, wl.example_input, work / "base.onnx")
+    try:
+        concrete = space.concrete(BaseModelInfo(wl.model, wl.example_input, fp32, target))
+    except Exception as exc:  # noqa: BLE001
+        report.check(arch, "declares well-formed parameters", False, _why(exc))
+        return 0
+    params = concrete.entries[0][2]
+    report.figure(arch, "parameters", f"{len(params)}: " + ", ".join(p.name for p in params[:6])
+                  + (" ..." if len(params) > 6 else ""))
+    base = _Base(wl, fp32)
+    built = 0
+    for label, setting in _settings(concrete, samples, seed):
+        where = f"{arch} / {label}"
+        check = _CHECKS[method.stage]
+        result = check(method, config, setting, base, target, work / label, report, where, atol, rtol)
+        if result is None:
+            continue
+        built += 1
+        _check_canonical(method, config, setting, result, base, target, work / label, report, where, atol, rtol)
+        if label == "strongest" and method.stage == "structural":
+            macs, n = count_macs(result.model, wl.example_input)
+            report.figure(where, "cost against the base model",
+                          f"MACs x{macs / base.macs[0]:.3f}, parameters x{n / base.macs[1]:.3f}")
+        report.figure(where, "accuracy (base model 1.0)", f"{result.accuracy:.3f}")
+    return built
+
+
+@dataclass
+class _Base:
+    """The base model of one architecture, what it gives and what it must still hold afterwards."""
+
+    wl: Workload
+    onnx: Path
+
+    def __post_init__(self) -> None:
+        self.state = {k: v.detach().clone() for k, v in self.wl.model.state_dict().items()}
+        self.onnx_sha = _sha(self.onnx)
+        with torch.no_grad():
+            self.outputs = self.wl.model(self.wl.val.inputs).numpy()
+        self.onnx_outputs = run_batches(self.onnx, self.wl.val.inputs.numpy())
+        self.macs = count_macs(self.wl.model, self.wl.example_input)
+
+    def untouched(self) -> bool:
+        now = self.wl.model.state_dict()
+        return now.keys() == self.state.keys() and all(
+            now[k].shape == v.shape and torch.equal(now[k], v) for k, v in self.state.items())
+
+
+@dataclass
+class _Built:
+    """One candidate a method built: its outputs on the validation inputs, and the model or file."""
+
+    outputs: np.ndarray
+    accuracy: float
+    model: Any = None
+    path: Path | None = None
+
+
+def _apply(method, subject, setting, config, ctx, report: Report, where: str) -> tuple[Any, bool]:
+    """``method.apply`` with its exceptions sorted: (what it returned, whether it returned)."""
+    try:
+        return method.apply(subject, dict(setting), config, ctx), True
+    except CandidateError as exc:
+        report.figure(where, "refused this candidate (CandidateError)", str(exc))
+    except Exception as exc:  # noqa: BLE001
+        report.check(where, "apply raises only CandidateError", False, _why(exc))
+    return None, False
+
+
+def _check_torch(method, config, setting, base: _Base, target, work: Path, report: Report, where: str,
+                 atol: float, rtol: float) -> _Built | None:
+    """A structural or recovery method: the checks of one application to a copy of the base model."""
+    wl = base.wl
+    ctx = _context(wl, target, work, 0)
+    model, returned = _apply(method, copy.deepcopy(wl.model).eval(), setting, config, ctx, report, where)
+    report.check(where, "leaves the base model and the teacher as they were", base.untouched(),
+                 "apply changed ctx.teacher (the base model): work on the model it is given, a copy")
+    if not returned:
+        return None
+    if not report.check(where, "returns the model", isinstance(model, torch.nn.Module),
+                        f"apply returned {type(model).__name__}; a method that changes the model in place still "
+                        "returns it"):
+        return None
+    model.eval()
+    with torch.no_grad():
+        outputs = model(wl.val.inputs).numpy()
+    if not _outputs_ok(outputs, base, report, where):
+        return None
+    _check_skips(ctx, report, where)
+    try:
+        path = export_onnx(model, wl.example_input, work / "model.onnx")
+        check_parity(model, path, wl.val.inputs, atol=atol, rtol=rtol)
+        report.check(where, "exports to ONNX and agrees with its export", True)
+    except AutocompError as exc:
+        report.check(where, "exports to ONNX and agrees with its export", False, str(exc))
+    return _Built(outputs, _accuracy(outputs, wl), model=model)
+
+
+def _check_onnx(method, config, setting, base: _Base, target, work: Path, report: Report, where: str,
+                atol: float, rtol: float) -> _Built | None:
+    """A post-export method: the checks of one application to the base model's fp32 export."""
+    wl = base.wl
+    ctx = _context(wl, target, work, 0)
+    result, returned = _apply(method, base.onnx, setting, config, ctx, report, where)
+    report.check(where, "leaves the input ONNX file as it was", _sha(base.onnx) == base.onnx_sha,
+                 f"apply changed {base.onnx.name}: write new files under ctx.work_dir")
+    if not returned:
+        return None
+    wrote = isinstance(result, (str, Path)) and Path(result).is_file()
+    if not report.check(where, "returns the path of the ONNX file it wrote", wrote,
+                        f"apply returned {result!r}"):
+        return None
+    path = Path(result).resolve()
+    report.check(where, "writes its file under ctx.work_dir", path == base.onnx.resolve()
+                 or path.is_relative_to(ctx.work_dir.resolve()),
+                 f"apply returned {path}, neither the file it was given nor one under ctx.work_dir ({ctx.work_dir})")
+    try:
+        outputs = run_batches(path, wl.val.inputs.numpy())
+    except CandidateError as exc:
+        report.check(where, "its file runs in ONNX Runtime", False, str(exc))
+        return None
+    if not _outputs_ok(outputs, base, report, where):
+        return None
+    twin = ctx.notes.get(EVALUATION_ARTIFACT)
+    if twin is not None:
+        try:
+            report.check(where, "its evaluation twin runs and gives outputs of the same shape",
+                         run_batches(twin, wl.val.inputs.numpy()).shape == outputs.shape,
+                         "the twin's outputs differ in shape from the artifact's")
+        except (CandidateError, OSError) as exc:
+            report.check(where, "its evaluation twin runs and gives outputs of the same shape", False, str(exc))
+    _check_skips(ctx, report, where)
+    return _Built(outputs, _accuracy(outputs, wl), path=path)
+
+
+_CHECKS = {"structural": _check_torch, "recovery": _check_torch, "post_export": _check_onnx}
+
+
+def _check_canonical(method, config, setting, built: _Built, base: _Base, target, work: Path, report: Report,
+                     where: str, atol: float, rtol: float) -> None:
+    """``canonical`` stable and naming only the method's parameters; the canonical form builds the
+    same candidate; ``changes_nothing`` true only where the candidate is the base model."""
+    try:
+        canonical = dict(method.canonical(dict(setting), config))
+        again = dict(method.canonical(dict(canonical), config))
+        nothing = bool(method.changes_nothing(dict(canonical), config))
+    except Exception as exc:  # noqa: BLE001 - the engine logs it and takes the setting as written
+        report.check(where, "canonical() and changes_nothing() run", False, _why(exc))
+        return
+    stable = again.keys() == canonical.keys() and all(same_value(again[k], canonical[k]) for k in canonical)
+    report.check(where, "canonical() is its own canonical form", stable, f"{canonical} became {again}")
+    if canonical.keys() != setting.keys() or not all(same_value(canonical[k], setting[k]) for k in setting):
+        report.figure(where, "canonical form", str(canonical))
+        again_built = _CHECKS[method.stage](method, config, canonical, base, target, work / "canonical",
+                                            Report("canonical"), where, atol, rtol)
+        report.check(where, "its canonical form builds the same candidate",
+                     again_built is not None and _close(again_built.outputs, built.outputs, atol, rtol),
+                     f"the canonical form {canonical} of {dict(setting)} gives other outputs, or fails")
+    if nothing:
+        reference = base.outputs if method.stage != "post_export" else base.onnx_outputs
+        same_shapes = built.model is None or [p.shape for p in built.model.parameters()] == [
+            p.shape for p in base.wl.model.parameters()]
+        report.check(where, "changes_nothing() is true only where apply leaves the model as it was",
+                     same_shapes and _close(built.outputs, reference, atol, rtol),
+                     "changes_nothing() says this setting changes nothing, but the candidate differs from the base "
+                     "model; the search would then skip fine-tuning it and count it as the base model")
+
+
+def _settings(concrete, samples: int, seed: int) -> list[tuple[str, dict[str, Any]]]:
+    """("mildest", ...), ("strongest", ...) and ``samples`` random settings of the one method in
+    ``concrete``, each sampled through an Optuna trial the way a search samples it, duplicates dropped."""
+    import optuna
+
+    method, _, params = concrete.entries[0]
+    mildest, strongest = {}, {}
+    for p in params:
+        if p.neutral is None:
+            continue
+        key = f"{method.name}.{p.name}"
+        mildest[key] = p.neutral
+        if isinstance(p, (FloatParam, IntParam)):
+            strongest[key] = p.low if p.neutral == p.high else p.high
+        elif isinstance(p, ChoiceParam):
+            strongest[key] = p.choices[0] if p.choices[-1] == p.neutral else p.choices[-1]
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
+        study.enqueue_trial(mildest)
+        study.enqueue_trial(strongest)
+        labels = ["mildest", "strongest", *(f"random {i + 1}" for i in range(samples))]
+        found: list[tuple[str, dict[str, Any]]] = []
+        for label in labels:
+            setting = dict(concrete.sample(study.ask()).settings.get(method.name, {}))
+            if all(setting != s for _, s in found):
+                found.append((label, setting))
+        return found
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+
+
+def check_target(target: Any, options: Mapping[str, Any] | None = None, *, work_dir: Path | str,
+                 architecture: str = "resnet20") -> Report:
+    """Run ``target`` (an instance, as a plugin registers it) through autocomp's contracts: its
+    registration and precisions, ``configure(options)`` (the options a user gives on the command
+    line, ``{}`` by default), then, on the configured target, latency statistics of a tiny model's
+    fp32 export (well-formed, measured or predicted as the target says), ``predict_latency``,
+    ``facts`` (JSON for the run manifest), and a :class:`~autocomp.errors.CandidateError` for a file
+    that is not a model. Files go under ``work_dir``.
+
+    Returns the :class:`Report`; raises :class:`ConformanceError` listing every broken contract.
+    """
+    report = Report(f"target {getattr(target, 'name', None)!r}")
+    problem = _malformed("register_targets", (target,), {})
+    if not report.check("registration", "is a target autocomp registers", problem is None, problem or ""):
+        return report.raise_for_failures()
+    precisions = getattr(target, "precisions", None)
+    report.check("registration", "declares its precisions", isinstance(precisions, (set, frozenset)) and bool(
+        precisions) and set(precisions) <= set(PRECISIONS),
+        f"precisions is {precisions!r}; a non-empty frozenset of {', '.join(PRECISIONS)}")
+    options = dict(options or {})
+    try:
+        configured = target.configure(options)
+    except Exception as exc:  # noqa: BLE001
+        report.check("configure", f"configure({options}) returns a target", False,
+                     f"{_why(exc)} (a target that needs options is checked with check_target(target, options))")
+        return report.raise_for_failures()
+    if not report.check("configure", f"configure({options}) returns a target", isinstance(configured, Target),
+                        f"it returned {configured!r}"):
+        return report.raise_for_failures()
+    target = configured
+    wl = tiny_workload(architecture)
+    work = Path(work_dir)
+    fp32 = export_onnx(wl.model, wl.example_input, work / "model.onnx")
+    shapes = input_shapes_of(wl.example_input)
+    try:
+        stats = target.latency(fp32, shapes)
+    except Exception as exc:  # noqa: BLE001
+        report.check("latency", "gives latency statistics of a tiny model", False, _why(exc))
+    else:
+        if report.check("latency", "gives latency statistics of a tiny model", isinstance(stats, LatencyStats),
+                        f"latency() returned {type(stats).__name__}, not autocomp.LatencyStats"):
+            report.check("latency", "p50 > 0 and p90 >= p50", stats.p50_ms > 0 and stats.p90_ms >= stats.p50_ms,
+                         f"p50 {stats.p50_ms} ms, p90 {stats.p90_ms} ms")
+            report.check("latency", "says measured or predicted as the target does",
+                         stats.measured == target.measured,
+                         f"the statistics say measured={stats.measured}, the target measured={target.measured}")
+            report.figure("latency", "p50 of the tiny model", f"{stats.p50_ms:.4f} ms ({stats.runs} runs)")
+    try:
+        predicted = target.predict_latency(fp32, shapes)
+        report.check("predict_latency", "returns None or a positive number of ms", predicted is None or (
+            isinstance(predicted, (int, float)) and math.isfinite(predicted) and predicted > 0),
+            f"it returned {predicted!r}")
+    except Exception as exc:  # noqa: BLE001
+        report.check("predict_latency", "returns None or a positive number of ms", False, _why(exc))
+    try:
+        facts = target.facts()
+        json.dumps(facts)
+        report.check("facts", "facts() is a JSON object", isinstance(facts, dict), f"it returned {facts!r}")
+    except Exception as exc:  # noqa: BLE001
+        report.check("facts", "facts() is a JSON object", False, _why(exc))
+    broken = work / "not-a-model.onnx"
+    broken.write_bytes(b"this is not an ONNX model")
+    try:
+        target.latency(broken, shapes)
+        report.check("latency", "raises CandidateError for a file that is not a model", False,
+                     "latency() returned statistics for a file that is not a model")
+    except CandidateError:
+        report.check("latency", "raises CandidateError for a file that is not a model", True)
+    except Exception as exc:  # noqa: BLE001
+        report.check("latency", "raises CandidateError for a file that is not a model", False,
+                     f"{_why(exc)}; a model the target cannot run fails its trial with a CandidateError")
+    return report.raise_for_failures()
+
+
+def _context(wl: Workload, target: Target, work: Path, seed: int) -> CandidateContext:
+    work.mkdir(parents=True, exist_ok=True)
+    return CandidateContext(workload=wl, teacher=wl.model, target=target, work_dir=work, seed=seed)
+
+
+def _outputs_ok(outputs: np.ndarray, base: _Base, report: Report, where: str) -> bool:
+    return report.check(where, "keeps the output's shape", outputs.shape == base.outputs.shape,
+                        f"outputs {outputs.shape}, the base model's {base.outputs.shape}") and report.check(
+        where, "gives finite outputs", bool(np.isfinite(outputs).all()), "NaN or infinite outputs")
+
+
+def _check_skips(ctx: CandidateContext, report: Report, where: str) -> None:
+    report.check(where, "ctx.skip entries are (method, what, why) strings", all(
+        isinstance(s, tuple) and len(s) == 3 and all(isinstance(x, str) for x in s) for s in ctx.skipped),
+        f"ctx.skipped holds {ctx.skipped!r}; call ctx.skip(self.name, what, why) with strings")
+
+
+def _accuracy(outputs: np.ndarray, wl: Workload) -> float:
+    return float(wl.metric(outputs, wl.val.targets.numpy()))
+
+
+def _close(a: np.ndarray, b: np.ndarray, atol: float, rtol: float) -> bool:
+    return a.shape == b.shape and bool(np.all(np.abs(a - b) <= atol + rtol * np.abs(b)))
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _why(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """The exporter's and torch-pruning's notices, and autocomp's warnings about a search, are not
+    findings."""
+    import logging
+    import warnings
+
+    logger = logging.getLogger("autocomp")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)

@@ -1,0 +1,395 @@
+"""autocomp.testing: the conformance checks plugin authors run. Every built-in plugin passes them,
+and each kind of broken plugin fails exactly the check that names its fault."""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from autocomp import FloatParam, LatencyStats, Method
+from autocomp.errors import CandidateError
+from autocomp.testing import ConformanceError, HostTarget, check_method, check_target, tiny_workload
+
+#: Fast tables for the built-in methods (distillation's default is 150 steps).
+TABLES = {"distill": {"steps": [3, 3]}}
+TWO = ("resnet20", "vit")  # a residual CNN and a transformer keep these tests at a few seconds each
+
+
+def _failed(excinfo) -> set[str]:
+    return {f.check for f in excinfo.value.report.failures}
+
+
+# --- the built-in plugins pass ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["prune", "remove_blocks", "lowrank", "distill", "quantize"])
+def test_every_builtin_method_passes(name, registry, tmp_path, torch_threads):
+    report = check_method(registry.methods[name], TABLES.get(name, {}), work_dir=tmp_path, architectures=TWO,
+                          samples=1)
+    assert not report.failures
+    kinds = {f.where.split(" / ")[1] for f in report.findings if " / " in f.where}
+    assert {"mildest", "strongest"} <= kinds
+    assert report.passed >= 20
+    if registry.methods[name].stage == "structural":  # the strongest setting costs less on both models
+        costs = [f.detail for f in report.findings if f.check == "cost against the base model"]
+        assert len(costs) == 2 and all(float(c.split("x")[1].split(",")[0]) < 1 for c in costs)
+
+
+@pytest.mark.parametrize("name", ["cpu", "jetson-orin-nano", "raspberry-pi-4"])
+def test_builtin_targets_pass(name, registry, tmp_path):
+    report = check_target(registry.target(name), work_dir=tmp_path)
+    assert not report.failures and report.passed == 9
+
+
+def test_the_report_lists_checks_and_figures(registry, tmp_path, torch_threads):
+    report = check_method(registry.methods["remove_blocks"], work_dir=tmp_path, architectures=("resnet20",),
+                          samples=0)
+    text = str(report)
+    assert text.startswith(f"method 'remove_blocks': {report.passed} checks passed, 0 failed")
+    assert "[ok] resnet20 / strongest: exports to ONNX and agrees with its export" in text
+    assert "[figure] resnet20 / mildest: accuracy (base model 1.0): 1.000" in text
+
+
+def test_tiny_workload_is_deterministic_and_labelled_by_its_model():
+    state = torch.random.get_rng_state()
+    a, b = tiny_workload("mobilenet_v2", examples=16), tiny_workload("mobilenet_v2", examples=16)
+    assert torch.equal(torch.random.get_rng_state(), state)  # the global random state is left alone
+    assert torch.equal(a.train.inputs, b.train.inputs)
+    assert all(torch.equal(x, y) for x, y in zip(a.model.state_dict().values(), b.model.state_dict().values()))
+    with torch.no_grad():
+        assert torch.equal(a.model(a.val.inputs).argmax(1), a.val.targets)
+
+
+# --- broken methods fail the check that names their fault --------------------------------------
+
+
+@dataclass(frozen=True)
+class KeepConfig:
+    keep: tuple[float, float] = (0.5, 1.0)
+
+
+class HalveFc(Method):
+    """A correct structural method: the classifier (``fc`` or ``head``) factorized by SVD into two
+    layers, keeping ``keep`` of its rank."""
+
+    name, stage, config_type = "halve_fc", "structural", KeepConfig
+
+    def parameters(self, config, base):
+        return [FloatParam("keep", *config.keep, neutral=config.keep[1])]
+
+    def changes_nothing(self, setting, config):
+        return setting["keep"] >= 1.0
+
+    def apply(self, model, setting, config, ctx):
+        head = getattr(model, "fc", None) or getattr(model, "head", None)
+        if setting["keep"] >= 1.0 or not isinstance(head, torch.nn.Linear):
+            return model
+        rank = max(1, round(setting["keep"] * min(head.weight.shape)))
+        u, s, vh = torch.linalg.svd(head.weight.detach(), full_matrices=False)
+        first, second = torch.nn.Linear(head.in_features, rank, bias=False), torch.nn.Linear(rank, head.out_features)
+        first.weight.data, second.weight.data = (s[:rank, None] * vh[:rank]).contiguous(), u[:, :rank].contiguous()
+        second.bias.data = head.bias.detach().clone()
+        setattr(model, "fc" if hasattr(model, "fc") else "head", torch.nn.Sequential(first, second))
+        return model
+
+
+def _broken(**overrides):
+    """A HalveFc whose methods are replaced by ``overrides``."""
+    return type("Broken", (HalveFc,), overrides)()
+
+
+def _apply_then(effect):
+    """HalveFc's apply with ``effect`` where it compresses (at the mildest setting it changes nothing)."""
+    def apply(self, model, setting, config, ctx):
+        model = HalveFc.apply(self, model, setting, config, ctx)
+        return effect(model, setting, ctx) if setting["keep"] < 1.0 else model
+    return apply
+
+
+def test_a_correct_method_passes(tmp_path, torch_threads):
+    report = check_method(HalveFc(), work_dir=tmp_path, architectures=TWO)
+    assert not report.failures
+    assert sum(f.check == "changes_nothing() is true only where apply leaves the model as it was"
+               for f in report.findings) == 2  # checked at the mildest setting of both models
+
+
+def _teacher_nudged(model, setting, ctx):
+    with torch.no_grad():
+        next(ctx.teacher.parameters()).add_(1.0)
+    return model
+
+
+def _output_cut(model, setting, ctx):
+    model.fc.append(torch.nn.Linear(10, 3))
+    return model
+
+
+def _made_nan(model, setting, ctx):
+    with torch.no_grad():
+        next(model.parameters()).fill_(float("nan"))
+    return model
+
+
+class _Noisy(torch.nn.Module):
+    def forward(self, x):
+        return x + torch.randn_like(x)
+
+
+def _noise_added(model, setting, ctx):
+    model.fc.insert(0, _Noisy())
+    return model
+
+
+def _bad_skip(model, setting, ctx):
+    ctx.skip("halve_fc", Path("fc"), 3)
+    return model
+
+
+@pytest.mark.parametrize(("fault", "apply", "expected"), [
+    ("returns None (changed in place)", _apply_then(lambda m, s, c: None), {"returns the model"}),
+    ("changes the teacher", _apply_then(_teacher_nudged), {"leaves the base model and the teacher as they were"}),
+    ("changes the output's shape", _apply_then(_output_cut), {"keeps the output's shape"}),
+    ("gives NaN", _apply_then(_made_nan), {"gives finite outputs"}),
+    ("exports unfaithfully", _apply_then(_noise_added), {"exports to ONNX and agrees with its export"}),
+    ("skips with non-strings", _apply_then(_bad_skip), {"ctx.skip entries are (method, what, why) strings"}),
+])
+def test_a_broken_apply_fails_its_check(fault, apply, expected, tmp_path, torch_threads):
+    with pytest.raises(ConformanceError) as excinfo:
+        check_method(_broken(apply=apply), work_dir=tmp_path, architectures=("resnet20",), samples=0)
+    assert _failed(excinfo) == expected, fault
+    assert str(excinfo.value).startswith("method 'halve_fc' broke")
+
+
+def test_an_apply_raising_anything_but_candidate_error_fails(tmp_path, torch_threads):
+    def apply(self, model, setting, config, ctx):
+        raise ValueError("index out of range")
+
+    with pytest.raises(ConformanceError) as excinfo:
+        check_method(_broken(apply=apply), work_dir=tmp_path, architectures=("resnet20",), samples=0)
+    assert _failed(excinfo) == {"apply raises only CandidateError", "builds a candidate"}
+    assert "ValueError: index out of range" in str(excinfo.value)
+
+
+def test_refusing_some_candidates_is_allowed_but_not_all(tmp_path, torch_threads):
+    def refuse_strong(self, model, setting, config, ctx):
+        if setting["keep"] < 1.0:
+            raise CandidateError("too small")
+        return model
+
+    report = check_method(_broken(apply=refuse_strong), work_dir=tmp_path / "some", architectures=("resnet20",),
+                          samples=0)
+    assert any(f.check == "refused this candidate (CandidateError)" for f in report.findings)
+
+    def refuse_all(self, model, setting, config, ctx):
+        raise CandidateError("never")
+
+    with pytest.raises(ConformanceError) as excinfo:
+        check_method(_broken(apply=refuse_all), work_dir=tmp_path / "all", architectures=("resnet20",), samples=0)
+    assert _failed(excinfo) == {"builds a candidate"}
+
+
+def test_changes_nothing_that_is_wrong_fails(tmp_path, torch_threads):
+    with pytest.raises(ConformanceError) as excinfo:
+        check_method(_broken(changes_nothing=lambda self, setting, config: True), work_dir=tmp_path,
+                     architectures=("resnet20",), samples=0)
+    assert _failed(excinfo) == {"changes_nothing() is true only where apply leaves the model as it was"}
+    [failure] = excinfo.value.report.failures
+    assert failure.where == "resnet20 / strongest"  # the mildest setting really changes nothing
+
+
+def test_a_canonical_form_that_builds_another_candidate_fails(tmp_path, torch_threads):
+    """Writing every setting as "no change" claims the strongest candidate is the base model."""
+    with pytest.raises(ConformanceError) as excinfo:
+        check_method(_broken(canonical=lambda self, setting, config: {"keep": 1.0}), work_dir=tmp_path,
+                     architectures=("resnet20",), samples=0)
+    # and, the canonical form being the mildest setting, that it changes nothing
+    assert _failed(excinfo) == {"its canonical form builds the same candidate",
+                                "changes_nothing() is true only where apply leaves the model as it was"}
+
+
+def test_a_canonical_form_that_is_not_its_own_fails(tmp_path, torch_threads):
+    def halving(self, setting, config):
+        return {"keep": setting["keep"] / 2}
+
+    with pytest.raises(ConformanceError) as excinfo:
+        check_method(_broken(canonical=halving), work_dir=tmp_path, architectures=("resnet20",), samples=0)
+    assert "canonical() is its own canonical form" in _failed(excinfo)
+
+
+def test_a_bad_registration_table_or_parameter_fails_first(tmp_path):
+    with pytest.raises(ConformanceError) as excinfo:
+        check_method(HalveFc, work_dir=tmp_path)
+    assert _failed(excinfo) == {"is a method autocomp registers"}
+    assert "register HalveFc()" in str(excinfo.value)
+
+    with pytest.raises(ConformanceError) as excinfo:
+        check_method(HalveFc(), {"kep": [0.5, 1.0]}, work_dir=tmp_path)
+    assert _failed(excinfo) == {"parses its table"}
+    assert "unknown key(s) kep" in str(excinfo.value)
+
+    def bad(self, config, base):
+        return [FloatParam("keep", 1.0, 0.5)]
+
+    with pytest.raises(ConformanceError) as excinfo:
+        check_method(_broken(parameters=bad), work_dir=tmp_path, architectures=("resnet20",))
+    assert _failed(excinfo) == {"declares well-formed parameters", "builds a candidate"}
+    assert "low=1.0 > high=0.5" in str(excinfo.value)
+
+
+# --- post-export methods -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NoConfig:
+    pass
+
+
+class CopyOnnx(Method):
+    """A correct post-export method: writes a copy of the model under ctx.work_dir."""
+
+    name, stage, config_type = "copy_onnx", "post_export", NoConfig
+
+    def parameters(self, config, base):
+        return []
+
+    def apply(self, onnx_path, setting, config, ctx):
+        out = ctx.work_dir / "copy.onnx"
+        out.write_bytes(Path(onnx_path).read_bytes())
+        return out
+
+
+def _post(apply):
+    return type("BrokenPost", (CopyOnnx,), {"apply": apply})()
+
+
+def test_a_correct_post_export_method_passes(tmp_path):
+    assert not check_method(CopyOnnx(), work_dir=tmp_path, architectures=("resnet20",)).failures
+
+
+def test_post_export_methods_that_break_their_contract_fail(tmp_path):
+    def overwrites(self, onnx_path, setting, config, ctx):
+        out = CopyOnnx.apply(self, onnx_path, setting, config, ctx)
+        Path(onnx_path).write_bytes(Path(onnx_path).read_bytes() + b"\0")
+        return out
+
+    def writes_elsewhere(self, onnx_path, setting, config, ctx):
+        out = tmp_path / "elsewhere.onnx"
+        out.write_bytes(Path(onnx_path).read_bytes())
+        return out
+
+    def writes_garbage(self, onnx_path, setting, config, ctx):
+        out = ctx.work_dir / "garbage.onnx"
+        out.write_bytes(b"not a model")
+        return out
+
+    def returns_nothing(self, onnx_path, setting, config, ctx):
+        (ctx.work_dir / "copy.onnx").write_bytes(Path(onnx_path).read_bytes())
+
+    cases = {"overwrites": (overwrites, {"leaves the input ONNX file as it was"}),
+             "elsewhere": (writes_elsewhere, {"writes its file under ctx.work_dir"}),
+             "garbage": (writes_garbage, {"its file runs in ONNX Runtime", "builds a candidate"}),
+             "nothing": (returns_nothing, {"returns the path of the ONNX file it wrote", "builds a candidate"})}
+    for case, (apply, expected) in cases.items():
+        with pytest.raises(ConformanceError) as excinfo:
+            check_method(_post(apply), work_dir=tmp_path / case, architectures=("resnet20",))
+        assert _failed(excinfo) == expected, case
+
+
+# --- targets ------------------------------------------------------------------------------------
+
+
+def _target(**overrides):
+    return type("BrokenTarget", (HostTarget,), {"name": "broken", **overrides})()
+
+
+def test_targets_that_break_their_contract_fail(tmp_path):
+    def stats(p50, p90, measured=True):
+        return lambda self, path, shapes: LatencyStats(p50, p90, p50, 1, measured, "broken")
+
+    def crashes_on_garbage(self, path, shapes):
+        if Path(path).read_bytes().startswith(b"this is not"):
+            raise RuntimeError("ORT died")
+        return HostTarget.latency(self, path, shapes)
+
+    cases = {
+        "dict": ({"latency": lambda self, path, shapes: {"p50": 1.0}}, {"gives latency statistics of a tiny model",
+                                                                        "raises CandidateError for a file that is not a model"}),
+        "order": ({"latency": stats(2.0, 1.0)}, {"p50 > 0 and p90 >= p50",
+                                                 "raises CandidateError for a file that is not a model"}),
+        "measured": ({"measured": False, "latency": stats(1.0, 1.0)}, {
+            "says measured or predicted as the target does", "raises CandidateError for a file that is not a model"}),
+        "garbage": ({"latency": crashes_on_garbage}, {"raises CandidateError for a file that is not a model"}),
+        "facts": ({"facts": lambda self: {"path": Path("/")}}, {"facts() is a JSON object"}),
+        "predict": ({"predict_latency": lambda self, path, shapes: -1.0}, {"returns None or a positive number of ms"}),
+        "precisions": ({"precisions": frozenset({"int3"})}, {"declares its precisions"}),
+    }
+    for case, (overrides, expected) in cases.items():
+        with pytest.raises(ConformanceError) as excinfo:
+            check_target(_target(**overrides), work_dir=tmp_path / case)
+        assert _failed(excinfo) == expected, case
+
+
+def test_a_target_needing_options_is_checked_with_them(tmp_path):
+    from autocomp.errors import TargetError
+
+    class NeedsUrl(HostTarget):
+        name = "needs-url"
+
+        def configure(self, options):
+            if "url" not in options:
+                raise TargetError("target 'needs-url' needs --url")
+            configured = copy.copy(self)
+            configured.url = options["url"]
+            return configured
+
+    with pytest.raises(ConformanceError) as excinfo:
+        check_target(NeedsUrl(), work_dir=tmp_path)
+    assert _failed(excinfo) == {"configure({}) returns a target"}
+    assert "needs --url" in str(excinfo.value)
+    assert not check_target(NeedsUrl(), {"url": "x"}, work_dir=tmp_path).failures
+
+
+def test_cli_check_runs_named_plugins_and_exits_1_on_a_broken_one(registry, tmp_path, capsys, monkeypatch):
+    from autocomp import cli
+    from autocomp.plugins import load_registry, reset_registry
+
+    assert cli.main(["plugins", "--check", "jetson", "remote", "--json"]) == 0  # an alias; remote needs options
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)["checked"]}
+    assert rows["jetson-orin-nano"]["status"] == "ok" and rows["jetson-orin-nano"]["passed"] == 9
+    assert rows["remote"]["status"] == "not checked: it needs options" and rows["remote"]["passed"] is None
+    assert "needs the agent's URL" in rows["remote"]["details"][0]
+
+    class Plugin:
+        @staticmethod
+        def register_methods(register):
+            register(_broken(changes_nothing=lambda self, setting, config: True))
+
+    from autocomp import hookimpl
+
+    Plugin.register_methods = hookimpl(Plugin.register_methods)
+    reset_registry(load_registry(entry_points=[], extra_plugins=[("halve", Plugin)]))
+    space = tmp_path / "space.toml"
+    space.write_text("[halve_fc]\nkeep = [0.25, 1.0]\n")
+    check = ["plugins", "--check", "halve_fc", "--space", str(space), "--arch", "resnet20"]
+    assert cli.main([*check, "--json"]) == 1
+    [row] = json.loads(capsys.readouterr().out)["checked"]
+    assert row["status"] == "FAILED" and row["details"][0] == (
+        "[FAILED] resnet20 / strongest: changes_nothing() is true only where apply leaves the model as it was: "
+        "changes_nothing() says this setting changes nothing, but the candidate differs from the base model; the "
+        "search would then skip fine-tuning it and count it as the base model")
+    assert [line.split(":")[0] for line in row["details"]] == [  # every setting but the mildest
+        "[FAILED] resnet20 / strongest", "[FAILED] resnet20 / random 1", "[FAILED] resnet20 / random 2"]
+    monkeypatch.setenv("COLUMNS", "400")
+    assert cli.main(check) == 1
+    assert "method halve_fc: [FAILED] resnet20 / strongest: changes_nothing()" in capsys.readouterr().err
+    assert cli.main(["plugins", "--check", "nope"]) == 2
+    assert "no method or target named 'nope'" in capsys.readouterr().err
+    assert cli.main([*check, "--arch", "resnet1000"]) == 2
+    assert "unknown architecture(s) resnet1000" in capsys.readouterr().err
+    assert cli.main(["plugins", "--arch", "resnet20"]) == 2
+    assert "add --check" in capsys.readouterr().err

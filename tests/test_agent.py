@@ -402,7 +402,7 @@ def test_remote_target_passes_the_conformance_checks_through_a_real_agent(tmp_pa
     server, thread = _start(max_upload_bytes=1 << 20)  # the tiny ResNet-20 is 79 kB
     try:
         report = check_target(RemoteTarget(), {"agent": server.url}, work_dir=tmp_path)
-        assert not report.failures and report.passed == 9
+        assert not report.failures and report.passed == 11
         _assert_alive(server.url)
     finally:
         server.shutdown()

@@ -4,6 +4,7 @@ and each kind of broken plugin fails exactly the check that names its fault."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +14,7 @@ import torch
 
 from autocomp import FloatParam, LatencyStats, Method
 from autocomp.errors import CandidateError
+from autocomp.method import EVALUATION_ARTIFACT
 from autocomp.testing import ConformanceError, HostTarget, check_method, check_target, tiny_workload
 
 #: Fast tables for the built-in methods (distillation's default is 150 steps).
@@ -43,7 +45,7 @@ def test_every_builtin_method_passes(name, registry, tmp_path, torch_threads):
 @pytest.mark.parametrize("name", ["cpu", "jetson-orin-nano", "raspberry-pi-4"])
 def test_builtin_targets_pass(name, registry, tmp_path):
     report = check_target(registry.target(name), work_dir=tmp_path)
-    assert not report.failures and report.passed == 9
+    assert not report.failures and report.passed == 11
 
 
 def test_the_report_lists_checks_and_figures(registry, tmp_path, torch_threads):
@@ -135,6 +137,16 @@ def _made_nan(model, setting, ctx):
     return model
 
 
+class _Raises(torch.nn.Module):
+    def forward(self, x):
+        raise RuntimeError("shape mismatch in a custom layer")
+
+
+class _Pair(torch.nn.Module):
+    def forward(self, x):
+        return x, x
+
+
 class _Noisy(torch.nn.Module):
     def forward(self, x):
         return x + torch.randn_like(x)
@@ -157,6 +169,10 @@ def _bad_skip(model, setting, ctx):
     ("gives NaN", _apply_then(_made_nan), {"gives finite outputs"}),
     ("exports unfaithfully", _apply_then(_noise_added), {"exports to ONNX and agrees with its export"}),
     ("skips with non-strings", _apply_then(_bad_skip), {"ctx.skip entries are (method, what, why) strings"}),
+    ("builds a model that raises", _apply_then(lambda m, s, c: m.fc.append(_Raises()) or m),
+     {"its model runs on the base model's inputs, giving one tensor"}),
+    ("builds a model giving a tuple", _apply_then(lambda m, s, c: m.fc.append(_Pair()) or m),
+     {"its model runs on the base model's inputs, giving one tensor"}),
 ])
 def test_a_broken_apply_fails_its_check(fault, apply, expected, tmp_path, torch_threads):
     with pytest.raises(ConformanceError) as excinfo:
@@ -210,6 +226,46 @@ def test_a_canonical_form_that_builds_another_candidate_fails(tmp_path, torch_th
     # and, the canonical form being the mildest setting, that it changes nothing
     assert _failed(excinfo) == {"its canonical form builds the same candidate",
                                 "changes_nothing() is true only where apply leaves the model as it was"}
+
+
+def test_a_canonical_form_naming_other_parameters_fails(tmp_path, torch_threads):
+    with pytest.raises(ConformanceError) as excinfo:
+        check_method(_broken(canonical=lambda self, setting, config: {**setting, "halve_fc.keep": 1}),
+                     work_dir=tmp_path, architectures=("resnet20",), samples=0)
+    assert _failed(excinfo) == {"canonical() names only the method's parameters"}
+    assert "['halve_fc.keep'] are not parameters it declared" in str(excinfo.value)
+
+
+def test_a_canonical_form_leaving_a_parameter_out_need_not_be_applicable(tmp_path, torch_threads):
+    """The engine compares canonical forms and never applies them: dropping a parameter that does
+    not matter (how to factorize, when nothing is factorized) is allowed."""
+    from autocomp import ChoiceParam
+
+    class WithHow(HalveFc):
+        def parameters(self, config, base):
+            return [*HalveFc.parameters(self, config, base), ChoiceParam("how", ("svd", "svd-again"))]
+
+        def canonical(self, setting, config):
+            return {"keep": 1.0} if setting["keep"] >= 1.0 else setting
+
+        def apply(self, model, setting, config, ctx):
+            assert setting["how"] in ("svd", "svd-again")
+            return HalveFc.apply(self, model, setting, config, ctx)
+
+    assert not check_method(WithHow(), work_dir=tmp_path, architectures=("resnet20",), samples=0).failures
+
+
+def test_each_apply_runs_seeded_and_leaves_the_global_random_state_alone(tmp_path, torch_threads):
+    draws = []
+
+    def noisy(self, model, setting, config, ctx):
+        draws.append(torch.rand(1).item())
+        return model
+
+    state = torch.random.get_rng_state()
+    check_method(_broken(apply=noisy), work_dir=tmp_path, architectures=("resnet20",), samples=0)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert len(draws) == 2 and draws[0] == draws[1]  # the same seed for each setting
 
 
 def test_a_canonical_form_that_is_not_its_own_fails(tmp_path, torch_threads):
@@ -270,6 +326,17 @@ def _post(apply):
 def test_a_correct_post_export_method_passes(tmp_path):
     assert not check_method(CopyOnnx(), work_dir=tmp_path, architectures=("resnet20",)).failures
 
+    def twin(self, onnx_path, setting, config, ctx):  # an artifact this host cannot run, and its twin
+        (ctx.work_dir / "twin.onnx").write_bytes(Path(onnx_path).read_bytes())
+        ctx.notes[EVALUATION_ARTIFACT] = str(ctx.work_dir / "twin.onnx")
+        (ctx.work_dir / "for-the-device.onnx").write_bytes(b"runs on the device only")
+        return ctx.work_dir / "for-the-device.onnx"
+
+    report = check_method(_post(twin), work_dir=tmp_path / "twin", architectures=("resnet20",))
+    assert not report.failures
+    assert [f.check for f in report.findings if "runs in ONNX Runtime" in f.check] == [
+        "its evaluation twin (ctx.notes) runs in ONNX Runtime"]
+
 
 def test_post_export_methods_that_break_their_contract_fail(tmp_path):
     def overwrites(self, onnx_path, setting, config, ctx):
@@ -290,10 +357,22 @@ def test_post_export_methods_that_break_their_contract_fail(tmp_path):
     def returns_nothing(self, onnx_path, setting, config, ctx):
         (ctx.work_dir / "copy.onnx").write_bytes(Path(onnx_path).read_bytes())
 
+    def same_name(self, onnx_path, setting, config, ctx):  # in a trial the export is in ctx.work_dir
+        copied = CopyOnnx.apply(self, onnx_path, setting, config, ctx)
+        (ctx.work_dir / Path(onnx_path).name).write_bytes(b"scratch")
+        return copied
+
+    def missing_twin(self, onnx_path, setting, config, ctx):
+        ctx.notes[EVALUATION_ARTIFACT] = str(ctx.work_dir / "twin.onnx")
+        return CopyOnnx.apply(self, onnx_path, setting, config, ctx)
+
     cases = {"overwrites": (overwrites, {"leaves the input ONNX file as it was"}),
              "elsewhere": (writes_elsewhere, {"writes its file under ctx.work_dir"}),
              "garbage": (writes_garbage, {"its file runs in ONNX Runtime", "builds a candidate"}),
-             "nothing": (returns_nothing, {"returns the path of the ONNX file it wrote", "builds a candidate"})}
+             "nothing": (returns_nothing, {"returns the path of the ONNX file it wrote", "builds a candidate"}),
+             "same name": (same_name, {"leaves the input ONNX file as it was"}),
+             "missing twin": (missing_twin, {"its evaluation twin (ctx.notes) runs in ONNX Runtime",
+                                             "builds a candidate"})}
     for case, (apply, expected) in cases.items():
         with pytest.raises(ConformanceError) as excinfo:
             check_method(_post(apply), work_dir=tmp_path / case, architectures=("resnet20",))
@@ -309,7 +388,7 @@ def _target(**overrides):
 
 def test_targets_that_break_their_contract_fail(tmp_path):
     def stats(p50, p90, measured=True):
-        return lambda self, path, shapes: LatencyStats(p50, p90, p50, 1, measured, "broken")
+        return lambda self, path, shapes: LatencyStats(p50, p90, p50, 1, measured, "broken", min_ms=p50)
 
     def crashes_on_garbage(self, path, shapes):
         if Path(path).read_bytes().startswith(b"this is not"):
@@ -324,7 +403,12 @@ def test_targets_that_break_their_contract_fail(tmp_path):
         "measured": ({"measured": False, "latency": stats(1.0, 1.0)}, {
             "says measured or predicted as the target does", "raises CandidateError for a file that is not a model"}),
         "garbage": ({"latency": crashes_on_garbage}, {"raises CandidateError for a file that is not a model"}),
-        "facts": ({"facts": lambda self: {"path": Path("/")}}, {"facts() is a JSON object"}),
+        "facts": ({"facts": lambda self: ["not", "a", "dict"]}, {"facts() is a dict"}),
+        "no fastest run": ({"latency": lambda self, path, shapes: dataclasses.replace(
+            HostTarget.latency(self, path, shapes), min_ms=None)}, {"gives every statistic a search optimises"}),
+        "stats not JSON": ({"latency": lambda self, path, shapes: dataclasses.replace(
+            HostTarget.latency(self, path, shapes), facts={"model": Path(path)})},
+            {"its statistics are JSON (the latency cache stores them)"}),
         "predict": ({"predict_latency": lambda self, path, shapes: -1.0}, {"returns None or a positive number of ms"}),
         "precisions": ({"precisions": frozenset({"int3"})}, {"declares its precisions"}),
     }
@@ -360,7 +444,7 @@ def test_cli_check_runs_named_plugins_and_exits_1_on_a_broken_one(registry, tmp_
 
     assert cli.main(["plugins", "--check", "jetson", "remote", "--json"]) == 0  # an alias; remote needs options
     rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)["checked"]}
-    assert rows["jetson-orin-nano"]["status"] == "ok" and rows["jetson-orin-nano"]["passed"] == 9
+    assert rows["jetson-orin-nano"]["status"] == "ok" and rows["jetson-orin-nano"]["passed"] == 11
     assert rows["remote"]["status"] == "not checked: it needs options" and rows["remote"]["passed"] is None
     assert "needs the agent's URL" in rows["remote"]["details"][0]
 
@@ -369,9 +453,14 @@ def test_cli_check_runs_named_plugins_and_exits_1_on_a_broken_one(registry, tmp_
         def register_methods(register):
             register(_broken(changes_nothing=lambda self, setting, config: True))
 
+        @staticmethod
+        def register_targets(register):  # forgot `return self`: broken, not "needs options"
+            register(_target(name="forgetful", configure=lambda self, options: None))
+
     from autocomp import hookimpl
 
     Plugin.register_methods = hookimpl(Plugin.register_methods)
+    Plugin.register_targets = hookimpl(Plugin.register_targets)
     reset_registry(load_registry(entry_points=[], extra_plugins=[("halve", Plugin)]))
     space = tmp_path / "space.toml"
     space.write_text("[halve_fc]\nkeep = [0.25, 1.0]\n")
@@ -384,6 +473,9 @@ def test_cli_check_runs_named_plugins_and_exits_1_on_a_broken_one(registry, tmp_
         "search would then skip fine-tuning it and count it as the base model")
     assert [line.split(":")[0] for line in row["details"]] == [  # every setting but the mildest
         "[FAILED] resnet20 / strongest", "[FAILED] resnet20 / random 1", "[FAILED] resnet20 / random 2"]
+    assert cli.main(["plugins", "--check", "forgetful", "--json"]) == 1
+    [row] = json.loads(capsys.readouterr().out)["checked"]
+    assert row["status"] == "FAILED" and "configure({}) returns a target: it returned None" in row["details"][0]
     monkeypatch.setenv("COLUMNS", "400")
     assert cli.main(check) == 1
     assert "method halve_fc: [FAILED] resnet20 / strongest: changes_nothing()" in capsys.readouterr().err

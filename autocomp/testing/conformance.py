@@ -10,14 +10,15 @@ application is checked against what the engine relies on:
 - ``apply`` returns the model (structural, recovery) or the path of a file it wrote under
   ``ctx.work_dir`` (post-export), leaves the base model, the teacher and the input file as they
   were, and gives outputs of the base model's shape, all finite;
-- a torch result exports to ONNX and agrees with its export; an ONNX result runs in ONNX Runtime,
-  and so does the evaluation twin a method names in ``ctx.notes``;
+- a torch result runs and exports to ONNX faithfully; an ONNX result runs in ONNX Runtime (or, where
+  the method names an evaluation twin in ``ctx.notes``, the twin does: the engine scores the twin);
 - ``ctx.skip`` entries are strings (they go into the study's storage);
-- ``canonical`` is stable (its own canonical form) and names only the method's parameters, and
-  the canonical form builds the same candidate as the setting it came from;
+- ``canonical`` is stable (its own canonical form) and names only the method's parameters, and a
+  canonical form that rewrites values (not one that leaves parameters out) builds the same candidate;
 - where ``changes_nothing`` is true, ``apply`` really left the model as it was: the search then
   skips fine-tuning, and counts the candidate as the base model.
 
+Each ``apply`` runs with the global torch random state seeded (``seed``) and restored afterwards.
 ``apply`` raising :class:`~autocomp.errors.CandidateError` is the method refusing one candidate, as
 the contract allows: a figure, not a failure, unless the method refuses every setting on every
 architecture. Any other exception is a failure. Figures (MACs and parameters against the base
@@ -32,6 +33,7 @@ import copy
 import hashlib
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
@@ -47,7 +49,7 @@ from autocomp.method import EVALUATION_ARTIFACT, BaseModelInfo, CandidateContext
 from autocomp.ort import TimingPolicy, input_shapes_of, measure_latency, run_batches
 from autocomp.plugins import _malformed
 from autocomp.space import parse_space, same_value
-from autocomp.target import PRECISIONS, LatencyStats, Target
+from autocomp.target import PRECISIONS, STATISTICS, LatencyStats, Target
 from autocomp.workload import Split, Workload
 
 __all__ = ["DEFAULT_ARCHITECTURES", "ConformanceError", "Finding", "HostTarget", "Report", "check_method",
@@ -194,20 +196,27 @@ def _check_on(method, config, space, wl: Workload, target: Target, work: Path, r
     params = concrete.entries[0][2]
     report.figure(arch, "parameters", f"{len(params)}: " + ", ".join(p.name for p in params[:6])
                   + (" ..." if len(params) > 6 else ""))
-    base = _Base(wl, fp32)
+    base = _Base(wl, fp32, seed)
+    declared = {p.name for p in params}
     built = 0
     for label, setting in _settings(concrete, samples, seed):
         where = f"{arch} / {label}"
         check = _CHECKS[method.stage]
         result = check(method, config, setting, base, target, work / label, report, where, atol, rtol)
+        if not base.untouched():  # the next settings start from the base model again
+            base = _Base(tiny_workload(arch, seed=seed), fp32, seed)
         if result is None:
             continue
         built += 1
-        _check_canonical(method, config, setting, result, base, target, work / label, report, where, atol, rtol)
+        _check_canonical(method, config, setting, declared, result, base, target, work / label, report, where,
+                         atol, rtol)
         if label == "strongest" and method.stage == "structural":
-            macs, n = count_macs(result.model, wl.example_input)
-            report.figure(where, "cost against the base model",
-                          f"MACs x{macs / base.macs[0]:.3f}, parameters x{n / base.macs[1]:.3f}")
+            try:
+                macs, n = count_macs(result.model, wl.example_input)
+                report.figure(where, "cost against the base model",
+                              f"MACs x{macs / base.macs[0]:.3f}, parameters x{n / base.macs[1]:.3f}")
+            except Exception as exc:  # noqa: BLE001 - torch-pruning's counter may not know a custom layer
+                report.figure(where, "cost against the base model", f"not counted ({_why(exc)})")
         report.figure(where, "accuracy (base model 1.0)", f"{result.accuracy:.3f}")
     return built
 
@@ -218,6 +227,7 @@ class _Base:
 
     wl: Workload
     onnx: Path
+    seed: int
 
     def __post_init__(self) -> None:
         self.state = {k: v.detach().clone() for k, v in self.wl.model.state_dict().items()}
@@ -244,9 +254,12 @@ class _Built:
 
 
 def _apply(method, subject, setting, config, ctx, report: Report, where: str) -> tuple[Any, bool]:
-    """``method.apply`` with its exceptions sorted: (what it returned, whether it returned)."""
+    """``method.apply`` with its exceptions sorted: (what it returned, whether it returned). The
+    global torch random state is seeded with ``ctx.seed`` and restored afterwards, as trials seed it."""
     try:
-        return method.apply(subject, dict(setting), config, ctx), True
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(ctx.seed)
+            return method.apply(subject, dict(setting), config, ctx), True
     except CandidateError as exc:
         report.figure(where, "refused this candidate (CandidateError)", str(exc))
     except Exception as exc:  # noqa: BLE001
@@ -258,7 +271,7 @@ def _check_torch(method, config, setting, base: _Base, target, work: Path, repor
                  atol: float, rtol: float) -> _Built | None:
     """A structural or recovery method: the checks of one application to a copy of the base model."""
     wl = base.wl
-    ctx = _context(wl, target, work, 0)
+    ctx = _context(wl, target, work, base.seed)
     model, returned = _apply(method, copy.deepcopy(wl.model).eval(), setting, config, ctx, report, where)
     report.check(where, "leaves the base model and the teacher as they were", base.untouched(),
                  "apply changed ctx.teacher (the base model): work on the model it is given, a copy")
@@ -269,8 +282,16 @@ def _check_torch(method, config, setting, base: _Base, target, work: Path, repor
                         "returns it"):
         return None
     model.eval()
-    with torch.no_grad():
-        outputs = model(wl.val.inputs).numpy()
+    try:
+        with torch.no_grad():
+            out = model(wl.val.inputs)
+        outputs = out.numpy() if isinstance(out, torch.Tensor) else None
+    except Exception as exc:  # noqa: BLE001
+        report.check(where, "its model runs on the base model's inputs, giving one tensor", False, _why(exc))
+        return None
+    if not report.check(where, "its model runs on the base model's inputs, giving one tensor", outputs is not None,
+                        f"its forward returned {type(out).__name__}"):
+        return None
     if not _outputs_ok(outputs, base, report, where):
         return None
     _check_skips(ctx, report, where)
@@ -287,35 +308,33 @@ def _check_onnx(method, config, setting, base: _Base, target, work: Path, report
                 atol: float, rtol: float) -> _Built | None:
     """A post-export method: the checks of one application to the base model's fp32 export."""
     wl = base.wl
-    ctx = _context(wl, target, work, 0)
-    result, returned = _apply(method, base.onnx, setting, config, ctx, report, where)
-    report.check(where, "leaves the input ONNX file as it was", _sha(base.onnx) == base.onnx_sha,
-                 f"apply changed {base.onnx.name}: write new files under ctx.work_dir")
+    ctx = _context(wl, target, work, base.seed)
+    given = ctx.work_dir / "fp32.onnx"  # where a trial's export is: inside its work directory
+    given.write_bytes(base.onnx.read_bytes())
+    result, returned = _apply(method, given, setting, config, ctx, report, where)
+    report.check(where, "leaves the input ONNX file as it was", _sha(given) == base.onnx_sha,
+                 f"apply changed the file it was given ({given.name}): write new files under ctx.work_dir, "
+                 "named apart from it")
     if not returned:
         return None
-    wrote = isinstance(result, (str, Path)) and Path(result).is_file()
+    wrote = isinstance(result, (str, os.PathLike)) and Path(result).is_file()
     if not report.check(where, "returns the path of the ONNX file it wrote", wrote,
                         f"apply returned {result!r}"):
         return None
     path = Path(result).resolve()
-    report.check(where, "writes its file under ctx.work_dir", path == base.onnx.resolve()
-                 or path.is_relative_to(ctx.work_dir.resolve()),
+    report.check(where, "writes its file under ctx.work_dir", path.is_relative_to(ctx.work_dir.resolve()),
                  f"apply returned {path}, neither the file it was given nor one under ctx.work_dir ({ctx.work_dir})")
+    twin = ctx.notes.get(EVALUATION_ARTIFACT)
+    evaluated = path if twin is None else twin  # the engine scores the twin where there is one
+    what = "its file" if twin is None else "its evaluation twin (ctx.notes)"
     try:
-        outputs = run_batches(path, wl.val.inputs.numpy())
-    except CandidateError as exc:
-        report.check(where, "its file runs in ONNX Runtime", False, str(exc))
+        outputs = run_batches(evaluated, wl.val.inputs.numpy())
+    except (CandidateError, OSError, TypeError) as exc:
+        report.check(where, f"{what} runs in ONNX Runtime", False, _why(exc))
         return None
+    report.check(where, f"{what} runs in ONNX Runtime", True)
     if not _outputs_ok(outputs, base, report, where):
         return None
-    twin = ctx.notes.get(EVALUATION_ARTIFACT)
-    if twin is not None:
-        try:
-            report.check(where, "its evaluation twin runs and gives outputs of the same shape",
-                         run_batches(twin, wl.val.inputs.numpy()).shape == outputs.shape,
-                         "the twin's outputs differ in shape from the artifact's")
-        except (CandidateError, OSError) as exc:
-            report.check(where, "its evaluation twin runs and gives outputs of the same shape", False, str(exc))
     _check_skips(ctx, report, where)
     return _Built(outputs, _accuracy(outputs, wl), path=path)
 
@@ -323,10 +342,12 @@ def _check_onnx(method, config, setting, base: _Base, target, work: Path, report
 _CHECKS = {"structural": _check_torch, "recovery": _check_torch, "post_export": _check_onnx}
 
 
-def _check_canonical(method, config, setting, built: _Built, base: _Base, target, work: Path, report: Report,
-                     where: str, atol: float, rtol: float) -> None:
-    """``canonical`` stable and naming only the method's parameters; the canonical form builds the
-    same candidate; ``changes_nothing`` true only where the candidate is the base model."""
+def _check_canonical(method, config, setting, declared: set[str], built: _Built, base: _Base, target, work: Path,
+                     report: Report, where: str, atol: float, rtol: float) -> None:
+    """``canonical`` stable and naming only the method's parameters; a canonical form that only
+    rewrites values builds the same candidate (one that leaves parameters out need not be a setting
+    ``apply`` takes: the engine compares canonical forms, it does not apply them);
+    ``changes_nothing`` true only where the candidate is the base model."""
     try:
         canonical = dict(method.canonical(dict(setting), config))
         again = dict(method.canonical(dict(canonical), config))
@@ -336,13 +357,18 @@ def _check_canonical(method, config, setting, built: _Built, base: _Base, target
         return
     stable = again.keys() == canonical.keys() and all(same_value(again[k], canonical[k]) for k in canonical)
     report.check(where, "canonical() is its own canonical form", stable, f"{canonical} became {again}")
-    if canonical.keys() != setting.keys() or not all(same_value(canonical[k], setting[k]) for k in setting):
+    report.check(where, "canonical() names only the method's parameters", set(canonical) <= declared,
+                 f"{sorted(set(canonical) - declared)} are not parameters it declared (short names, without "
+                 f"'{method.name}.')")
+    if canonical.keys() == setting.keys() and not all(same_value(canonical[k], setting[k]) for k in setting):
         report.figure(where, "canonical form", str(canonical))
+        rebuilt = Report("canonical")
         again_built = _CHECKS[method.stage](method, config, canonical, base, target, work / "canonical",
-                                            Report("canonical"), where, atol, rtol)
+                                            rebuilt, where, atol, rtol)
+        why = "; ".join(str(f) for f in rebuilt.failures) or "it gives other outputs"
         report.check(where, "its canonical form builds the same candidate",
                      again_built is not None and _close(again_built.outputs, built.outputs, atol, rtol),
-                     f"the canonical form {canonical} of {dict(setting)} gives other outputs, or fails")
+                     f"the canonical form {canonical} of {dict(setting)}: {why}")
     if nothing:
         reference = base.outputs if method.stage != "post_export" else base.onnx_outputs
         same_shapes = built.model is None or [p.shape for p in built.model.parameters()] == [
@@ -432,6 +458,18 @@ def check_target(target: Any, options: Mapping[str, Any] | None = None, *, work_
             report.check("latency", "says measured or predicted as the target does",
                          stats.measured == target.measured,
                          f"the statistics say measured={stats.measured}, the target measured={target.measured}")
+            try:
+                [stats.value(statistic) for statistic in STATISTICS]
+                report.check("latency", "gives every statistic a search optimises", True)
+            except ValueError as exc:
+                report.check("latency", "gives every statistic a search optimises", False,
+                             f"{exc} (a measurement sets min_ms, the fastest run: --latency-statistic min is the "
+                             "default)")
+            try:
+                json.dumps(stats.to_dict())
+                report.check("latency", "its statistics are JSON (the latency cache stores them)", True)
+            except (TypeError, ValueError) as exc:
+                report.check("latency", "its statistics are JSON (the latency cache stores them)", False, _why(exc))
             report.figure("latency", "p50 of the tiny model", f"{stats.p50_ms:.4f} ms ({stats.runs} runs)")
     try:
         predicted = target.predict_latency(fp32, shapes)
@@ -441,11 +479,10 @@ def check_target(target: Any, options: Mapping[str, Any] | None = None, *, work_
     except Exception as exc:  # noqa: BLE001
         report.check("predict_latency", "returns None or a positive number of ms", False, _why(exc))
     try:
-        facts = target.facts()
-        json.dumps(facts)
-        report.check("facts", "facts() is a JSON object", isinstance(facts, dict), f"it returned {facts!r}")
+        facts = target.facts()  # the run manifest writes them, values it cannot write as text
+        report.check("facts", "facts() is a dict", isinstance(facts, dict), f"it returned {facts!r}")
     except Exception as exc:  # noqa: BLE001
-        report.check("facts", "facts() is a JSON object", False, _why(exc))
+        report.check("facts", "facts() is a dict", False, _why(exc))
     broken = work / "not-a-model.onnx"
     broken.write_bytes(b"this is not an ONNX model")
     try:

@@ -126,6 +126,16 @@ def _teacher_nudged(model, setting, ctx):
     return model
 
 
+def _teacher_hooked(model, setting, ctx):
+    ctx.teacher.fc.register_forward_hook(lambda module, args, output: None)
+    return model
+
+
+def _teacher_trained(model, setting, ctx):
+    ctx.teacher.train()
+    return model
+
+
 def _output_cut(model, setting, ctx):
     model.fc.append(torch.nn.Linear(10, 3))
     return model
@@ -165,6 +175,10 @@ def _bad_skip(model, setting, ctx):
 @pytest.mark.parametrize(("fault", "apply", "expected"), [
     ("returns None (changed in place)", _apply_then(lambda m, s, c: None), {"returns the model"}),
     ("changes the teacher", _apply_then(_teacher_nudged), {"leaves the base model and the teacher as they were"}),
+    ("leaves a hook on the teacher", _apply_then(_teacher_hooked),
+     {"leaves the base model and the teacher as they were"}),
+    ("leaves the teacher training", _apply_then(_teacher_trained),
+     {"leaves the base model and the teacher as they were"}),
     ("changes the output's shape", _apply_then(_output_cut), {"keeps the output's shape"}),
     ("gives NaN", _apply_then(_made_nan), {"gives finite outputs"}),
     ("exports unfaithfully", _apply_then(_noise_added), {"exports to ONNX and agrees with its export"}),
@@ -275,6 +289,33 @@ def test_a_canonical_form_that_is_not_its_own_fails(tmp_path, torch_threads):
     with pytest.raises(ConformanceError) as excinfo:
         check_method(_broken(canonical=halving), work_dir=tmp_path, architectures=("resnet20",), samples=0)
     assert "canonical() is its own canonical form" in _failed(excinfo)
+
+
+def test_parameters_the_engine_cannot_use_fail(tmp_path):
+    from autocomp import ChoiceParam
+
+    def stray(self, config, base):
+        return [FloatParam("keep", *config.keep, neutral=config.keep[1], module="fcc")]
+
+    def tuples(self, config, base):
+        return [*HalveFc.parameters(self, config, base), ChoiceParam("shape", ((1, 2), (2, 1)))]
+
+    calls = []
+
+    def unstable(self, config, base):
+        calls.append(1)
+        return [FloatParam("keep", *config.keep, neutral=config.keep[1], step=0.5 if len(calls) > 1 else None)]
+
+    cases = {"stray": (stray, "its parameters' module and removes name modules of the model", "keep (module='fcc')"),
+             "tuples": (tuples, "its choices are None, bool, int, float or str", "shape: the study's storage"),
+             "unstable": (unstable, "declares the same parameters when asked again (a resumed search asks again)",
+                          "the second call to parameters() gave other parameters")}
+    for case, (parameters, expected, detail) in cases.items():
+        with pytest.raises(ConformanceError) as excinfo:
+            check_method(_broken(parameters=parameters), work_dir=tmp_path / case, architectures=("resnet20",),
+                         samples=0)
+        assert _failed(excinfo) == {expected}, case
+        assert detail in str(excinfo.value), case
 
 
 def test_a_bad_registration_table_or_parameter_fails_first(tmp_path):

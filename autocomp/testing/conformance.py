@@ -6,10 +6,13 @@ search does and applies it at three kinds of setting: every parameter at its ``n
 ("mildest"), every parameter at the end away from it ("strongest"), and random draws. Each
 application is checked against what the engine relies on:
 
-- the registration is one autocomp accepts, the table parses and the parameters are well formed;
+- the registration is one autocomp accepts, the table parses and the parameters are well formed,
+  name modules of the model (``module``, ``removes``), offer choices a study's storage keeps, and
+  are the same when asked again (a resumed search asks again);
 - ``apply`` returns the model (structural, recovery) or the path of a file it wrote under
-  ``ctx.work_dir`` (post-export), leaves the base model, the teacher and the input file as they
-  were, and gives outputs of the base model's shape, all finite;
+  ``ctx.work_dir`` (post-export), leaves the base model and the teacher (weights, train/eval mode,
+  hooks, ``requires_grad``) and the input file as they were, and gives outputs of the base model's
+  shape, all finite;
 - a torch result runs and exports to ONNX faithfully; an ONNX result runs in ONNX Runtime (or, where
   the method names an evaluation twin in ``ctx.notes``, the twin does: the engine scores the twin);
 - ``ctx.skip`` entries are strings (they go into the study's storage);
@@ -194,6 +197,22 @@ def _check_on(method, config, space, wl: Workload, target: Target, work: Path, r
         report.check(arch, "declares well-formed parameters", False, _why(exc))
         return 0
     params = concrete.entries[0][2]
+    modules = dict(wl.model.named_modules())
+    stray = [f"{p.name} ({field}={path!r})" for p in params for field, path in (("module", p.module),
+             ("removes", p.removes)) if path is not None and path not in modules]
+    report.check(arch, "its parameters' module and removes name modules of the model", not stray,
+                 f"{', '.join(stray[:3])}: not a dotted path in model.named_modules(), so a removal never skips them")
+    odd = [p.name for p in params if isinstance(p, ChoiceParam)
+           and not all(c is None or isinstance(c, (bool, int, float, str)) for c in p.choices)]
+    report.check(arch, "its choices are None, bool, int, float or str", not odd,
+                 f"{', '.join(odd[:3])}: the study's storage keeps only those (a tuple comes back as a list)")
+    try:
+        again = space.concrete(BaseModelInfo(wl.model, wl.example_input, fp32, target)).entries[0][2]
+        report.check(arch, "declares the same parameters when asked again (a resumed search asks again)",
+                     again == params, "the second call to parameters() gave other parameters")
+    except Exception as exc:  # noqa: BLE001
+        report.check(arch, "declares the same parameters when asked again (a resumed search asks again)", False,
+                     _why(exc))
     report.figure(arch, "parameters", f"{len(params)}: " + ", ".join(p.name for p in params[:6])
                   + (" ..." if len(params) > 6 else ""))
     base = _Base(wl, fp32, seed)
@@ -231,6 +250,7 @@ class _Base:
 
     def __post_init__(self) -> None:
         self.state = {k: v.detach().clone() for k, v in self.wl.model.state_dict().items()}
+        self.flags = _flags(self.wl.model)
         self.onnx_sha = _sha(self.onnx)
         with torch.no_grad():
             self.outputs = self.wl.model(self.wl.val.inputs).numpy()
@@ -240,7 +260,15 @@ class _Base:
     def untouched(self) -> bool:
         now = self.wl.model.state_dict()
         return now.keys() == self.state.keys() and all(
-            now[k].shape == v.shape and torch.equal(now[k], v) for k, v in self.state.items())
+            now[k].shape == v.shape and torch.equal(now[k], v) for k, v in self.state.items()
+        ) and _flags(self.wl.model) == self.flags
+
+
+def _flags(model: torch.nn.Module) -> list[tuple]:
+    """What a method may leave behind on the teacher besides its weights: train/eval mode, hooks,
+    ``requires_grad``."""
+    return [(name, m.training, len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks),
+             [p.requires_grad for p in m.parameters(recurse=False)]) for name, m in model.named_modules()]
 
 
 @dataclass
@@ -274,7 +302,8 @@ def _check_torch(method, config, setting, base: _Base, target, work: Path, repor
     ctx = _context(wl, target, work, base.seed)
     model, returned = _apply(method, copy.deepcopy(wl.model).eval(), setting, config, ctx, report, where)
     report.check(where, "leaves the base model and the teacher as they were", base.untouched(),
-                 "apply changed ctx.teacher (the base model): work on the model it is given, a copy")
+                 "apply changed ctx.teacher (the base model): its weights, its train/eval mode, its hooks or "
+                 "requires_grad; work on the model it is given, a copy, and remove any hook it adds")
     if not returned:
         return None
     if not report.check(where, "returns the model", isinstance(model, torch.nn.Module),

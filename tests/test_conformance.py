@@ -338,6 +338,32 @@ def test_a_bad_registration_table_or_parameter_fails_first(tmp_path):
     assert "low=1.0 > high=0.5" in str(excinfo.value)
 
 
+class CopyTeacher(Method):
+    """A recovery method that assumes the student has the teacher's structure: wrong after pruning."""
+
+    name, stage, config_type = "copy_teacher", "recovery", KeepConfig
+
+    def parameters(self, config, base):
+        return []
+
+    def apply(self, model, setting, config, ctx):
+        model.load_state_dict(ctx.teacher.state_dict())
+        return model
+
+
+def test_a_recovery_method_gets_a_structurally_changed_student(tmp_path, torch_threads):
+    from autocomp.testing import narrow_student
+
+    with pytest.raises(ConformanceError) as excinfo:
+        check_method(CopyTeacher(), work_dir=tmp_path, architectures=("resnet20",))
+    assert _failed(excinfo) == {"apply raises only CandidateError", "builds a candidate"}
+    assert "size mismatch" in str(excinfo.value)
+    student, teacher = narrow_student("resnet20"), tiny_workload("resnet20").model
+    assert sum(p.numel() for p in student.parameters()) < sum(p.numel() for p in teacher.parameters()) / 2
+    with torch.no_grad():
+        assert student(torch.zeros(2, 3, 16, 16)).shape == teacher(torch.zeros(2, 3, 16, 16)).shape == (2, 10)
+
+
 # --- post-export methods -----------------------------------------------------------------------
 
 

@@ -24,6 +24,7 @@ from autocomp.testing.conformance import (
     Report,
     check_method,
     check_target,
+    narrow_student,
     tiny_workload,
 )
 
@@ -35,5 +36,6 @@ __all__ = [
     "Report",
     "check_method",
     "check_target",
+    "narrow_student",
     "tiny_workload",
 ]

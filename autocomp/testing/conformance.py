@@ -9,6 +9,8 @@ application is checked against what the engine relies on:
 - the registration is one autocomp accepts, the table parses and the parameters are well formed,
   name modules of the model (``module``, ``removes``), offer choices a study's storage keeps, and
   are the same when asked again (a resumed search asks again);
+- a structural method gets a copy of the base model, a recovery method a student at half its width
+  (:func:`narrow_student`: recovery runs after a structural change) with the base model as teacher;
 - ``apply`` returns the model (structural, recovery) or the path of a file it wrote under
   ``ctx.work_dir`` (post-export), leaves the base model and the teacher (weights, train/eval mode,
   hooks, ``requires_grad``) and the input file as they were, and gives outputs of the base model's
@@ -56,7 +58,7 @@ from autocomp.target import PRECISIONS, STATISTICS, LatencyStats, Target
 from autocomp.workload import Split, Workload
 
 __all__ = ["DEFAULT_ARCHITECTURES", "ConformanceError", "Finding", "HostTarget", "Report", "check_method",
-           "check_target", "tiny_workload"]
+           "check_target", "narrow_student", "tiny_workload"]
 
 #: A residual CNN, depthwise inverted residuals, a transformer encoder and a PReLU embedding network.
 DEFAULT_ARCHITECTURES: tuple[str, ...] = ("resnet20", "mobilenet_v2", "vit", "mobilefacenet")
@@ -150,6 +152,23 @@ def tiny_workload(architecture: str = "resnet20", *, examples: int = 64, seed: i
                     train=Split(train, labels[0]), val=Split(val, labels[1]), batch_size=16)
 
 
+def narrow_student(architecture: str, *, seed: int = 0, inputs: torch.Tensor | None = None) -> torch.nn.Module:
+    """The tiny ``architecture`` at half its width (channels, or a transformer's dimension): a
+    structurally changed student of :func:`tiny_workload`'s model, with the same outputs' shape, such
+    as a recovery method gets after pruning. Batch-norm statistics come from ``inputs`` when given.
+    The global random state is left as it was."""
+    kwargs = zoo.tiny_kwargs(architecture)
+    for key in ("width", "width_mult", "dim"):
+        if key in kwargs:
+            kwargs[key] = kwargs[key] / 2 if isinstance(kwargs[key], float) else max(2, kwargs[key] // 2)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 2)
+        model = zoo.build(architecture, **kwargs)
+        if inputs is not None:
+            recalibrate_batchnorm(model, inputs, batches=1, batch_size=len(inputs))
+    return model.eval()
+
+
 def check_method(method: Any, table: Mapping[str, Any] | None = None, *, work_dir: Path | str,
                  architectures: Sequence[str] = DEFAULT_ARCHITECTURES, target: Target | None = None,
                  samples: int = 2, seed: int = 0, atol: float = 1e-4, rtol: float = 1e-3) -> Report:
@@ -213,6 +232,8 @@ def _check_on(method, config, space, wl: Workload, target: Target, work: Path, r
     except Exception as exc:  # noqa: BLE001
         report.check(arch, "declares the same parameters when asked again (a resumed search asks again)", False,
                      _why(exc))
+    if method.stage == "recovery":
+        report.figure(arch, "student", "the model at half its width, the teacher at full width")
     report.figure(arch, "parameters", f"{len(params)}: " + ", ".join(p.name for p in params[:6])
                   + (" ..." if len(params) > 6 else ""))
     base = _Base(wl, fp32, seed)
@@ -297,10 +318,15 @@ def _apply(method, subject, setting, config, ctx, report: Report, where: str) ->
 
 def _check_torch(method, config, setting, base: _Base, target, work: Path, report: Report, where: str,
                  atol: float, rtol: float) -> _Built | None:
-    """A structural or recovery method: the checks of one application to a copy of the base model."""
+    """A structural or recovery method: the checks of one application to a copy of the base model
+    (structural) or to a narrower student (recovery, which runs after a structural change)."""
     wl = base.wl
     ctx = _context(wl, target, work, base.seed)
-    model, returned = _apply(method, copy.deepcopy(wl.model).eval(), setting, config, ctx, report, where)
+    if method.stage == "recovery":
+        subject = narrow_student(wl.name.removeprefix("tiny-"), seed=base.seed, inputs=wl.train.inputs)
+    else:
+        subject = copy.deepcopy(wl.model).eval()
+    model, returned = _apply(method, subject, setting, config, ctx, report, where)
     report.check(where, "leaves the base model and the teacher as they were", base.untouched(),
                  "apply changed ctx.teacher (the base model): its weights, its train/eval mode, its hooks or "
                  "requires_grad; work on the model it is given, a copy, and remove any hook it adds")

@@ -54,7 +54,7 @@ from autocomp.results import RunDir, read_json, sha256_of, write_json
 from autocomp.space import ConcreteSpace, SearchSpace, default_space_path, load_space
 from autocomp.target import STATISTICS
 from autocomp.trial import FILES_IN, Event, Objective, evaluate, metric_drop, model_stats
-from autocomp.workload import Workload, resolve_workload
+from autocomp.workload import Workload, fingerprint, resolve_workload
 
 __all__ = ["SearchConfig", "SearchResult", "run_search", "prepare", "evaluate"]
 
@@ -222,6 +222,7 @@ def _measure_baseline(prep: Prepared) -> dict[str, Any]:
         "size_bytes": path.stat().st_size,
         "parity_max_abs": parity,
         "artifact": str(path),
+        "workload_sha256": fingerprint(wl),
         **model_stats(wl.model, wl.example_input),
     }
 
@@ -483,6 +484,15 @@ def _baseline(prep: Prepared, on_event: Event) -> tuple[dict[str, Any], Concrete
             raise ConfigError(
                 f"{run.root} was searched on the {used} latency and cannot be resumed on the "
                 f"{config.latency_statistic}: its trials would mix the two; pass --latency-statistic {used}"
+            )
+        recorded = baseline.get("workload_sha256", {})  # runs from before it was recorded are not checked
+        now = fingerprint(prep.workload)
+        if changed := [part for part in now if part in recorded and recorded[part] != now[part]]:
+            raise ConfigError(
+                f"{run.root} was searched with another {' and '.join(changed)} of workload "
+                f"{prep.workload.name!r}: resumed trials would compress a different base model than the one "
+                "measured. A workload must give the same model and data on every call (seed its initialisation "
+                "and its splits, or load saved weights); start a new run with --out"
             )
     else:
         baseline = _measure_baseline(prep)

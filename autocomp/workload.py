@@ -12,7 +12,7 @@ if TYPE_CHECKING:  # torch is heavy; import it only where it is used
     import numpy as np
     import torch
 
-__all__ = ["Split", "Workload", "accuracy", "resolve_workload"]
+__all__ = ["Split", "Workload", "accuracy", "fingerprint", "resolve_workload"]
 
 
 @dataclass(frozen=True)
@@ -97,6 +97,26 @@ class Workload:
         import torch.nn.functional as F
 
         return F.cross_entropy(outputs, targets)
+
+
+def fingerprint(workload: "Workload") -> dict[str, str]:
+    """SHA-256 digests of what a search's figures depend on: the model's weights and buffers (names,
+    shapes, dtypes and values) and the validation split. A resumed search compares them with the
+    ones its base model was measured with."""
+    import hashlib
+
+    import torch
+
+    def digest(named: Any) -> str:
+        h = hashlib.sha256()
+        for name, tensor in named:
+            t = tensor.detach().cpu().contiguous()
+            h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()
+
+    return {"model": digest(workload.model.state_dict().items()),
+            "validation split": digest([("inputs", workload.val.inputs), ("targets", workload.val.targets)])}
 
 
 def resolve_workload(spec: str, registered: dict[str, Callable[[], Workload]]) -> Workload:

@@ -129,6 +129,43 @@ def test_resume_refuses_another_latency_statistic(finished_run):
     assert sorted(p.name for p in (result.run_dir / "trials").iterdir()) == before  # nothing lost or added
 
 
+def test_resume_refuses_a_workload_that_gives_another_model_or_data(finished_run):
+    """A factory that initialises its model at random (or splits its data at random) would have the
+    resumed trials compress another model than the baseline measured: refused, nothing written."""
+    import copy
+    from dataclasses import replace
+
+    import torch
+
+    from autocomp.errors import ConfigError
+    from autocomp.plugins import WorkloadEntry
+    from autocomp.workload import Split
+
+    registry, config, result, _ = finished_run
+    entry = registry.workloads["digits-tiny"]
+    before = sorted(p.name for p in (result.run_dir / "trials").iterdir())
+    manifest = (result.run_dir / "run.json").read_text()
+
+    def nudged_model():
+        workload = entry.factory()
+        model = copy.deepcopy(workload.model)
+        with torch.no_grad():
+            next(model.parameters()).add_(1e-3)
+        return replace(workload, model=model)
+
+    def other_split():
+        workload = entry.factory()
+        return replace(workload, val=Split(workload.val.inputs.flip(0), workload.val.targets.flip(0)))
+
+    for factory, changed in ((nudged_model, "another model"), (other_split, "another validation split")):
+        other = copy.copy(registry)
+        other.workloads = {**registry.workloads, "digits-tiny": WorkloadEntry("digits-tiny", factory, "", "test")}
+        with pytest.raises(ConfigError, match=f"searched with {changed} of workload 'digits-tiny'"):
+            run_search(replace(config, trials=9, resume=True), other)
+    assert sorted(p.name for p in (result.run_dir / "trials").iterdir()) == before  # nothing lost or added
+    assert (result.run_dir / "run.json").read_text() == manifest
+
+
 def test_a_run_from_before_the_latency_statistic_resumes_on_the_p50(tmp_path, registry, space_file):
     from dataclasses import replace
 
@@ -137,7 +174,8 @@ def test_a_run_from_before_the_latency_statistic_resumes_on_the_p50(tmp_path, re
     run_search(config, registry)
     baseline = tmp_path / "run" / "baseline" / "metrics.json"
     old = json.loads(baseline.read_text())
-    del old["latency_statistic"], old["latency_ms"]  # as written before --latency-statistic existed
+    # as written before --latency-statistic existed (and before the workload's digests were recorded)
+    del old["latency_statistic"], old["latency_ms"], old["workload_sha256"]
     baseline.write_text(json.dumps(old))
     with pytest.raises(ConfigError, match="searched on the p50 latency"):
         run_search(replace(config, trials=2, resume=True, latency_statistic="min"), registry)

@@ -135,8 +135,8 @@ def _parser() -> argparse.ArgumentParser:
                                           "autocomp's contracts")
     plug.add_argument("--json", action="store_true")
     plug.add_argument("--check", nargs="*", default=None, metavar="NAME",
-                      help="check the named methods and targets (all when none is named) on tiny models of the zoo, "
-                           "as autocomp.testing does; exit 1 when one breaks a contract")
+                      help="check the named methods, targets and workloads (all when none is named; methods on tiny "
+                           "models of the zoo) as autocomp.testing does; exit 1 when one breaks a contract")
     plug.add_argument("--space", type=Path, default=None,
                       help="with --check: take each method's table from this space file (default: the shipped one)")
     plug.add_argument("--arch", action="append", default=None, metavar="NAME",
@@ -548,8 +548,8 @@ def _cmd_plugins(args) -> int:
 
 
 def _check_plugins(args, registry) -> int:
-    """``autocomp plugins --check``: :func:`autocomp.testing.check_method` and ``check_target`` on the
-    named plugins (all by default); a target that cannot run without options is listed, not checked."""
+    """``autocomp plugins --check``: :mod:`autocomp.testing`'s checks on the named methods, targets and
+    workloads (all by default); a target that cannot run without options is listed, not checked."""
     import tempfile
     import tomllib
 
@@ -557,12 +557,13 @@ def _check_plugins(args, registry) -> int:
     from autocomp.errors import ConfigError
     from autocomp.space import default_space_path, load_space
 
-    known = {**{n: ("method", m) for n, m in registry.methods.items()}, **{n: ("target", t) for n, t in
-                                                                              registry.targets.items()}}
+    known = {**{n: ("method", m) for n, m in registry.methods.items()},
+             **{n: ("target", t) for n, t in registry.targets.items()},
+             **{n: ("workload", w.factory) for n, w in registry.workloads.items()}}
     names = [registry.target_aliases.get(n, n) for n in args.check] or list(known)
     if unknown := [n for n in names if n not in known]:
-        raise ConfigError(f"no method or target named {', '.join(map(repr, unknown))}; loaded: {', '.join(known)} "
-                          "(and the targets' aliases)")
+        raise ConfigError(f"no method, target or workload named {', '.join(map(repr, unknown))}; loaded: "
+                          f"{', '.join(known)} (and the targets' aliases)")
     if unknown := sorted(set(args.arch or ()) - set(zoo.ARCHITECTURES)):
         raise ConfigError(f"--arch: unknown architecture(s) {', '.join(unknown)}; the zoo has "
                           f"{', '.join(zoo.ARCHITECTURES)}")
@@ -571,7 +572,7 @@ def _check_plugins(args, registry) -> int:
         tables = tomllib.loads(load_space(args.space or default_space_path(), registry.methods).text)
     rows, failed = [], 0
     with tempfile.TemporaryDirectory(prefix="autocomp-check-") as tmp, _console().status("checking plugins ..."):
-        from autocomp.testing import DEFAULT_ARCHITECTURES, ConformanceError, check_method, check_target
+        from autocomp.testing import DEFAULT_ARCHITECTURES, ConformanceError, check_method, check_target, check_workload
 
         for name in names:
             kind, plugin = known[name]
@@ -579,8 +580,10 @@ def _check_plugins(args, registry) -> int:
                 if kind == "method":
                     report = check_method(plugin, tables.get(name, {}), work_dir=Path(tmp) / name,
                                           architectures=args.arch or DEFAULT_ARCHITECTURES)
-                else:
+                elif kind == "target":
                     report = check_target(plugin, work_dir=Path(tmp) / name)
+                else:  # a workload trains its model on first use, as a search would
+                    report = check_workload(plugin, work_dir=Path(tmp) / name)
             except ConformanceError as exc:
                 report = exc.report
             row = {"kind": kind, "name": name, "passed": report.passed, "failed": len(report.failures),

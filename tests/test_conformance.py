@@ -15,7 +15,7 @@ import torch
 from autocomp import FloatParam, LatencyStats, Method
 from autocomp.errors import CandidateError
 from autocomp.method import EVALUATION_ARTIFACT
-from autocomp.testing import ConformanceError, HostTarget, check_method, check_target, tiny_workload
+from autocomp.testing import ConformanceError, HostTarget, check_method, check_target, check_workload, tiny_workload
 
 #: Fast tables for the built-in methods (distillation's default is 150 steps).
 TABLES = {"distill": {"steps": [3, 3]}}
@@ -509,8 +509,9 @@ def test_cli_check_runs_named_plugins_and_exits_1_on_a_broken_one(registry, tmp_
     from autocomp import cli
     from autocomp.plugins import load_registry, reset_registry
 
-    assert cli.main(["plugins", "--check", "jetson", "remote", "--json"]) == 0  # an alias; remote needs options
+    assert cli.main(["plugins", "--check", "jetson", "remote", "digits-tiny", "--json"]) == 0  # jetson: an alias
     rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)["checked"]}
+    assert rows["digits-tiny"]["status"] == "ok" and rows["digits-tiny"]["kind"] == "workload"
     assert rows["jetson-orin-nano"]["status"] == "ok" and rows["jetson-orin-nano"]["passed"] == 11
     assert rows["remote"]["status"] == "not checked: it needs options" and rows["remote"]["passed"] is None
     assert "needs the agent's URL" in rows["remote"]["details"][0]
@@ -547,8 +548,64 @@ def test_cli_check_runs_named_plugins_and_exits_1_on_a_broken_one(registry, tmp_
     assert cli.main(check) == 1
     assert "method halve_fc: [FAILED] resnet20 / strongest: changes_nothing()" in capsys.readouterr().err
     assert cli.main(["plugins", "--check", "nope"]) == 2
-    assert "no method or target named 'nope'" in capsys.readouterr().err
+    assert "no method, target or workload named 'nope'" in capsys.readouterr().err
     assert cli.main([*check, "--arch", "resnet1000"]) == 2
     assert "unknown architecture(s) resnet1000" in capsys.readouterr().err
     assert cli.main(["plugins", "--arch", "resnet20"]) == 2
     assert "add --check" in capsys.readouterr().err
+
+
+# --- workloads ----------------------------------------------------------------------------------
+
+
+def test_the_builtin_tiny_digits_workload_passes(tiny_workload, tmp_path):
+    from autocomp_plugins.digits import tiny_digits_workload
+
+    report = check_workload(tiny_digits_workload, work_dir=tmp_path)
+    assert not report.failures and report.passed == 7
+    assert report.subject == "workload 'digits-tiny'"
+
+
+def test_workloads_that_break_their_contract_fail(tmp_path, torch_threads):
+    from autocomp import Split, Workload
+
+    def make(seed=0, **overrides):
+        base = tiny_workload("resnet20", seed=seed)
+        return Workload(**{**{f.name: getattr(base, f.name) for f in dataclasses.fields(Workload)}, **overrides})
+
+    class Pair(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, x):
+            return self.model(x), x
+
+    class Noisy(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, x):
+            return self.model(x + torch.randn_like(x))
+
+    seeds = iter(range(100))
+    cases = {
+        "random each call": (lambda: make(seed=next(seeds)), {"gives the same model and validation data on every call"}),
+        "returns None": (lambda: None, {"returns a Workload"}),
+        "tuple output": (lambda: make(model=Pair(tiny_workload("resnet20").model)),
+                         {"runs on its validation inputs, giving one output per example"}),
+        "unfaithful export": (lambda: make(model=Noisy(tiny_workload("resnet20").model)),
+                              {"exports to ONNX and agrees with its export"}),
+        "metric gives NaN": (lambda: make(metric=lambda outputs, targets: float("nan")),
+                             {"gives a number on the export's outputs"}),
+        "loss is a float": (lambda: make(loss=lambda outputs, targets: 1.0),
+                            {"is a scalar the recovery methods can train on"}),
+    }
+    for case, (factory, expected) in cases.items():
+        with pytest.raises(ConformanceError) as excinfo:
+            check_workload(factory, work_dir=tmp_path / case.replace(" ", "-"))
+        assert _failed(excinfo) == expected, case
+    # a Workload given directly is not called twice, and a split is not shuffled by the check
+    workload = make(val=Split(tiny_workload("resnet20").val.inputs, tiny_workload("resnet20").val.targets))
+    assert not check_workload(workload, work_dir=tmp_path / "direct").failures

@@ -8,7 +8,7 @@ versions of the zoo's architectures, from the author's own test suite::
     def test_my_method_conforms(tmp_path):
         check_method(MyMethod(), {"keep": [0.25, 1.0]}, work_dir=tmp_path)
 
-:func:`check_method` and :func:`check_target` raise :class:`ConformanceError` (an
+:func:`check_method`, :func:`check_target` and :func:`check_workload` raise :class:`ConformanceError` (an
 ``AssertionError``, so pytest shows it as a failed test) listing every broken contract, and
 otherwise return a :class:`Report` with what they measured. :func:`tiny_workload` gives a tiny
 zoo model with data to try a method on by hand.
@@ -24,6 +24,7 @@ from autocomp.testing.conformance import (
     Report,
     check_method,
     check_target,
+    check_workload,
     narrow_student,
     tiny_workload,
 )
@@ -36,6 +37,7 @@ __all__ = [
     "Report",
     "check_method",
     "check_target",
+    "check_workload",
     "narrow_student",
     "tiny_workload",
 ]

@@ -58,7 +58,7 @@ from autocomp.target import PRECISIONS, STATISTICS, LatencyStats, Target
 from autocomp.workload import Split, Workload
 
 __all__ = ["DEFAULT_ARCHITECTURES", "ConformanceError", "Finding", "HostTarget", "Report", "check_method",
-           "check_target", "narrow_student", "tiny_workload"]
+           "check_target", "check_workload", "narrow_student", "tiny_workload"]
 
 #: A residual CNN, depthwise inverted residuals, a transformer encoder and a PReLU embedding network.
 DEFAULT_ARCHITECTURES: tuple[str, ...] = ("resnet20", "mobilenet_v2", "vit", "mobilefacenet")
@@ -550,6 +550,86 @@ def check_target(target: Any, options: Mapping[str, Any] | None = None, *, work_
         report.check("latency", "raises CandidateError for a file that is not a model", False,
                      f"{_why(exc)}; a model the target cannot run fails its trial with a CandidateError")
     return report.raise_for_failures()
+
+
+def check_workload(workload: Any, *, work_dir: Path | str) -> Report:
+    """Run a workload through autocomp's contracts: ``workload`` is a :class:`~autocomp.Workload`
+    or the function a plugin registers (or ``--workload module:function`` names), which is then
+    called twice and must give the same model and validation data (a resumed search calls it
+    again and refuses other ones). Checked: the model runs on its validation inputs giving one
+    output per example, exports to ONNX and agrees with its export (the base model is measured as
+    its export), the metric gives a number on the export's outputs, and the loss is a scalar the
+    recovery methods can train on. Files go under ``work_dir``.
+
+    Returns the :class:`Report`; raises :class:`ConformanceError` listing every broken contract.
+    """
+    from autocomp.workload import fingerprint
+
+    report = Report(f"workload {getattr(workload, 'name', getattr(workload, '__name__', workload))!r}")
+    factory = None if isinstance(workload, Workload) else workload
+    if factory is not None:
+        wl = _made(factory, report, "returns a Workload")
+        if wl is None:
+            return report.raise_for_failures()
+        again = _made(factory, report, "returns a Workload when called again")
+        if again is not None:
+            changed = [part for part, digest in fingerprint(wl).items() if fingerprint(again)[part] != digest]
+            report.check("factory", "gives the same model and validation data on every call", not changed,
+                         f"a second call gave another {' and '.join(changed)}: load saved weights and seed any "
+                         "random split (a resumed search calls it again and refuses another model)")
+        report.subject = f"workload {wl.name!r}"
+    else:
+        wl = workload
+    inputs = wl.val.inputs[:64]
+    try:
+        with torch.no_grad():
+            out = wl.model.eval()(inputs)
+        ok = isinstance(out, torch.Tensor) and out.shape[:1] == inputs.shape[:1]
+        detail = f"its forward returned {type(out).__name__} {tuple(getattr(out, 'shape', ()))} for {len(inputs)} examples"
+    except Exception as exc:  # noqa: BLE001
+        ok, detail = False, _why(exc)
+    if not report.check("model", "runs on its validation inputs, giving one output per example", ok, detail):
+        return report.raise_for_failures()
+    try:
+        path = export_onnx(wl.model, wl.example_input, Path(work_dir) / "model.onnx")
+        check_parity(wl.model, path, inputs)
+        report.check("model", "exports to ONNX and agrees with its export", True)
+    except AutocompError as exc:
+        report.check("model", "exports to ONNX and agrees with its export", False, str(exc))
+        return report.raise_for_failures()
+    try:
+        value = wl.metric(run_batches(path, wl.val.inputs.numpy()), wl.val.targets.numpy())
+        ok = isinstance(value, (int, float, np.floating)) and math.isfinite(float(value))
+        report.check("metric", "gives a number on the export's outputs", ok, f"it gave {value!r}")
+        if ok:
+            report.figure("metric", f"{wl.metric_name} on the validation split", f"{float(value):.4f}")
+    except Exception as exc:  # noqa: BLE001
+        report.check("metric", "gives a number on the export's outputs", False, _why(exc))
+    try:
+        student = copy.deepcopy(wl.model).train()
+        n = min(len(wl.train), wl.batch_size)
+        loss = wl.compute_loss(student(wl.train.inputs[:n]), wl.train.targets[:n])
+        ok = isinstance(loss, torch.Tensor) and loss.dim() == 0 and loss.requires_grad
+        if ok:
+            loss.backward()
+        report.check("loss", "is a scalar the recovery methods can train on", ok and bool(torch.isfinite(loss)),
+                     f"compute_loss gave {loss!r}")
+    except Exception as exc:  # noqa: BLE001
+        report.check("loss", "is a scalar the recovery methods can train on", False, _why(exc))
+    report.figure("splits", "examples", ", ".join(f"{which} {len(split)}" for which, split in
+                                                  (("train", wl.train), ("val", wl.val), ("test", wl.test))
+                                                  if split is not None))
+    return report.raise_for_failures()
+
+
+def _made(factory, report: Report, check: str) -> Workload | None:
+    try:
+        made = factory()
+    except Exception as exc:  # noqa: BLE001
+        report.check("factory", check, False, _why(exc))
+        return None
+    report.check("factory", check, isinstance(made, Workload), f"it returned {type(made).__name__}")
+    return made if isinstance(made, Workload) else None
 
 
 def _context(wl: Workload, target: Target, work: Path, seed: int) -> CandidateContext:

@@ -557,25 +557,26 @@ def _check_plugins(args, registry) -> int:
     from autocomp.errors import ConfigError
     from autocomp.space import default_space_path, load_space
 
-    known = {**{n: ("method", m) for n, m in registry.methods.items()},
-             **{n: ("target", t) for n, t in registry.targets.items()},
-             **{n: ("workload", w.factory) for n, w in registry.workloads.items()}}
-    names = [registry.target_aliases.get(n, n) for n in args.check] or list(known)
-    if unknown := [n for n in names if n not in known]:
+    known = [*(("method", n, m) for n, m in registry.methods.items()),
+             *(("target", n, t) for n, t in registry.targets.items()),
+             *(("workload", n, w.factory) for n, w in registry.workloads.items())]
+    names = {n for _, n, _ in known}
+    wanted = [registry.target_aliases.get(n, n) for n in args.check]
+    if unknown := [n for n in wanted if n not in names]:
         raise ConfigError(f"no method, target or workload named {', '.join(map(repr, unknown))}; loaded: "
-                          f"{', '.join(known)} (and the targets' aliases)")
+                          f"{', '.join(sorted(names))} (and the targets' aliases)")
+    chosen = [entry for entry in known if not wanted or entry[1] in wanted]  # a name two kinds use: both
     if unknown := sorted(set(args.arch or ()) - set(zoo.ARCHITECTURES)):
         raise ConfigError(f"--arch: unknown architecture(s) {', '.join(unknown)}; the zoo has "
                           f"{', '.join(zoo.ARCHITECTURES)}")
     tables: dict[str, Any] = {}  # a method the space leaves out is checked with its defaults
-    if any(known[n][0] == "method" for n in names):
+    if any(kind == "method" for kind, _, _ in chosen):
         tables = tomllib.loads(load_space(args.space or default_space_path(), registry.methods).text)
     rows, failed = [], 0
     with tempfile.TemporaryDirectory(prefix="autocomp-check-") as tmp, _console().status("checking plugins ..."):
         from autocomp.testing import DEFAULT_ARCHITECTURES, ConformanceError, check_method, check_target, check_workload
 
-        for name in names:
-            kind, plugin = known[name]
+        for kind, name, plugin in chosen:
             try:
                 if kind == "method":
                     report = check_method(plugin, tables.get(name, {}), work_dir=Path(tmp) / name,

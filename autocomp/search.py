@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from autocomp.errors import (
+    AutocompError,
     CandidateError,
     ConfigError,
     ExportError,
@@ -197,11 +198,39 @@ def _test_metrics(prep: Prepared, members: list[dict[str, Any]], baseline: dict[
                                else metric_drop(member["test_metric"], base, prep.config.relative_drop))
 
 
+def _check_same_workload(prep: Prepared, baseline: dict[str, Any]) -> None:
+    """On resume: raise :class:`ConfigError` when the workload's validation split, or its model, is
+    not the one the run's base model was measured with. Weights that differ bitwise (a model trained
+    again on another host or thread count) pass when the model still agrees with the recorded
+    export. Runs from before the digests were recorded are not checked."""
+    from autocomp.export import check_parity
+
+    recorded, now = baseline.get("workload_sha256") or {}, fingerprint(prep.workload)
+    changed = [part for part in now if part in recorded and recorded[part] != now[part]]
+    if "model" in changed:
+        try:
+            check_parity(prep.workload.model, Path(baseline["artifact"]), prep.workload.val.inputs[:256])
+            logger.info("the workload's model differs bitwise from the one measured, but agrees with its export; "
+                        "resuming")
+            changed.remove("model")
+        except (AutocompError, OSError) as exc:
+            logger.info("the workload's model disagrees with the base model's export: %s", exc)
+    if changed:
+        raise ConfigError(
+            f"{prep.run.root} was searched with another {' and '.join(changed)} of workload "
+            f"{prep.workload.name!r}" + (" (its outputs differ from the measured base model's)" if "model" in changed
+                                         else "") +
+            ": resumed trials would compress or score against something other than what was measured. A workload "
+            "must give the same model and validation data on every call (load saved weights, seed any random "
+            "split); start a new run with --out")
+
+
 def _measure_baseline(prep: Prepared) -> dict[str, Any]:
     from autocomp.export import check_parity, export_onnx
     from autocomp.ort import input_shapes_of
 
     wl = prep.workload
+    digests = fingerprint(wl)  # before any work: it reads every weight
     path = export_onnx(wl.model, wl.example_input, prep.run.baseline_dir / "model.onnx")
     try:
         parity = check_parity(wl.model, path, wl.val.inputs[:32])
@@ -222,7 +251,7 @@ def _measure_baseline(prep: Prepared) -> dict[str, Any]:
         "size_bytes": path.stat().st_size,
         "parity_max_abs": parity,
         "artifact": str(path),
-        "workload_sha256": fingerprint(wl),
+        "workload_sha256": digests,
         **model_stats(wl.model, wl.example_input),
     }
 
@@ -485,15 +514,7 @@ def _baseline(prep: Prepared, on_event: Event) -> tuple[dict[str, Any], Concrete
                 f"{run.root} was searched on the {used} latency and cannot be resumed on the "
                 f"{config.latency_statistic}: its trials would mix the two; pass --latency-statistic {used}"
             )
-        recorded = baseline.get("workload_sha256", {})  # runs from before it was recorded are not checked
-        now = fingerprint(prep.workload)
-        if changed := [part for part in now if part in recorded and recorded[part] != now[part]]:
-            raise ConfigError(
-                f"{run.root} was searched with another {' and '.join(changed)} of workload "
-                f"{prep.workload.name!r}: resumed trials would compress a different base model than the one "
-                "measured. A workload must give the same model and data on every call (seed its initialisation "
-                "and its splits, or load saved weights); start a new run with --out"
-            )
+        _check_same_workload(prep, baseline)
     else:
         baseline = _measure_baseline(prep)
         write_json(run.baseline_dir / "metrics.json", baseline)

@@ -107,12 +107,21 @@ def fingerprint(workload: "Workload") -> dict[str, str]:
 
     import torch
 
+    def data(value: Any) -> bytes:
+        if not isinstance(value, torch.Tensor):  # a module's extra state
+            return repr(value).encode()
+        try:
+            t = value.detach().cpu()
+            t = (t.to_dense() if t.layout != torch.strided else t).resolve_conj().resolve_neg().contiguous()
+            return f"{tuple(t.shape)}|{t.dtype}|".encode() + t.reshape(-1).view(torch.uint8).numpy().tobytes()
+        except Exception:  # noqa: BLE001 - an uninitialised (lazy) parameter, an exotic layout: its text
+            return repr(value).encode()
+
     def digest(named: Any) -> str:
         h = hashlib.sha256()
-        for name, tensor in named:
-            t = tensor.detach().cpu().contiguous()
-            h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        for name, value in named:
+            h.update(f"{name}|".encode())
+            h.update(data(value))
         return h.hexdigest()
 
     return {"model": digest(workload.model.state_dict().items()),

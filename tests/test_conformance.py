@@ -136,6 +136,11 @@ def _teacher_trained(model, setting, ctx):
     return model
 
 
+def _teacher_frozen(model, setting, ctx):
+    ctx.teacher.fc.weight.requires_grad_(False)
+    return model
+
+
 def _output_cut(model, setting, ctx):
     model.fc.append(torch.nn.Linear(10, 3))
     return model
@@ -179,6 +184,7 @@ def _bad_skip(model, setting, ctx):
      {"leaves the base model and the teacher as they were"}),
     ("leaves the teacher training", _apply_then(_teacher_trained),
      {"leaves the base model and the teacher as they were"}),
+    ("freezes a teacher weight", _apply_then(_teacher_frozen), {"leaves the base model and the teacher as they were"}),
     ("changes the output's shape", _apply_then(_output_cut), {"keeps the output's shape"}),
     ("gives NaN", _apply_then(_made_nan), {"gives finite outputs"}),
     ("exports unfaithfully", _apply_then(_noise_added), {"exports to ONNX and agrees with its export"}),
@@ -297,6 +303,9 @@ def test_parameters_the_engine_cannot_use_fail(tmp_path):
     def stray(self, config, base):
         return [FloatParam("keep", *config.keep, neutral=config.keep[1], module="fcc")]
 
+    def stray_removal(self, config, base):
+        return [*HalveFc.parameters(self, config, base), ChoiceParam("drop", (False, True), removes="layer9")]
+
     def tuples(self, config, base):
         return [*HalveFc.parameters(self, config, base), ChoiceParam("shape", ((1, 2), (2, 1)))]
 
@@ -306,7 +315,9 @@ def test_parameters_the_engine_cannot_use_fail(tmp_path):
         calls.append(1)
         return [FloatParam("keep", *config.keep, neutral=config.keep[1], step=0.5 if len(calls) > 1 else None)]
 
-    cases = {"stray": (stray, "its parameters' module and removes name modules of the model", "keep (module='fcc')"),
+    cases = {"stray": (stray, "its parameters' module and removes name parts of the model", "keep (module='fcc')"),
+             "stray removal": (stray_removal, "its parameters' module and removes name parts of the model",
+                               "drop (removes='layer9')"),
              "tuples": (tuples, "its choices are None, bool, int, float or str", "shape: the study's storage"),
              "unstable": (unstable, "declares the same parameters when asked again (a resumed search asks again)",
                           "the second call to parameters() gave other parameters")}
@@ -316,6 +327,14 @@ def test_parameters_the_engine_cannot_use_fail(tmp_path):
                          samples=0)
         assert _failed(excinfo) == {expected}, case
         assert detail in str(excinfo.value), case
+
+
+def test_a_parameter_may_name_a_weight_or_a_shared_module(tmp_path, torch_threads):
+    def on_weight(self, config, base):
+        return [FloatParam("keep", *config.keep, neutral=config.keep[1], module="fc.weight")]
+
+    assert not check_method(_broken(parameters=on_weight), work_dir=tmp_path, architectures=("resnet20",),
+                            samples=0).failures
 
 
 def test_a_bad_registration_table_or_parameter_fails_first(tmp_path):
@@ -351,12 +370,57 @@ class CopyTeacher(Method):
         return model
 
 
+@dataclass(frozen=True)
+class ScaleConfig:
+    scale: tuple[float, float] = (0.0, 0.5)
+
+
+class Shrink(Method):
+    """A correct recovery method: scales the student's weights down by ``scale`` (0: unchanged)."""
+
+    name, stage, config_type = "shrink", "recovery", ScaleConfig
+
+    def parameters(self, config, base):
+        return [FloatParam("scale", *config.scale, neutral=config.scale[0])]
+
+    def changes_nothing(self, setting, config):
+        return setting["scale"] == 0.0
+
+    def apply(self, model, setting, config, ctx):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(1.0 - setting["scale"])
+        return model
+
+
+def test_a_correct_recovery_method_passes_on_both_students(tmp_path, torch_threads):
+    report = check_method(Shrink(), work_dir=tmp_path, architectures=("resnet20",), samples=0)
+    assert not report.failures
+    nothing = [f.where for f in report.findings
+               if f.check == "changes_nothing() is true only where apply leaves the model as it was"]
+    assert nothing == ["resnet20 / mildest", "resnet20 / mildest, full width"]  # against each its own student
+
+
+def test_a_recovery_method_refusing_another_structure_still_builds_at_full_width(tmp_path, torch_threads):
+    def same_structure_only(self, model, setting, config, ctx):
+        if [p.shape for p in model.parameters()] != [p.shape for p in ctx.teacher.parameters()]:
+            raise CandidateError("needs the teacher's structure")
+        return model
+
+    report = check_method(type("Picky", (Shrink,), {"apply": same_structure_only})(), work_dir=tmp_path,
+                          architectures=("resnet20",), samples=0)
+    assert not report.failures
+    assert [f.where for f in report.findings if f.check.startswith("refused")] == [
+        "resnet20 / mildest", "resnet20 / strongest"]
+
+
 def test_a_recovery_method_gets_a_structurally_changed_student(tmp_path, torch_threads):
     from autocomp.testing import narrow_student
 
     with pytest.raises(ConformanceError) as excinfo:
         check_method(CopyTeacher(), work_dir=tmp_path, architectures=("resnet20",))
-    assert _failed(excinfo) == {"apply raises only CandidateError", "builds a candidate"}
+    assert _failed(excinfo) == {"apply raises only CandidateError"}  # it works at full width only
+    assert [f.where for f in excinfo.value.report.failures] == ["resnet20 / mildest"]
     assert "size mismatch" in str(excinfo.value)
     student, teacher = narrow_student("resnet20"), tiny_workload("resnet20").model
     assert sum(p.numel() for p in student.parameters()) < sum(p.numel() for p in teacher.parameters()) / 2
@@ -567,7 +631,7 @@ def test_the_builtin_tiny_digits_workload_passes(tiny_workload, tmp_path):
 
 
 def test_workloads_that_break_their_contract_fail(tmp_path, torch_threads):
-    from autocomp import Split, Workload
+    from autocomp import Workload
 
     def make(seed=0, **overrides):
         base = tiny_workload("resnet20", seed=seed)
@@ -606,6 +670,19 @@ def test_workloads_that_break_their_contract_fail(tmp_path, torch_threads):
         with pytest.raises(ConformanceError) as excinfo:
             check_workload(factory, work_dir=tmp_path / case.replace(" ", "-"))
         assert _failed(excinfo) == expected, case
-    # a Workload given directly is not called twice, and a split is not shuffled by the check
-    workload = make(val=Split(tiny_workload("resnet20").val.inputs, tiny_workload("resnet20").val.targets))
+    # a Workload given directly is not called twice; a metric giving a numpy integer, a loss of one
+    # element, and a model trained again equal within float noise are all fine
+    import numpy as np
+
+    workload = make(metric=lambda outputs, targets: np.int64(1),
+                    loss=lambda outputs, targets: torch.nn.functional.cross_entropy(outputs, targets).reshape(1))
     assert not check_workload(workload, work_dir=tmp_path / "direct").failures
+
+    def retrained():
+        workload = make()
+        with torch.no_grad():
+            next(workload.model.parameters()).add_(next(seeds) * 1e-9)
+        return workload
+
+    report = check_workload(retrained, work_dir=tmp_path / "retrained")
+    assert not report.failures

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import subprocess
 import sys
@@ -132,7 +133,6 @@ def test_resume_refuses_another_latency_statistic(finished_run):
 def test_resume_refuses_a_workload_that_gives_another_model_or_data(finished_run):
     """A factory that initialises its model at random (or splits its data at random) would have the
     resumed trials compress another model than the baseline measured: refused, nothing written."""
-    import copy
     from dataclasses import replace
 
     import torch
@@ -157,13 +157,64 @@ def test_resume_refuses_a_workload_that_gives_another_model_or_data(finished_run
         workload = entry.factory()
         return replace(workload, val=Split(workload.val.inputs.flip(0), workload.val.targets.flip(0)))
 
-    for factory, changed in ((nudged_model, "another model"), (other_split, "another validation split")):
+    def with_factory(factory):
         other = copy.copy(registry)
         other.workloads = {**registry.workloads, "digits-tiny": WorkloadEntry("digits-tiny", factory, "", "test")}
+        return other
+
+    for factory, changed in ((nudged_model, "another model"), (other_split, "another validation split")):
         with pytest.raises(ConfigError, match=f"searched with {changed} of workload 'digits-tiny'"):
-            run_search(replace(config, trials=9, resume=True), other)
+            run_search(replace(config, trials=9, resume=True), with_factory(factory))
     assert sorted(p.name for p in (result.run_dir / "trials").iterdir()) == before  # nothing lost or added
     assert (result.run_dir / "run.json").read_text() == manifest
+
+    def retrained():  # the model trained again elsewhere: other bits, the same function within float noise
+        workload = entry.factory()
+        model = copy.deepcopy(workload.model)
+        with torch.no_grad():
+            next(model.parameters()).mul_(1 + 1e-7)
+        return replace(workload, model=model)
+
+    resumed = run_search(replace(config, trials=1, resume=True), with_factory(retrained))  # no trial left to run
+    assert sorted(p.name for p in (result.run_dir / "trials").iterdir()) == before
+    assert json.loads((result.run_dir / "run.json").read_text())["resumed"] >= 1 and resumed.exit_code == 0
+
+
+def test_the_workload_fingerprint_reads_any_state_dict():
+    """Extra state, sparse, boolean and uninitialised (lazy) entries: a digest, never an error."""
+    import torch
+
+    from autocomp.workload import Split, Workload, fingerprint
+
+    class Odd(torch.nn.Module):
+        def __init__(self, extra):
+            super().__init__()
+            self.extra = extra
+            self.linear = torch.nn.Linear(4, 2)
+            self.lazy = torch.nn.LazyLinear(2)
+            self.register_buffer("mask", torch.ones(3, dtype=torch.bool))
+            self.register_buffer("sparse", torch.eye(3).to_sparse())
+
+        def get_extra_state(self):
+            return {"extra": self.extra}
+
+        def set_extra_state(self, state):
+            self.extra = state["extra"]
+
+        def forward(self, x):
+            return self.linear(x)
+
+    def digests(extra):
+        x = torch.zeros(4, 4)
+        split = Split(x, torch.zeros(4, dtype=torch.long))
+        return fingerprint(Workload(name="odd", model=Odd(extra), example_input=x[:1], train=split, val=split))
+
+    torch.manual_seed(0)
+    first = digests(1)
+    torch.manual_seed(0)
+    assert digests(1) == first
+    torch.manual_seed(0)
+    assert digests(2)["model"] != first["model"] and digests(2)["validation split"] == first["validation split"]
 
 
 def test_a_run_from_before_the_latency_statistic_resumes_on_the_p50(tmp_path, registry, space_file):
@@ -179,6 +230,22 @@ def test_a_run_from_before_the_latency_statistic_resumes_on_the_p50(tmp_path, re
     baseline.write_text(json.dumps(old))
     with pytest.raises(ConfigError, match="searched on the p50 latency"):
         run_search(replace(config, trials=2, resume=True, latency_statistic="min"), registry)
+    # without recorded digests another model is not noticed: the run resumes as it did before them
+    from autocomp.plugins import WorkloadEntry
+
+    entry = registry.workloads["digits-tiny"]
+
+    def nudged():
+        import torch
+
+        workload = entry.factory()
+        model = copy.deepcopy(workload.model)
+        with torch.no_grad():
+            next(model.parameters()).add_(1e-3)
+        return replace(workload, model=model)
+
+    registry = copy.copy(registry)
+    registry.workloads = {**registry.workloads, "digits-tiny": WorkloadEntry("digits-tiny", nudged, "", "test")}
     resumed = run_search(replace(config, trials=2, resume=True), registry)
     assert resumed.summary["trials"]["total"] == 2
     assert resumed.summary["baseline"]["latency_ms"] == old["latency_p50_ms"]

@@ -60,6 +60,9 @@ from autocomp.workload import Split, Workload
 __all__ = ["DEFAULT_ARCHITECTURES", "ConformanceError", "Finding", "HostTarget", "Report", "check_method",
            "check_target", "check_workload", "narrow_student", "tiny_workload"]
 
+#: The label suffix of the setting a recovery method is also tried with on the full-width base model.
+FULL_WIDTH = ", full width"
+
 #: A residual CNN, depthwise inverted residuals, a transformer encoder and a PReLU embedding network.
 DEFAULT_ARCHITECTURES: tuple[str, ...] = ("resnet20", "mobilenet_v2", "vit", "mobilefacenet")
 
@@ -216,11 +219,13 @@ def _check_on(method, config, space, wl: Workload, target: Target, work: Path, r
         report.check(arch, "declares well-formed parameters", False, _why(exc))
         return 0
     params = concrete.entries[0][2]
-    modules = dict(wl.model.named_modules())
+    modules = {name for name, _ in wl.model.named_modules(remove_duplicate=False)}
+    modules |= {name for name, _ in wl.model.named_parameters(remove_duplicate=False)}
     stray = [f"{p.name} ({field}={path!r})" for p in params for field, path in (("module", p.module),
              ("removes", p.removes)) if path is not None and path not in modules]
-    report.check(arch, "its parameters' module and removes name modules of the model", not stray,
-                 f"{', '.join(stray[:3])}: not a dotted path in model.named_modules(), so a removal never skips them")
+    report.check(arch, "its parameters' module and removes name parts of the model", not stray,
+                 f"{', '.join(stray[:3])}: not a module or parameter of the model (a dotted path), so a removal "
+                 "never skips them")
     odd = [p.name for p in params if isinstance(p, ChoiceParam)
            and not all(c is None or isinstance(c, (bool, int, float, str)) for c in p.choices)]
     report.check(arch, "its choices are None, bool, int, float or str", not odd,
@@ -239,7 +244,10 @@ def _check_on(method, config, space, wl: Workload, target: Target, work: Path, r
     base = _Base(wl, fp32, seed)
     declared = {p.name for p in params}
     built = 0
-    for label, setting in _settings(concrete, samples, seed):
+    settings = _settings(concrete, samples, seed)
+    if method.stage == "recovery":  # after a structural change, and at full width (after quantization only)
+        settings.append((f"{settings[0][0]}{FULL_WIDTH}", settings[0][1]))
+    for label, setting in settings:
         where = f"{arch} / {label}"
         check = _CHECKS[method.stage]
         result = check(method, config, setting, base, target, work / label, report, where, atol, rtol)
@@ -300,6 +308,10 @@ class _Built:
     accuracy: float
     model: Any = None
     path: Path | None = None
+    #: What the candidate is "the model as it was" against: the outputs and parameter shapes of the
+    #: model or file the method was given.
+    reference: np.ndarray | None = None
+    shapes: list | None = None
 
 
 def _apply(method, subject, setting, config, ctx, report: Report, where: str) -> tuple[Any, bool]:
@@ -322,10 +334,13 @@ def _check_torch(method, config, setting, base: _Base, target, work: Path, repor
     (structural) or to a narrower student (recovery, which runs after a structural change)."""
     wl = base.wl
     ctx = _context(wl, target, work, base.seed)
-    if method.stage == "recovery":
+    if method.stage == "recovery" and not where.endswith(FULL_WIDTH):
         subject = narrow_student(wl.name.removeprefix("tiny-"), seed=base.seed, inputs=wl.train.inputs)
     else:
         subject = copy.deepcopy(wl.model).eval()
+    with torch.no_grad():
+        reference = subject(wl.val.inputs).numpy()
+    shapes = [p.shape for p in subject.parameters()]
     model, returned = _apply(method, subject, setting, config, ctx, report, where)
     report.check(where, "leaves the base model and the teacher as they were", base.untouched(),
                  "apply changed ctx.teacher (the base model): its weights, its train/eval mode, its hooks or "
@@ -356,7 +371,7 @@ def _check_torch(method, config, setting, base: _Base, target, work: Path, repor
         report.check(where, "exports to ONNX and agrees with its export", True)
     except AutocompError as exc:
         report.check(where, "exports to ONNX and agrees with its export", False, str(exc))
-    return _Built(outputs, _accuracy(outputs, wl), model=model)
+    return _Built(outputs, _accuracy(outputs, wl), model=model, reference=reference, shapes=shapes)
 
 
 def _check_onnx(method, config, setting, base: _Base, target, work: Path, report: Report, where: str,
@@ -391,7 +406,7 @@ def _check_onnx(method, config, setting, base: _Base, target, work: Path, report
     if not _outputs_ok(outputs, base, report, where):
         return None
     _check_skips(ctx, report, where)
-    return _Built(outputs, _accuracy(outputs, wl), path=path)
+    return _Built(outputs, _accuracy(outputs, wl), path=path, reference=base.onnx_outputs)
 
 
 _CHECKS = {"structural": _check_torch, "recovery": _check_torch, "post_export": _check_onnx}
@@ -425,11 +440,9 @@ def _check_canonical(method, config, setting, declared: set[str], built: _Built,
                      again_built is not None and _close(again_built.outputs, built.outputs, atol, rtol),
                      f"the canonical form {canonical} of {dict(setting)}: {why}")
     if nothing:
-        reference = base.outputs if method.stage != "post_export" else base.onnx_outputs
-        same_shapes = built.model is None or [p.shape for p in built.model.parameters()] == [
-            p.shape for p in base.wl.model.parameters()]
+        same_shapes = built.model is None or [p.shape for p in built.model.parameters()] == built.shapes
         report.check(where, "changes_nothing() is true only where apply leaves the model as it was",
-                     same_shapes and _close(built.outputs, reference, atol, rtol),
+                     same_shapes and _close(built.outputs, built.reference, atol, rtol),
                      "changes_nothing() says this setting changes nothing, but the candidate differs from the base "
                      "model; the search would then skip fine-tuning it and count it as the base model")
 
@@ -573,7 +586,10 @@ def check_workload(workload: Any, *, work_dir: Path | str) -> Report:
             return report.raise_for_failures()
         again = _made(factory, report, "returns a Workload when called again")
         if again is not None:
-            changed = [part for part, digest in fingerprint(wl).items() if fingerprint(again)[part] != digest]
+            first, second = fingerprint(wl), fingerprint(again)
+            changed = [part for part, digest in first.items() if second[part] != digest]
+            if "model" in changed and _same_outputs(wl.model, again.model, wl.val.inputs[:64]):
+                changed.remove("model")  # trained again, equal within float noise: a resume accepts it too
             report.check("factory", "gives the same model and validation data on every call", not changed,
                          f"a second call gave another {' and '.join(changed)}: load saved weights and seed any "
                          "random split (a resumed search calls it again and refuses another model)")
@@ -599,21 +615,27 @@ def check_workload(workload: Any, *, work_dir: Path | str) -> Report:
         return report.raise_for_failures()
     try:
         value = wl.metric(run_batches(path, wl.val.inputs.numpy()), wl.val.targets.numpy())
-        ok = isinstance(value, (int, float, np.floating)) and math.isfinite(float(value))
-        report.check("metric", "gives a number on the export's outputs", ok, f"it gave {value!r}")
-        if ok:
-            report.figure("metric", f"{wl.metric_name} on the validation split", f"{float(value):.4f}")
+        try:
+            number = float(value)  # what the engine does with it
+        except (TypeError, ValueError):
+            number = math.nan
+        report.check("metric", "gives a number on the export's outputs", math.isfinite(number), f"it gave {value!r}")
+        if math.isfinite(number):
+            report.figure("metric", f"{wl.metric_name} on the validation split", f"{number:.4f}")
     except Exception as exc:  # noqa: BLE001
         report.check("metric", "gives a number on the export's outputs", False, _why(exc))
     try:
         student = copy.deepcopy(wl.model).train()
+        trainable = any(p.requires_grad for p in student.parameters())
         n = min(len(wl.train), wl.batch_size)
-        loss = wl.compute_loss(student(wl.train.inputs[:n]), wl.train.targets[:n])
-        ok = isinstance(loss, torch.Tensor) and loss.dim() == 0 and loss.requires_grad
-        if ok:
-            loss.backward()
-        report.check("loss", "is a scalar the recovery methods can train on", ok and bool(torch.isfinite(loss)),
-                     f"compute_loss gave {loss!r}")
+        with torch.random.fork_rng(devices=[]):  # dropout
+            loss = wl.compute_loss(student(wl.train.inputs[:n]), wl.train.targets[:n])
+        ok = isinstance(loss, torch.Tensor) and loss.numel() == 1 and bool(torch.isfinite(loss).all())
+        if ok and trainable:
+            ok = loss.requires_grad
+            loss.sum().backward()
+        report.check("loss", "is a scalar the recovery methods can train on", ok,
+                     f"compute_loss gave {loss!r}" + ("" if trainable else " (the model has no trainable parameter)"))
     except Exception as exc:  # noqa: BLE001
         report.check("loss", "is a scalar the recovery methods can train on", False, _why(exc))
     report.figure("splits", "examples", ", ".join(f"{which} {len(split)}" for which, split in
@@ -622,9 +644,16 @@ def check_workload(workload: Any, *, work_dir: Path | str) -> Report:
     return report.raise_for_failures()
 
 
+def _same_outputs(a: torch.nn.Module, b: torch.nn.Module, inputs: torch.Tensor) -> bool:
+    with torch.no_grad():
+        x, y = a.eval()(inputs), b.eval()(inputs)
+    return isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and _close(x.numpy(), y.numpy(), 1e-4, 1e-3)
+
+
 def _made(factory, report: Report, check: str) -> Workload | None:
     try:
-        made = factory()
+        with torch.random.fork_rng(devices=[]):  # a factory that trains may seed torch
+            made = factory()
     except Exception as exc:  # noqa: BLE001
         report.check("factory", check, False, _why(exc))
         return None

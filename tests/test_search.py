@@ -130,52 +130,54 @@ def test_resume_refuses_another_latency_statistic(finished_run):
     assert sorted(p.name for p in (result.run_dir / "trials").iterdir()) == before  # nothing lost or added
 
 
+def _with_workload(registry, change):
+    """``registry`` with its digits-tiny workload passed through ``change`` on every call."""
+    from autocomp.plugins import WorkloadEntry
+
+    entry = registry.workloads["digits-tiny"]
+    other = copy.copy(registry)
+    other.workloads = {**registry.workloads,
+                       "digits-tiny": WorkloadEntry("digits-tiny", lambda: change(entry.factory()), "", "test")}
+    return other
+
+
+def _nudged(workload, add=0.0, times=1.0):
+    """``workload`` with its first weight changed: ``w * times + add``."""
+    from dataclasses import replace
+
+    import torch
+
+    model = copy.deepcopy(workload.model)
+    with torch.no_grad():
+        next(model.parameters()).mul_(times).add_(add)
+    return replace(workload, model=model)
+
+
 def test_resume_refuses_a_workload_that_gives_another_model_or_data(finished_run):
     """A factory that initialises its model at random (or splits its data at random) would have the
     resumed trials compress another model than the baseline measured: refused, nothing written."""
     from dataclasses import replace
 
-    import torch
-
     from autocomp.errors import ConfigError
-    from autocomp.plugins import WorkloadEntry
     from autocomp.workload import Split
 
     registry, config, result, _ = finished_run
-    entry = registry.workloads["digits-tiny"]
     before = sorted(p.name for p in (result.run_dir / "trials").iterdir())
     manifest = (result.run_dir / "run.json").read_text()
 
-    def nudged_model():
-        workload = entry.factory()
-        model = copy.deepcopy(workload.model)
-        with torch.no_grad():
-            next(model.parameters()).add_(1e-3)
-        return replace(workload, model=model)
-
-    def other_split():
-        workload = entry.factory()
+    def other_split(workload):
         return replace(workload, val=Split(workload.val.inputs.flip(0), workload.val.targets.flip(0)))
 
-    def with_factory(factory):
-        other = copy.copy(registry)
-        other.workloads = {**registry.workloads, "digits-tiny": WorkloadEntry("digits-tiny", factory, "", "test")}
-        return other
-
-    for factory, changed in ((nudged_model, "another model"), (other_split, "another validation split")):
+    for change, changed in ((lambda w: _nudged(w, add=1e-3), "another model"),
+                            (other_split, "another validation split")):
         with pytest.raises(ConfigError, match=f"searched with {changed} of workload 'digits-tiny'"):
-            run_search(replace(config, trials=9, resume=True), with_factory(factory))
+            run_search(replace(config, trials=9, resume=True), _with_workload(registry, change))
     assert sorted(p.name for p in (result.run_dir / "trials").iterdir()) == before  # nothing lost or added
     assert (result.run_dir / "run.json").read_text() == manifest
 
-    def retrained():  # the model trained again elsewhere: other bits, the same function within float noise
-        workload = entry.factory()
-        model = copy.deepcopy(workload.model)
-        with torch.no_grad():
-            next(model.parameters()).mul_(1 + 1e-7)
-        return replace(workload, model=model)
-
-    resumed = run_search(replace(config, trials=1, resume=True), with_factory(retrained))  # no trial left to run
+    # the model trained again elsewhere: other bits, the same function within float noise
+    retrained = _with_workload(registry, lambda w: _nudged(w, times=1 + 1e-7))
+    resumed = run_search(replace(config, trials=1, resume=True), retrained)  # no trial left to run
     assert sorted(p.name for p in (result.run_dir / "trials").iterdir()) == before
     assert json.loads((result.run_dir / "run.json").read_text())["resumed"] >= 1 and resumed.exit_code == 0
 
@@ -231,21 +233,7 @@ def test_a_run_from_before_the_latency_statistic_resumes_on_the_p50(tmp_path, re
     with pytest.raises(ConfigError, match="searched on the p50 latency"):
         run_search(replace(config, trials=2, resume=True, latency_statistic="min"), registry)
     # without recorded digests another model is not noticed: the run resumes as it did before them
-    from autocomp.plugins import WorkloadEntry
-
-    entry = registry.workloads["digits-tiny"]
-
-    def nudged():
-        import torch
-
-        workload = entry.factory()
-        model = copy.deepcopy(workload.model)
-        with torch.no_grad():
-            next(model.parameters()).add_(1e-3)
-        return replace(workload, model=model)
-
-    registry = copy.copy(registry)
-    registry.workloads = {**registry.workloads, "digits-tiny": WorkloadEntry("digits-tiny", nudged, "", "test")}
+    registry = _with_workload(registry, lambda w: _nudged(w, add=1e-3))
     resumed = run_search(replace(config, trials=2, resume=True), registry)
     assert resumed.summary["trials"]["total"] == 2
     assert resumed.summary["baseline"]["latency_ms"] == old["latency_p50_ms"]

@@ -589,8 +589,7 @@ def _check_plugins(args, registry) -> int:
                 report = exc.report
             row = {"kind": kind, "name": name, "passed": report.passed, "failed": len(report.failures),
                    "status": "FAILED" if report.failures else "ok", "details": [str(f) for f in report.failures]}
-            if [(f.where, f.detail.split(":")[0]) for f in report.failures] in (
-                    [("configure", "TargetError")], [("configure", "ConfigError")]):  # it said it needs options
+            if report.needs_options:
                 row.update(passed=None, failed=None, status="not checked: it needs options",
                            details=[report.failures[0].detail])
             failed += row["status"] == "FAILED"

@@ -54,6 +54,7 @@ __all__ = [
     "ChoiceParam",
     "FixedParam",
     "Param",
+    "strongest_value",
     "BaseModelInfo",
     "CandidateContext",
     "Method",
@@ -116,6 +117,14 @@ class FixedParam(_ParamBase):
 
 
 Param = FloatParam | IntParam | ChoiceParam | FixedParam
+
+
+def strongest_value(p: FloatParam | IntParam | ChoiceParam) -> Any:
+    """The value of ``p`` that compresses most: the end of its range, or of its choices, away from
+    its ``neutral`` value (the high end, the last choice, when the neutral one is not there)."""
+    if isinstance(p, ChoiceParam):
+        return p.choices[0] if p.choices[-1] == p.neutral else p.choices[-1]
+    return p.low if p.neutral == p.high else p.high
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-from autocomp.method import ChoiceParam, FloatParam, IntParam
+from autocomp.method import ChoiceParam, FloatParam, IntParam, strongest_value
 from autocomp.space import GATE, ConcreteSpace, same_value
 
 __all__ = ["ANCHOR_QUANTILES", "TOGGLE_SHARE", "STEP_SHARE", "STEP_SIZE", "anchors", "MethodToggles", "StrengthSteps",
@@ -104,14 +104,15 @@ def _anchor_params(space: ConcreteSpace, quantile: float) -> dict[str, Any]:
                     params[key] = p.neutral
             elif isinstance(p, (FloatParam, IntParam)) and p.low != p.high:
                 # the fraction ``quantile`` of the way from the neutral end (the low end when none)
-                start, end = (p.high, p.low) if p.neutral is not None and p.neutral == p.high else (p.low, p.high)
+                end = strongest_value(p) if p.neutral is not None else p.high
+                start = p.high if end == p.low else p.low
                 value = start + quantile * (end - start)
                 params[key] = _on_grid(p, value)
             elif isinstance(p, ChoiceParam) and len(p.choices) > 1:
                 if p.neutral is None:
                     params[key] = p.choices[0]
                 else:
-                    params[key] = p.choices[0] if p.choices[-1] == p.neutral else p.choices[-1]
+                    params[key] = strongest_value(p)
     return params
 
 
@@ -349,8 +350,7 @@ class StrengthSteps(_FrontProposals):
 def _step(p: FloatParam | IntParam, value: float, size: float, toward_neutral: bool) -> float | int:
     """``value`` moved ``size`` of ``p``'s width toward its neutral end or away from it; on a grid,
     by the nearest whole number of grid steps (halves up), at least one (a narrow range still moves)."""
-    far = p.low if p.neutral == p.high else p.high
-    target = p.neutral if toward_neutral else far
+    target = p.neutral if toward_neutral else strongest_value(p)
     if target == value:
         return value
     distance = size * (p.high - p.low)

@@ -35,10 +35,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import hashlib
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
@@ -47,10 +47,18 @@ import numpy as np
 import torch
 
 from autocomp import zoo
-from autocomp.candidate import count_macs, recalibrate_batchnorm
-from autocomp.errors import AutocompError, CandidateError
+from autocomp.candidate import _model_from, _onnx_from, count_macs, recalibrate_batchnorm
+from autocomp.errors import AutocompError, CandidateError, ConfigError
 from autocomp.export import check_parity, export_onnx
-from autocomp.method import EVALUATION_ARTIFACT, BaseModelInfo, CandidateContext, ChoiceParam, FloatParam, IntParam
+from autocomp.method import (
+    EVALUATION_ARTIFACT,
+    BaseModelInfo,
+    CandidateContext,
+    ChoiceParam,
+    FloatParam,
+    IntParam,
+    strongest_value,
+)
 from autocomp.ort import TimingPolicy, input_shapes_of, measure_latency, run_batches
 from autocomp.plugins import _malformed
 from autocomp.space import parse_space, same_value
@@ -59,9 +67,6 @@ from autocomp.workload import Split, Workload
 
 __all__ = ["DEFAULT_ARCHITECTURES", "ConformanceError", "Finding", "HostTarget", "Report", "check_method",
            "check_target", "check_workload", "narrow_student", "tiny_workload"]
-
-#: The label suffix of the setting a recovery method is also tried with on the full-width base model.
-FULL_WIDTH = ", full width"
 
 #: A residual CNN, depthwise inverted residuals, a transformer encoder and a PReLU embedding network.
 DEFAULT_ARCHITECTURES: tuple[str, ...] = ("resnet20", "mobilenet_v2", "vit", "mobilefacenet")
@@ -87,6 +92,9 @@ class Report:
 
     subject: str
     findings: list[Finding] = field(default_factory=list)
+    #: True when a target's ``configure`` asked for options (a configuration error) and nothing
+    #: else could be checked without them.
+    needs_options: bool = False
 
     @property
     def failures(self) -> list[Finding]:
@@ -196,25 +204,47 @@ def check_method(method: Any, table: Mapping[str, Any] | None = None, *, work_di
     except Exception as exc:  # noqa: BLE001 - any failure is reported, with its kind
         report.check("registration", "parses its table", False, _why(exc))
         return report.raise_for_failures()
-    config = space.methods[0][1]
-    target = target if target is not None else HostTarget()
+    run = _Run(method, space.methods[0][1], target if target is not None else HostTarget(), report, atol, rtol)
     built = 0
     for architecture in architectures:
         with _quiet():
-            built += _check_on(method, config, space, tiny_workload(architecture, seed=seed), target,
-                               Path(work_dir) / architecture, report, samples, seed, atol, rtol)
+            built += _check_on(run, space, tiny_workload(architecture, seed=seed), Path(work_dir) / architecture,
+                               samples, seed)
     report.check("all", "builds a candidate", built > 0 or not architectures,
                  "no setting on any architecture built a candidate")
     return report.raise_for_failures()
 
 
-def _check_on(method, config, space, wl: Workload, target: Target, work: Path, report: Report, samples: int,
-              seed: int, atol: float, rtol: float) -> int:
+@dataclass(frozen=True)
+class _Run:
+    """What every check of one :func:`check_method` call shares."""
+
+    method: Any
+    config: Any
+    target: Target
+    report: Report
+    atol: float
+    rtol: float
+
+
+@dataclass(frozen=True)
+class _Case:
+    """One application of the method: where it is reported, its setting, and whether a recovery
+    method gets the full-width model rather than the narrow student."""
+
+    where: str
+    setting: Mapping[str, Any]
+    work: Path
+    full_width: bool = False
+
+
+def _check_on(run: _Run, space, wl: Workload, work: Path, samples: int, seed: int) -> int:
     """Every check on one architecture; how many candidates were built."""
-    arch = wl.name.removeprefix("tiny-")
+    report, arch = run.report, wl.name.removeprefix("tiny-")
     fp32 = export_onnx(wl.model, wl.example_input, work / "base.onnx")
+    info = BaseModelInfo(wl.model, wl.example_input, fp32, run.target)
     try:
-        concrete = space.concrete(BaseModelInfo(wl.model, wl.example_input, fp32, target))
+        concrete = space.concrete(info)
     except Exception as exc:  # noqa: BLE001
         report.check(arch, "declares well-formed parameters", False, _why(exc))
         return 0
@@ -231,41 +261,40 @@ def _check_on(method, config, space, wl: Workload, target: Target, work: Path, r
     report.check(arch, "its choices are None, bool, int, float or str", not odd,
                  f"{', '.join(odd[:3])}: the study's storage keeps only those (a tuple comes back as a list)")
     try:
-        again = space.concrete(BaseModelInfo(wl.model, wl.example_input, fp32, target)).entries[0][2]
+        again = space.concrete(info).entries[0][2]
         report.check(arch, "declares the same parameters when asked again (a resumed search asks again)",
                      again == params, "the second call to parameters() gave other parameters")
     except Exception as exc:  # noqa: BLE001
         report.check(arch, "declares the same parameters when asked again (a resumed search asks again)", False,
                      _why(exc))
-    if method.stage == "recovery":
+    if run.method.stage == "recovery":
         report.figure(arch, "student", "the model at half its width, the teacher at full width")
     report.figure(arch, "parameters", f"{len(params)}: " + ", ".join(p.name for p in params[:6])
                   + (" ..." if len(params) > 6 else ""))
     base = _Base(wl, fp32, seed)
     declared = {p.name for p in params}
+    cases = [_Case(f"{arch} / {label}", setting, work / label) for label, setting in _settings(concrete, samples, seed)]
+    if run.method.stage == "recovery":  # after a structural change, and at full width (after quantization only)
+        first = cases[0]
+        cases.append(_Case(f"{first.where}, full width", first.setting, first.work.with_name(f"{first.work.name}-full"),
+                           full_width=True))
     built = 0
-    settings = _settings(concrete, samples, seed)
-    if method.stage == "recovery":  # after a structural change, and at full width (after quantization only)
-        settings.append((f"{settings[0][0]}{FULL_WIDTH}", settings[0][1]))
-    for label, setting in settings:
-        where = f"{arch} / {label}"
-        check = _CHECKS[method.stage]
-        result = check(method, config, setting, base, target, work / label, report, where, atol, rtol)
+    for case in cases:
+        result = _check_case(run, case, base)
         if not base.untouched():  # the next settings start from the base model again
             base = _Base(tiny_workload(arch, seed=seed), fp32, seed)
         if result is None:
             continue
         built += 1
-        _check_canonical(method, config, setting, declared, result, base, target, work / label, report, where,
-                         atol, rtol)
-        if label == "strongest" and method.stage == "structural":
+        _check_canonical(run, case, declared, result, base)
+        if case.where.endswith(" / strongest") and run.method.stage == "structural":
             try:
                 macs, n = count_macs(result.model, wl.example_input)
-                report.figure(where, "cost against the base model",
+                report.figure(case.where, "cost against the base model",
                               f"MACs x{macs / base.macs[0]:.3f}, parameters x{n / base.macs[1]:.3f}")
             except Exception as exc:  # noqa: BLE001 - torch-pruning's counter may not know a custom layer
-                report.figure(where, "cost against the base model", f"not counted ({_why(exc)})")
-        report.figure(where, "accuracy (base model 1.0)", f"{result.accuracy:.3f}")
+                report.figure(case.where, "cost against the base model", f"not counted ({_why(exc)})")
+        report.figure(case.where, "accuracy (base model 1.0)", f"{result.accuracy:.3f}")
     return built
 
 
@@ -314,43 +343,49 @@ class _Built:
     shapes: list | None = None
 
 
-def _apply(method, subject, setting, config, ctx, report: Report, where: str) -> tuple[Any, bool]:
+def _apply(run: _Run, subject: Any, case: _Case, ctx: CandidateContext) -> tuple[Any, bool]:
     """``method.apply`` with its exceptions sorted: (what it returned, whether it returned). The
     global torch random state is seeded with ``ctx.seed`` and restored afterwards, as trials seed it."""
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(ctx.seed)
-            return method.apply(subject, dict(setting), config, ctx), True
+            return run.method.apply(subject, dict(case.setting), run.config, ctx), True
     except CandidateError as exc:
-        report.figure(where, "refused this candidate (CandidateError)", str(exc))
+        run.report.figure(case.where, "refused this candidate (CandidateError)", str(exc))
     except Exception as exc:  # noqa: BLE001
-        report.check(where, "apply raises only CandidateError", False, _why(exc))
+        run.report.check(case.where, "apply raises only CandidateError", False, _why(exc))
     return None, False
 
 
-def _check_torch(method, config, setting, base: _Base, target, work: Path, report: Report, where: str,
-                 atol: float, rtol: float) -> _Built | None:
-    """A structural or recovery method: the checks of one application to a copy of the base model
-    (structural) or to a narrower student (recovery, which runs after a structural change)."""
-    wl = base.wl
-    ctx = _context(wl, target, work, base.seed)
-    if method.stage == "recovery" and not where.endswith(FULL_WIDTH):
+def _check_case(run: _Run, case: _Case, base: _Base) -> _Built | None:
+    """The checks of one application of the method; the candidate, or None when none was built."""
+    return (_check_onnx if run.method.stage == "post_export" else _check_torch)(run, case, base)
+
+
+def _check_torch(run: _Run, case: _Case, base: _Base) -> _Built | None:
+    """A structural or recovery method, applied to a copy of the base model (structural) or to a
+    narrower student (recovery, which runs after a structural change; or to the copy at full width)."""
+    wl, report, where = base.wl, run.report, case.where
+    ctx = _context(wl, run.target, case.work, base.seed)
+    if run.method.stage == "recovery" and not case.full_width:
         subject = narrow_student(wl.name.removeprefix("tiny-"), seed=base.seed, inputs=wl.train.inputs)
     else:
         subject = copy.deepcopy(wl.model).eval()
     with torch.no_grad():
         reference = subject(wl.val.inputs).numpy()
     shapes = [p.shape for p in subject.parameters()]
-    model, returned = _apply(method, subject, setting, config, ctx, report, where)
+    result, returned = _apply(run, subject, case, ctx)
     report.check(where, "leaves the base model and the teacher as they were", base.untouched(),
                  "apply changed ctx.teacher (the base model): its weights, its train/eval mode, its hooks or "
                  "requires_grad; work on the model it is given, a copy, and remove any hook it adds")
     if not returned:
         return None
-    if not report.check(where, "returns the model", isinstance(model, torch.nn.Module),
-                        f"apply returned {type(model).__name__}; a method that changes the model in place still "
-                        "returns it"):
+    try:
+        model = _model_from(run.method, result)  # the engine's own check
+    except CandidateError as exc:
+        report.check(where, "returns the model", False, str(exc))
         return None
+    report.check(where, "returns the model", True)
     model.eval()
     try:
         with torch.no_grad():
@@ -366,32 +401,32 @@ def _check_torch(method, config, setting, base: _Base, target, work: Path, repor
         return None
     _check_skips(ctx, report, where)
     try:
-        path = export_onnx(model, wl.example_input, work / "model.onnx")
-        check_parity(model, path, wl.val.inputs, atol=atol, rtol=rtol)
+        path = export_onnx(model, wl.example_input, case.work / "model.onnx")
+        check_parity(model, path, wl.val.inputs, atol=run.atol, rtol=run.rtol)
         report.check(where, "exports to ONNX and agrees with its export", True)
     except AutocompError as exc:
         report.check(where, "exports to ONNX and agrees with its export", False, str(exc))
     return _Built(outputs, _accuracy(outputs, wl), model=model, reference=reference, shapes=shapes)
 
 
-def _check_onnx(method, config, setting, base: _Base, target, work: Path, report: Report, where: str,
-                atol: float, rtol: float) -> _Built | None:
-    """A post-export method: the checks of one application to the base model's fp32 export."""
-    wl = base.wl
-    ctx = _context(wl, target, work, base.seed)
+def _check_onnx(run: _Run, case: _Case, base: _Base) -> _Built | None:
+    """A post-export method, applied to the base model's fp32 export."""
+    wl, report, where = base.wl, run.report, case.where
+    ctx = _context(wl, run.target, case.work, base.seed)
     given = ctx.work_dir / "fp32.onnx"  # where a trial's export is: inside its work directory
     given.write_bytes(base.onnx.read_bytes())
-    result, returned = _apply(method, given, setting, config, ctx, report, where)
+    result, returned = _apply(run, given, case, ctx)
     report.check(where, "leaves the input ONNX file as it was", _sha(given) == base.onnx_sha,
                  f"apply changed the file it was given ({given.name}): write new files under ctx.work_dir, "
                  "named apart from it")
     if not returned:
         return None
-    wrote = isinstance(result, (str, os.PathLike)) and Path(result).is_file()
-    if not report.check(where, "returns the path of the ONNX file it wrote", wrote,
-                        f"apply returned {result!r}"):
+    try:
+        path = _onnx_from(run.method, result).resolve()  # the engine's own check
+    except CandidateError as exc:
+        report.check(where, "returns the path of the ONNX file it wrote", False, str(exc))
         return None
-    path = Path(result).resolve()
+    report.check(where, "returns the path of the ONNX file it wrote", True)
     report.check(where, "writes its file under ctx.work_dir", path.is_relative_to(ctx.work_dir.resolve()),
                  f"apply returned {path}, neither the file it was given nor one under ctx.work_dir ({ctx.work_dir})")
     twin = ctx.notes.get(EVALUATION_ARTIFACT)
@@ -409,15 +444,12 @@ def _check_onnx(method, config, setting, base: _Base, target, work: Path, report
     return _Built(outputs, _accuracy(outputs, wl), path=path, reference=base.onnx_outputs)
 
 
-_CHECKS = {"structural": _check_torch, "recovery": _check_torch, "post_export": _check_onnx}
-
-
-def _check_canonical(method, config, setting, declared: set[str], built: _Built, base: _Base, target, work: Path,
-                     report: Report, where: str, atol: float, rtol: float) -> None:
+def _check_canonical(run: _Run, case: _Case, declared: set[str], built: _Built, base: _Base) -> None:
     """``canonical`` stable and naming only the method's parameters; a canonical form that only
     rewrites values builds the same candidate (one that leaves parameters out need not be a setting
     ``apply`` takes: the engine compares canonical forms, it does not apply them);
-    ``changes_nothing`` true only where the candidate is the base model."""
+    ``changes_nothing`` true only where the candidate is the model it was given."""
+    method, config, report, where, setting = run.method, run.config, run.report, case.where, case.setting
     try:
         canonical = dict(method.canonical(dict(setting), config))
         again = dict(method.canonical(dict(canonical), config))
@@ -432,17 +464,17 @@ def _check_canonical(method, config, setting, declared: set[str], built: _Built,
                  f"'{method.name}.')")
     if canonical.keys() == setting.keys() and not all(same_value(canonical[k], setting[k]) for k in setting):
         report.figure(where, "canonical form", str(canonical))
-        rebuilt = Report("canonical")
-        again_built = _CHECKS[method.stage](method, config, canonical, base, target, work / "canonical",
-                                            rebuilt, where, atol, rtol)
-        why = "; ".join(str(f) for f in rebuilt.failures) or "it gives other outputs"
+        rebuilt = dataclasses.replace(run, report=Report("canonical"))
+        again_built = _check_case(rebuilt, dataclasses.replace(case, setting=canonical, work=case.work / "canonical"),
+                                  base)
+        why = "; ".join(str(f) for f in rebuilt.report.failures) or "it gives other outputs"
         report.check(where, "its canonical form builds the same candidate",
-                     again_built is not None and _close(again_built.outputs, built.outputs, atol, rtol),
+                     again_built is not None and _close(again_built.outputs, built.outputs, run.atol, run.rtol),
                      f"the canonical form {canonical} of {dict(setting)}: {why}")
     if nothing:
         same_shapes = built.model is None or [p.shape for p in built.model.parameters()] == built.shapes
         report.check(where, "changes_nothing() is true only where apply leaves the model as it was",
-                     same_shapes and _close(built.outputs, built.reference, atol, rtol),
+                     same_shapes and _close(built.outputs, built.reference, run.atol, run.rtol),
                      "changes_nothing() says this setting changes nothing, but the candidate differs from the base "
                      "model; the search would then skip fine-tuning it and count it as the base model")
 
@@ -453,16 +485,10 @@ def _settings(concrete, samples: int, seed: int) -> list[tuple[str, dict[str, An
     import optuna
 
     method, _, params = concrete.entries[0]
-    mildest, strongest = {}, {}
-    for p in params:
-        if p.neutral is None:
-            continue
-        key = f"{method.name}.{p.name}"
-        mildest[key] = p.neutral
-        if isinstance(p, (FloatParam, IntParam)):
-            strongest[key] = p.low if p.neutral == p.high else p.high
-        elif isinstance(p, ChoiceParam):
-            strongest[key] = p.choices[0] if p.choices[-1] == p.neutral else p.choices[-1]
+    directed = [p for p in params if p.neutral is not None]
+    mildest = {f"{method.name}.{p.name}": p.neutral for p in directed}
+    strongest = {f"{method.name}.{p.name}": strongest_value(p) for p in directed
+                 if isinstance(p, (FloatParam, IntParam, ChoiceParam))}
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
@@ -505,6 +531,8 @@ def check_target(target: Any, options: Mapping[str, Any] | None = None, *, work_
     except Exception as exc:  # noqa: BLE001
         report.check("configure", f"configure({options}) returns a target", False,
                      f"{_why(exc)} (a target that needs options is checked with check_target(target, options))")
+        # a configuration error (TargetError among them) and nothing else wrong: it needs options
+        report.needs_options = isinstance(exc, ConfigError) and len(report.failures) == 1
         return report.raise_for_failures()
     if not report.check("configure", f"configure({options}) returns a target", isinstance(configured, Target),
                         f"it returned {configured!r}"):

@@ -91,6 +91,7 @@ def _escape(text: str) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from autocomp.deliver import PREFER  # light, as the next
     from autocomp.target import STATISTICS  # light: dataclasses and abc only
 
     parser = argparse.ArgumentParser(
@@ -172,6 +173,33 @@ def _parser() -> argparse.ArgumentParser:
                      help="the metric the search selected on (default), or the held-out test split's")
     cmp.add_argument("--json", action="store_true")
 
+    ex = sub.add_parser("export", help="copy one Pareto member's ONNX file out of a finished run, with a model card",
+                        description="Pick a Pareto member of a finished run (the fastest, by default), check that "
+                                    "it is the file the run measured (SHA-256), and copy it to --to with a model "
+                                    "card beside it (the same name ending in .json: source, setting, figures). "
+                                    "Exit 1: no member within the bounds given.")
+    ex.add_argument("run", type=Path, help="the run directory")
+    ex.add_argument("--to", type=Path, required=True, metavar="PATH",
+                    help="the ONNX file to write (replaced if it exists), or an existing directory to write "
+                         "model.onnx into")
+    ex.add_argument("--trial", type=int, default=None, help="export this Pareto member")
+    ex.add_argument("--max-drop", type=float, default=None,
+                    help="only members that drop at most this much metric (absolute: 0.005 is half a point)")
+    ex.add_argument("--max-latency", type=float, default=None, metavar="MS",
+                    help="only members at most this slow (the run's latency statistic, as reported)")
+    ex.add_argument("--prefer", choices=PREFER, default=None,
+                    help="which member within the bounds (default: the fastest)")
+    ex.add_argument("--split", choices=["validation", "test"], default=None,
+                    help="the metric --max-drop and --prefer read: the one the search selected on (default), or "
+                         "the held-out test split's")
+    ex.add_argument("--json", action="store_true", help="print the model card on stdout")
+
+    rep = sub.add_parser("report", help="write a run's report.html: the trade-off plot, the Pareto set and what "
+                                        "each member is, layer by layer")
+    rep.add_argument("run", type=Path, help="the run directory (finished or stopped)")
+    rep.add_argument("--out", type=Path, default=None, metavar="FILE",
+                     help="where to write it (default: report.html in the run directory)")
+
     cal = sub.add_parser("calibrate", help="correct a predicted device target from measurements on the real device")
     cal.add_argument("--target", required=True, help="predicted target to correct, e.g. jetson-orin-nano")
     cal.add_argument("--agent", default=None, metavar="URL", help="agent running on that device (predicted targets)")
@@ -245,14 +273,17 @@ def _print_summary(console, summary: dict[str, Any]) -> None:
     for m in summary["pareto"]:
         sibling = (f" (trial {m['sibling_of']} {'with' if 'added' in m else 'without'} "
                    f"{m.get('added') or m.get('ablated')}, not trained again)" if "sibling_of" in m else "")
-        console.print(f"trial {m['trial']}{sibling}: {m['artifact']}", highlight=False, soft_wrap=True)
+        console.print(_escape(f"trial {m['trial']}{sibling}: {m['artifact']}"), highlight=False, soft_wrap=True)
     t = summary["trials"]
     siblings = (f" (+{t['siblings']} siblings, not trained again, {t['siblings_feasible']} feasible)"
                 if t.get("siblings") else "")
     stopped = f" ({t['interrupted']} more cut short by a stop, not counted)" if t.get("interrupted") else ""
-    console.print(f"{t['complete']} trials complete{siblings}, {t['failed']} failed, "
-                  f"{t.get('rejected_before_training', 0)} rejected before training, {t['feasible']} feasible"
-                  f"{stopped}; run directory: {summary['run_dir']}")
+    console.print(_escape(f"{t['complete']} trials complete{siblings}, {t['failed']} failed, "
+                          f"{t.get('rejected_before_training', 0)} rejected before training, {t['feasible']} feasible"
+                          f"{stopped}; run directory: {summary['run_dir']}"))
+    report, pareto = Path(summary["run_dir"]) / "report.html", Path(summary["run_dir"]) / "pareto.json"
+    if report.is_file() and pareto.is_file() and report.stat().st_mtime >= pareto.stat().st_mtime:  # not a stale one
+        console.print(_escape(f"report: {report}"), highlight=False, soft_wrap=True)
     skipped = sorted(summary.get("skipped", {}).items(), key=lambda kv: -kv[1])
     for item, count in skipped[:8]:
         console.print(f"[yellow]skipped[/] in {count} trial(s): {item}", highlight=False)
@@ -374,6 +405,38 @@ def _cmd_compare(args) -> int:
             console.print(f"every baseline member kept (tolerances: {args.max_metric_loss} {metric}, "
                           f"{100 * args.max_slowdown:g} % slower)")
     return EXIT_REGRESSION if report["regressed"] else EXIT_OK
+
+
+def _cmd_export(args) -> int:
+    from autocomp.compare import load_run_summary
+    from autocomp.deliver import export_member, select_member
+
+    summary = load_run_summary(args.run)
+    member = select_member(summary, trial=args.trial, max_drop=args.max_drop, max_latency_ms=args.max_latency,
+                           prefer=args.prefer, split=args.split)
+    selection = ({"trial": args.trial} if args.trial is not None else
+                 {"prefer": args.prefer or "fastest", "max_drop": args.max_drop, "max_latency_ms": args.max_latency,
+                  "split": args.split or "validation"})
+    card = export_member(summary, member, args.to, selection)
+    if args.json:
+        _print_json(card)
+    else:
+        drop = card["baseline"]["metric"] - card["metric"]
+        test = "" if card["test_metric"] is None else f", test {_fmt_pct(card['test_metric'])} %"
+        _console().print(_escape(
+            f"trial {member['trial']}: {card['metric_name']} {_fmt_pct(card['metric'])} % (drop {100 * drop:.2f} "
+            f"pts{test}), {card['latency_statistic']} {card['latency_ms']:.3f} ms, {card['speedup']:.2f}x on "
+            f"{card['target']['name']}\nwritten: {card['model']} and its model card "
+            f"{Path(card['model']).with_suffix('.json')}"), highlight=False, soft_wrap=True)
+    return EXIT_OK
+
+
+def _cmd_report(args) -> int:
+    from autocomp.report import write_report
+
+    path = write_report(args.run, args.out)
+    _console().print(_escape(f"report written: {path}"), highlight=False, soft_wrap=True)
+    return EXIT_OK
 
 
 def _cmd_latency(args) -> int:
@@ -673,7 +736,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     commands = {"search": _cmd_search, "plugins": _cmd_plugins, "targets": _cmd_targets, "latency": _cmd_latency,
-                "calibrate": _cmd_calibrate, "compare": _cmd_compare}
+                "calibrate": _cmd_calibrate, "compare": _cmd_compare, "export": _cmd_export, "report": _cmd_report}
     if args.command == "agent":
         if args.agent_command != "serve":
             parser.parse_args(["agent", "--help"])

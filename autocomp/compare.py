@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from autocomp.errors import ConfigError
-from autocomp.results import RunDir, read_json, reported_latency_ms
+from autocomp.results import RunDir, read_json, relocate, reported_latency_ms
 
 __all__ = ["BY", "SPLITS", "load_run_summary", "compare_runs"]
 
@@ -53,7 +53,7 @@ def load_run_summary(run_dir: Path | str) -> dict[str, Any]:
                for r in records) or not all("trial" in m for m in records[1:]):
         raise ConfigError(f"{run.pareto}: not a pareto.json this version can read (a base model and members "
                           "with a metric and a latency each)")
-    summary["run_dir"] = str(run.root)  # as given: the run may have moved since it was written
+    relocate(summary, run.root)  # as given: the run may have moved since it was written, its artifacts with it
     return summary
 
 

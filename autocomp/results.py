@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["RunDir", "write_json", "read_json", "sha256_of", "reported_latency_ms"]
+__all__ = ["RunDir", "write_json", "write_text", "read_json", "relocate", "sha256_of", "reported_latency_ms"]
 
 
 def reported_latency_ms(record: dict[str, Any], p50: bool = False) -> float:
@@ -25,16 +25,42 @@ def reported_latency_ms(record: dict[str, Any], p50: bool = False) -> float:
 
 def write_json(path: Path, data: Any) -> None:
     """Write ``data`` as JSON to ``path`` atomically (temporary file in the same folder, rename)."""
+    write_text(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (temporary file in the same folder, rename), readable
+    as the umask allows, like any file the process creates."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=2, sort_keys=False, default=str)
-            fh.write("\n")
+            fh.write(text)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's file is its owner's alone
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def relocate(summary: dict[str, Any], root: Path) -> None:
+    """Point a run summary (``pareto.json``) read from ``root`` at where its run lies now: its
+    ``run_dir``, and the artifacts of its base model and members that were written under the run
+    directory as it was then (a run moved or copied whole). Other paths are left as written."""
+    recorded = summary.get("run_dir")
+    for record in [summary.get("baseline"), *(summary.get("pareto") or [])]:
+        if isinstance(record, dict) and isinstance(record.get("artifact"), str) and isinstance(recorded, str):
+            try:
+                record["artifact"] = str(root / Path(record["artifact"]).relative_to(recorded))
+            except ValueError:  # not under it
+                pass
+    summary["run_dir"] = str(root)
 
 
 def read_json(path: Path) -> Any:

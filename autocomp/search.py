@@ -500,6 +500,17 @@ def _summary(prep: Prepared, concrete: ConcreteSpace, study, baseline: dict[str,
     }
 
 
+def _write_report(run: RunDir) -> None:
+    """The run's ``report.html``; a figure for people, so a failure to write it is a warning."""
+    from autocomp.report import write_report
+
+    try:
+        write_report(run.root)
+    except Exception as exc:  # noqa: BLE001 - the search's results are written; `autocomp report` retries
+        logger.warning("report.html not written (%s: %s); write it with `autocomp report %s`",
+                       type(exc).__name__, exc, run.root)
+
+
 def _baseline(prep: Prepared, on_event: Event) -> tuple[dict[str, Any], ConcreteSpace]:
     """The base model's record (measured, or read back on resume) and the space made concrete for it."""
     config, run = prep.config, prep.run
@@ -621,6 +632,7 @@ def _run_search(config: SearchConfig, registry: Registry, on_event: Event, stop:
             if t.number not in keep:
                 (_files_of(run, t) / "model.onnx").unlink(missing_ok=True)
     write_json(run.pareto, summary)
+    _write_report(run)
     run.update_manifest(status=status, finished=datetime.now(timezone.utc).isoformat(),
                         pareto_size=len(summary["pareto"]))
     if status == "interrupted":

@@ -131,6 +131,16 @@ def _teacher_hooked(model, setting, ctx):
     return model
 
 
+def _teacher_backward_hooked(model, setting, ctx):
+    ctx.teacher.fc.register_full_backward_pre_hook(lambda module, grad_output: None)
+    return model
+
+
+def _teacher_weight_hooked(model, setting, ctx):
+    ctx.teacher.fc.weight.register_hook(lambda grad: grad)
+    return model
+
+
 def _teacher_trained(model, setting, ctx):
     ctx.teacher.train()
     return model
@@ -182,6 +192,10 @@ def _bad_skip(model, setting, ctx):
     ("changes the teacher", _apply_then(_teacher_nudged), {"leaves the base model and the teacher as they were"}),
     ("leaves a hook on the teacher", _apply_then(_teacher_hooked),
      {"leaves the base model and the teacher as they were"}),
+    ("leaves a backward hook on the teacher", _apply_then(_teacher_backward_hooked),
+     {"leaves the base model and the teacher as they were"}),
+    ("leaves a hook on a teacher weight", _apply_then(_teacher_weight_hooked),
+     {"leaves the base model and the teacher as they were"}),
     ("leaves the teacher training", _apply_then(_teacher_trained),
      {"leaves the base model and the teacher as they were"}),
     ("freezes a teacher weight", _apply_then(_teacher_frozen), {"leaves the base model and the teacher as they were"}),
@@ -199,6 +213,23 @@ def test_a_broken_apply_fails_its_check(fault, apply, expected, tmp_path, torch_
         check_method(_broken(apply=apply), work_dir=tmp_path, architectures=("resnet20",), samples=0)
     assert _failed(excinfo) == expected, fault
     assert str(excinfo.value).startswith("method 'halve_fc' broke")
+
+
+def test_a_hook_left_on_every_module_fails(tmp_path, torch_threads):
+    handles = []
+
+    def hook_everything(model, setting, ctx):
+        handles.append(torch.nn.modules.module.register_module_forward_hook(lambda module, args, output: None))
+        return model
+
+    try:
+        with pytest.raises(ConformanceError) as excinfo:
+            check_method(_broken(apply=_apply_then(hook_everything)), work_dir=tmp_path, architectures=("resnet20",),
+                         samples=0)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert handles and _failed(excinfo) == {"leaves the base model and the teacher as they were"}
 
 
 def test_an_apply_raising_anything_but_candidate_error_fails(tmp_path, torch_threads):

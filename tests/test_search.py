@@ -786,3 +786,88 @@ def test_compare_refuses_runs_that_cannot_be_compared(finished_run, tmp_path, ca
     assert "--resume" in " ".join(capsys.readouterr().err.split())  # rich wraps lines
     assert main(["compare", str(run), str(tmp_path / "nowhere")]) == 2
     assert "no such run directory" in " ".join(capsys.readouterr().err.split())  # rich wraps lines
+
+
+def test_export_copies_the_member_a_rule_picks_with_its_model_card(finished_run, tiny_workload, tmp_path, capsys):
+    from autocomp.results import reported_latency_ms
+
+    _, _, result, _ = finished_run
+    run = result.run_dir
+    pareto = json.loads((run / "pareto.json").read_text())["pareto"]
+    to = tmp_path / "deploy" / "digits.onnx"
+    assert main(["export", str(run), "--to", str(to), "--json"]) == 0
+    card = json.loads(capsys.readouterr().out)
+    fastest = min(pareto, key=lambda m: (reported_latency_ms(m), -m["metric"], m["trial"]))
+    assert card["source"]["trial"] == fastest["trial"] and card["sha256"] == fastest["sha256"] == sha256_of(to)
+    assert json.loads(to.with_suffix(".json").read_text()) == card
+    assert card["spec"] == fastest["spec"] and card["versions"]["onnxruntime"] and card["target"]["name"] == "cpu"
+    # the figures on the card are the exported file's own
+    outputs = run_batches(to, tiny_workload.val.inputs.numpy())
+    assert card["metric"] == pytest.approx(float(np.mean(outputs.argmax(1) == tiny_workload.val.targets.numpy())),
+                                           abs=1e-12)
+    # the most accurate member, into a directory, by name, written over what was there
+    (tmp_path / "deploy" / "model.onnx").write_bytes(b"yesterday's model")
+    assert main(["export", str(run), "--to", str(tmp_path / "deploy"), "--prefer", "most-accurate"]) == 0
+    best = max(pareto, key=lambda m: (m["metric"], -reported_latency_ms(m), -m["trial"]))
+    assert sha256_of(tmp_path / "deploy" / "model.onnx") == best["sha256"]
+    assert f"trial {best['trial']}:" in capsys.readouterr().err
+    for member in pareto:
+        assert main(["export", str(run), "--to", str(tmp_path / f"t{member['trial']}.onnx"),
+                     "--trial", str(member["trial"])]) == 0
+        assert sha256_of(tmp_path / f"t{member['trial']}.onnx") == member["sha256"]
+
+
+def test_export_refuses_what_it_cannot_hand_over_and_writes_nothing(finished_run, tmp_path, capsys):
+    import shutil
+
+    from autocomp.results import reported_latency_ms
+
+    _, _, result, _ = finished_run
+    moved = tmp_path / "moved"
+    shutil.copytree(result.run_dir, moved)  # a run read where it lies now, not where it was written
+    pareto = json.loads((moved / "pareto.json").read_text())["pareto"]
+    fastest = min(pareto, key=lambda m: (reported_latency_ms(m), -m["metric"], m["trial"]))  # what it exports
+    artifact = moved / Path(fastest["artifact"]).relative_to(result.run_dir)
+    to = tmp_path / "out" / "m.onnx"
+    assert main(["export", str(moved), "--to", str(to), "--json"]) == 0  # yesterday's export, kept below
+    shipped, card = to.read_bytes(), to.with_suffix(".json").read_text()
+    assert json.loads(capsys.readouterr().out)["source"]["artifact"] == str(artifact.resolve())
+    assert main(["export", str(moved), "--to", str(to), "--max-latency", "1e-6"]) == 1
+    assert "no Pareto member of" in " ".join(capsys.readouterr().err.split())
+    trials = {m["trial"] for m in pareto}
+    assert main(["export", str(moved), "--to", str(to), "--trial", str(max(trials) + 100)]) == 2
+    assert "is not a Pareto member" in " ".join(capsys.readouterr().err.split())
+    assert main(["export", str(moved), "--to", str(tmp_path / "m.bin")]) == 2
+    assert "ending in .onnx" in " ".join(capsys.readouterr().err.split())
+    artifact.write_bytes(artifact.read_bytes() + b"\0")
+    assert main(["export", str(moved), "--to", str(to)]) == 4
+    assert "is not the file the run measured" in " ".join(capsys.readouterr().err.split())
+    artifact.unlink()
+    assert main(["export", str(moved), "--to", str(to)]) == 4
+    assert "is missing" in " ".join(capsys.readouterr().err.split())
+    assert main(["export", str(moved), "--to", str(tmp_path / "m.bin")]) == 2  # the usage error first
+    # what was shipped before is still there, whole, and nothing half-written beside it
+    assert to.read_bytes() == shipped and to.with_suffix(".json").read_text() == card
+    assert sorted(p.name for p in to.parent.iterdir()) == ["m.json", "m.onnx"]
+
+
+def test_the_search_writes_its_report_and_autocomp_report_writes_it_again(finished_run, tmp_path, capsys):
+    import re
+    from urllib.parse import unquote
+
+    _, _, result, _ = finished_run
+    run = result.run_dir
+    page = (run / "report.html").read_text()
+    pareto = json.loads((run / "pareto.json").read_text())
+    for member in pareto["pareto"]:
+        link = Path(member["artifact"]).relative_to(run).as_posix()
+        assert f'id="trial-{member["trial"]}"' in page and f'href="{link}"' in page
+    scored = [p for p in run.glob("trials/**/metrics.json") if json.loads(p.read_text())["status"] == "complete"]
+    assert page.count('r="3.5"') == len(scored) > 0
+    again = tmp_path / "pages" / "again.html"
+    assert main(["report", str(run), "--out", str(again)]) == 0
+    page = again.read_text()
+    assert page.count('r="3.5"') == len(scored) and str(again) in "".join(capsys.readouterr().err.split())
+    links = re.findall(r'href="([^"#]+)"', page)
+    assert len(links) == len(pareto["pareto"]) + 1 and all((again.parent / unquote(link)).is_file() for link in links)
+    assert main(["report", str(tmp_path / "nowhere")]) == 2

@@ -322,11 +322,27 @@ class _Base:
         ) and _flags(self.wl.model) == self.flags
 
 
+#: A module's hook registries: a hook left in any of them changes what the model does or saves.
+_MODULE_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
+                 "_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
+                 "_load_state_dict_post_hooks")
+#: torch's hooks on every module at once (``register_module_forward_hook`` and the like).
+_GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+                 "_global_backward_pre_hooks", "_global_module_registration_hooks",
+                 "_global_parameter_registration_hooks", "_global_buffer_registration_hooks")
+
+
 def _flags(model: torch.nn.Module) -> list[tuple]:
-    """What a method may leave behind on the teacher besides its weights: train/eval mode, hooks,
-    ``requires_grad``."""
-    return [(name, m.training, len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks),
-             [p.requires_grad for p in m.parameters(recurse=False)]) for name, m in model.named_modules()]
+    """What a method may leave behind on the teacher besides its weights: train/eval mode, hooks on
+    its modules, on its weights and on every module (torch's global ones), ``requires_grad``."""
+    from torch.nn.modules import module as torch_module
+
+    everywhere = tuple(len(getattr(torch_module, name, None) or ()) for name in _GLOBAL_HOOKS)
+    return [everywhere, *((name, m.training, *(len(getattr(m, hooks, None) or ()) for hooks in _MODULE_HOOKS),
+                           [(p.requires_grad, len(p._backward_hooks or ()),
+                             len(getattr(p, "_post_accumulate_grad_hooks", None) or ()))
+                            for p in m.parameters(recurse=False)])
+                          for name, m in model.named_modules())]
 
 
 @dataclass

@@ -124,13 +124,28 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--timeout", type=float, default=None, metavar="SECONDS", help="stop starting trials after this long")
     s.add_argument("--seed", type=int, default=0, help="seed of the sampler and of fine-tuning (default 0)")
     s.add_argument("--out", type=Path, default=None, help="run directory (default: results/<workload>-<target>-<time>)")
-    s.add_argument("--storage", default=None, help="Optuna storage URL (default: SQLite inside the run directory)")
+    s.add_argument("--storage", default=None,
+                   help="Optuna storage URL (default: SQLite inside the run directory); a database server "
+                        "(postgresql://...) lets `autocomp worker` processes share the search")
+    s.add_argument("--heartbeat", type=float, default=60.0, metavar="SECONDS",
+                   help="with --storage: a running trial's heartbeat interval; one silent for twice as long (its "
+                        "process died) is failed (default 60)")
     s.add_argument("--resume", action="store_true", help="continue the run in --out")
     s.add_argument("--keep-all", action="store_true", help="keep every trial's ONNX file, not only the Pareto set's")
     s.add_argument("--no-siblings", dest="siblings", action="store_false",
                    help="do not also score each trained candidate with quantization toggled (its 'siblings', "
                         "built without training and not counted in --trials)")
     s.add_argument("--json", action="store_true", help="print one JSON summary on stdout")
+
+    w = sub.add_parser("worker", help="run trials of a search started with --storage elsewhere, sharing its study",
+                       description="Join the search whose run directory is RUN (on a file system this machine "
+                                   "reaches) and whose study is in --storage: run its trials until every process's "
+                                   "trials together make up its budget. The search writes the summary.")
+    w.add_argument("run", type=Path, help="the search's run directory (its --out)")
+    w.add_argument("--storage", required=True, help="the search's --storage URL")
+    w.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                   help="wait this long for the search to record its base model (default: not at all)")
+    w.add_argument("--json", action="store_true", help="print what this worker did on stdout")
 
     plug = sub.add_parser("plugins", help="list loaded plugins and what they register; --check runs them through "
                                           "autocomp's contracts")
@@ -306,7 +321,7 @@ def _cmd_search(args) -> int:
         max_drop=args.max_drop, relative_drop=args.relative_drop, max_latency_ms=args.max_latency,
         trials=args.trials, timeout_s=args.timeout, seed=args.seed, out=args.out, storage=args.storage,
         resume=args.resume, keep_all=args.keep_all, latency_statistic=args.latency_statistic,
-        siblings=args.siblings,
+        siblings=args.siblings, heartbeat_s=args.heartbeat,
     )
     registry = get_registry()  # a plugin it skips is logged, so shown
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -336,6 +351,8 @@ def _cmd_search(args) -> int:
             elif kind == "trial_failed":
                 progress.console.print(f"[yellow]trial {data['number']} failed:[/] {data['reason']}")
             progress.update(state["task"], advance=int(kind != "sibling_complete" and not stopped), status=status)
+        elif kind == "waiting_for_workers":
+            progress.console.print(f"waiting for the trials other workers are running: {data['trials']}")
 
     try:
         result = run_search(config, registry, on_event)
@@ -350,6 +367,36 @@ def _cmd_search(args) -> int:
     if args.json:
         _print_json(result.summary)
     return EXIT_OK if result.pareto else EXIT_INFEASIBLE
+
+
+def _cmd_worker(args) -> int:
+    from autocomp.plugins import get_registry
+    from autocomp.worker import run_worker
+
+    console = _console()
+
+    def on_event(kind: str, data: dict[str, Any]) -> None:
+        if kind == "worker_start":
+            console.print(f"worker {data['worker']}: running trials of {args.run} (budget {data['trials']}, shared)",
+                          highlight=False)
+        elif kind in ("trial_complete", "sibling_complete"):
+            what = "trial" if kind == "trial_complete" else "sibling"
+            console.print(f"{what} {data['number']}: {_fmt_pct(data['metric'])} %, {data['latency_ms']:.3f} ms"
+                          f"{'' if data['feasible'] else ' (outside the constraints)'}", highlight=False)
+        elif kind == "trial_failed" and not data["stopped"]:
+            console.print(_escape(f"trial {data['number']} failed: {data['reason']}"), highlight=False)
+
+    try:
+        result = run_worker(args.run, args.storage, get_registry(), on_event, wait_s=args.wait)
+    except Interrupted as exc:
+        if args.json and exc.summary is not None:
+            _print_json(exc.summary)
+        raise
+    console.print(f"worker done: {len(result['trials'])} trial(s) run here; the search writes the summary",
+                  highlight=False)
+    if args.json:
+        _print_json(result)
+    return EXIT_OK
 
 
 def _stop_progress(progress, state: dict[str, Any]) -> None:
@@ -736,7 +783,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     commands = {"search": _cmd_search, "plugins": _cmd_plugins, "targets": _cmd_targets, "latency": _cmd_latency,
-                "calibrate": _cmd_calibrate, "compare": _cmd_compare, "export": _cmd_export, "report": _cmd_report}
+                "calibrate": _cmd_calibrate, "compare": _cmd_compare, "export": _cmd_export, "report": _cmd_report,
+                "worker": _cmd_worker}
     if args.command == "agent":
         if args.agent_command != "serve":
             parser.parse_args(["agent", "--help"])

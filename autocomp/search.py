@@ -89,6 +89,9 @@ class SearchConfig:
     #: score every trained candidate also with each optional post-export method (quantization)
     #: toggled, without training it again (``proposals`` module docs, "siblings")
     siblings: bool = True
+    #: with --storage: seconds between the heartbeats of a running trial; a trial silent for twice
+    #: as long (its process killed, its machine gone) is failed by the next process that looks
+    heartbeat_s: float = 60.0
 
     def __post_init__(self) -> None:
         if self.latency_statistic not in STATISTICS:
@@ -102,6 +105,8 @@ class SearchConfig:
             raise ConfigError(f"--trials must be >= 1, got {self.trials}")
         if self.timeout_s is not None and self.timeout_s <= 0:
             raise ConfigError(f"--timeout must be > 0 seconds, got {self.timeout_s}")
+        if not self.heartbeat_s >= 1:
+            raise ConfigError(f"--heartbeat must be >= 1 second, got {self.heartbeat_s}")
 
 
 @dataclass
@@ -367,7 +372,41 @@ def _storage_url(prep: Prepared) -> str:
     return prep.config.storage or f"sqlite:///{prep.run.study_db.resolve()}"
 
 
-def _open_study(prep: Prepared):
+def _storage(prep: Prepared):
+    """The study's storage: the run's own SQLite file, or the one ``--storage`` names, with
+    heartbeats, since other processes (``autocomp worker``) may share it."""
+    import warnings
+
+    import optuna
+
+    if prep.config.storage is None:
+        return _storage_url(prep)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        try:
+            return optuna.storages.RDBStorage(prep.config.storage, heartbeat_interval=int(prep.config.heartbeat_s))
+        except ImportError as exc:  # Optuna's, around SQLAlchemy's import of the URL's driver
+            missing = getattr(exc.__cause__, "name", None)
+            raise ConfigError(f"--storage {_safe_url(prep.config.storage)} needs a database driver that is not "
+                              f"installed{f' ({missing})' if missing else ''}: for PostgreSQL, pip install "
+                              "'autocomp[postgres]' and write the URL as postgresql+psycopg://USER@HOST/DB") from exc
+        except Exception as exc:
+            raise InfrastructureError(f"cannot open the study storage {_safe_url(prep.config.storage)}: {exc}") from exc
+
+
+def _safe_url(url: str) -> str:
+    """``url`` without its password, for messages and the manifest."""
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - not a URL SQLAlchemy reads: say nothing of it
+        return "(given with --storage)"
+
+
+def _open_study(prep: Prepared, *, load_only: bool = False, sampler_seed: int | None = None):
+    """The run's study, created on first use; with ``load_only`` (a worker), an existing one only.
+    ``sampler_seed`` defaults to the search's seed."""
     import warnings
 
     import optuna
@@ -377,12 +416,99 @@ def _open_study(prep: Prepared):
         # group: a conditional space (a removed block's ratios are not sampled) is split into the
         # parameter sets that occur together, each modelled jointly, instead of falling back to
         # independent sampling for every parameter outside the intersection
-        sampler = optuna.samplers.TPESampler(seed=prep.config.seed, multivariate=True, group=True, n_startup_trials=8)
+        sampler = optuna.samplers.TPESampler(seed=prep.config.seed if sampler_seed is None else sampler_seed,
+                                             multivariate=True, group=True, n_startup_trials=8)
+    storage = _storage(prep)
+    where = _safe_url(prep.config.storage) if prep.config.storage else repr(_storage_url(prep))
+    if load_only:
+        try:
+            return optuna.load_study(storage=storage, study_name=STUDY_NAME, sampler=sampler)
+        except KeyError:
+            raise ConfigError(f"the storage {where} holds no autocomp study: give the --storage the search was "
+                              "started with") from None
+        except Exception as exc:
+            raise InfrastructureError(f"cannot open the study storage {where}: {exc}") from exc
     try:
-        return optuna.create_study(storage=_storage_url(prep), study_name=STUDY_NAME, sampler=sampler,
+        return optuna.create_study(storage=storage, study_name=STUDY_NAME, sampler=sampler,
                                    directions=["maximize", "minimize"], load_if_exists=True)
     except Exception as exc:
-        raise InfrastructureError(f"cannot open the study storage {_storage_url(prep)!r}: {exc}") from exc
+        raise InfrastructureError(f"cannot open the study storage {where}: {exc}") from exc
+
+
+#: The study's user attribute naming the run it belongs to (its ``run.json``'s start time): a
+#: worker given another database, or one holding another run's study, refuses it.
+RUN_STARTED = "run_started"
+#: The study's user attribute that tells workers to start no more trials: the search is finishing.
+CLOSED = "closed"
+def _process_name() -> str:
+    import os
+    import socket
+
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _budget_used(study, trials: int) -> bool:
+    """Whether the study's trials, finished (not counting siblings or trials a stop cut short) and
+    running in any process, make up the budget ``trials``."""
+    from optuna.trial import TrialState
+
+    counted = [t for t in study.get_trials(deepcopy=False) if not is_sibling(t) and not is_interrupted(t)]
+    return sum(t.state.is_finished() or t.state == TrialState.RUNNING for t in counted) >= trials
+
+
+class _SharedBudget:
+    """An Optuna callback for a study other processes share: stop starting trials once the budget is
+    used by all of them together, or once the search has closed the study (:data:`CLOSED`)."""
+
+    def __init__(self, trials: int):
+        self.trials = trials
+
+    def __call__(self, study, trial) -> None:
+        if _budget_used(study, self.trials) or study.user_attrs.get(CLOSED):
+            study.stop()
+
+
+def _check_study_is_this_runs(study, prep: Prepared) -> None:
+    """Refuse (:class:`ConfigError`) a ``--storage`` whose study belongs to another run: a new
+    search needs a study no search ran (trials enqueued in it are fine), a resumed one its own (its
+    ``run.json``'s start time)."""
+    from optuna.trial import TrialState
+
+    recorded = study.user_attrs.get(RUN_STARTED)
+    where = _safe_url(prep.config.storage)
+    if not prep.config.resume:  # trials enqueued beforehand, not yet run, are the user's to give
+        if recorded is not None or any(t.state != TrialState.WAITING for t in study.get_trials(deepcopy=False)):
+            raise ConfigError(f"the storage {where} already holds the study of another search"
+                              f"{f' (started {recorded})' if recorded else ''}: give each search a database of its own, "
+                              "or resume that one with --resume and its --out")
+    elif recorded is not None and recorded != prep.run.read_manifest().get("started"):
+        raise ConfigError(f"the storage {where} holds the study of another run (started {recorded}) than "
+                          f"{prep.run.root}: give the --storage that run was started with")
+
+
+def _await_others(study, stop: "_StopOnSignal", on_event: Event, poll_s: float = 1.0) -> None:
+    """Wait until no trial of the study is running: those of workers, which the summary must see
+    finished. A trial whose process died is failed by its missing heartbeats."""
+    import time
+    import warnings
+
+    import optuna
+    from optuna.storages import fail_stale_trials
+    from optuna.trial import TrialState
+
+    reported = None
+    while True:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            fail_stale_trials(study)
+        running = sorted(t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+        if not running:
+            return
+        if running != reported:
+            on_event("waiting_for_workers", {"trials": running})
+            reported = running
+        with stop.interruptible():
+            time.sleep(poll_s)
 
 
 def _final_measurements(prep: Prepared, members: list[dict[str, Any]], baseline: dict[str, Any]) -> None:
@@ -552,6 +678,11 @@ def _run_search(config: SearchConfig, registry: Registry, on_event: Event, stop:
         raise Interrupted("search interrupted while preparing its workload; nothing was written: "
                           "run the same command again") from None
     run = prep.run
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = None
+    if config.storage is not None:  # before anything is written: it may be another run's
+        study = _open_study(prep)
+        _check_study_is_this_runs(study, prep)
     created = not run.root.exists() or not any(run.root.iterdir())
     run.root.mkdir(parents=True, exist_ok=True)
     try:
@@ -569,7 +700,8 @@ def _run_search(config: SearchConfig, registry: Registry, on_event: Event, stop:
 
     manifest = {
         "command": sys.argv,
-        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()},
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()}
+                  | ({"storage": _safe_url(config.storage)} if config.storage else {}),  # no password on disk
         "space_file": prep.space.source,
         "space": prep.space.text,
         "parameters": concrete.rows(),
@@ -586,10 +718,13 @@ def _run_search(config: SearchConfig, registry: Registry, on_event: Event, stop:
         previous = run.read_manifest()
         manifest["started"] = previous.get("started", manifest["started"])
         manifest["resumed"] = previous.get("resumed", 0) + 1
+    if study is None:
+        study = _open_study(prep)
+    shared = config.storage is not None  # `autocomp worker` processes may run trials of it too
+    if shared:  # before the manifest: a worker reads it, then checks the study is its run's
+        study.set_user_attr(RUN_STARTED, manifest["started"])
+        study.set_user_attr(CLOSED, False)
     run.write_manifest(manifest)
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = _open_study(prep)
     if not study.get_trials(deepcopy=False):
         for anchor in anchors(concrete):
             study.enqueue_trial(anchor, skip_if_exists=True)
@@ -608,9 +743,17 @@ def _run_search(config: SearchConfig, registry: Registry, on_event: Event, stop:
             kind.requeue_interrupted(study)
     remaining = max(0, config.trials - len(done))
     on_event("search_start", {"trials": config.trials, "done": len(done), "remaining": remaining})
-    objective = Objective(prep, concrete, baseline, on_event, stop, toggles)
+    objective = Objective(prep, concrete, baseline, on_event, stop, toggles, worker=_process_name() if shared else None)
     try:
-        if remaining and not stop.requested:
+        if shared:  # the budget is shared with the workers: counted from the study after each trial
+            if not stop.requested and not _budget_used(study, config.trials):
+                study.optimize(objective, n_trials=None, timeout=config.timeout_s, catch=(Exception,),
+                               gc_after_trial=True, callbacks=[*proposals, _SharedBudget(config.trials),
+                                                               stop.after_trial])
+            if not stop.requested:
+                study.set_user_attr(CLOSED, True)  # workers start no more trials
+                _await_others(study, stop, on_event)
+        elif remaining and not stop.requested:
             study.optimize(objective, n_trials=remaining, timeout=config.timeout_s, catch=(Exception,),
                            gc_after_trial=True, callbacks=[*proposals, stop.after_trial])
     except KeyboardInterrupt:

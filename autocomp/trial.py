@@ -33,6 +33,9 @@ logger = logging.getLogger("autocomp")
 #: User attribute of a trial whose files are not in its own trial directory (a sibling's are in its
 #: source's): their directory, relative to the run directory.
 FILES_IN = "files_in"
+#: A trial's user attribute, in a study processes share (``autocomp worker``): the process that
+#: ran it, host:pid.
+WORKER = "worker"
 #: The parts of a trial's record (``metrics.json``) kept in the study too, as user attributes.
 RECORD_ATTRS = ("drop", "latency_p90_ms", "size_bytes", "feasible", "speedup")
 #: A measured candidate whose first reading puts it on the front, or misses the front or
@@ -76,8 +79,10 @@ class Objective:
     """The Optuna objective of a search: one trial from sampled spec to scored record (module docs)."""
 
     def __init__(self, prep: Prepared, concrete: ConcreteSpace, baseline: dict[str, Any], on_event: Event,
-                 stop: Any, toggles: MethodToggles):
+                 stop: Any, toggles: MethodToggles, worker: str | None = None):
         self.stop = stop
+        #: the process running the trials (host:pid), recorded on each when several share the study
+        self.worker = worker
         self.prep = prep
         self.concrete = concrete
         self.baseline = baseline
@@ -166,6 +171,8 @@ class Objective:
         if self.stop.requested:  # a stop landed while Optuna readied this trial: it never starts
             trial.set_user_attr("failure_reason", "KeyboardInterrupt: stopped before it started")
             raise KeyboardInterrupt
+        if self.worker is not None:
+            trial.set_user_attr(WORKER, self.worker)
         prep, cfg, wl = self.prep, self.prep.config, self.prep.workload
         trial_dir = prep.run.trial_dir(trial.number)
         work = trial_dir / "work"

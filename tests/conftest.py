@@ -87,3 +87,51 @@ def tiny_workload(_cache_dir, torch_threads):
 
 
 FAST_TIMING = {"min_s": 0.02, "min_runs": 5}
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A throwaway PostgreSQL server listening on a Unix socket only, for the whole session; yields a
+    function that creates a fresh database and returns its SQLAlchemy URL. Run as the ``postgres``
+    user when the tests run as root (initdb refuses root)."""
+    import glob
+    import shutil
+    import subprocess
+    import tempfile
+
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    if not found:
+        pytest.skip("no PostgreSQL server installed (Debian: apt install postgresql)")
+    bindir = Path(found[-1]).parent
+    root = Path(tempfile.mkdtemp(prefix="autocomp-pg-"))
+    as_user: list[str] = []
+    if os.geteuid() == 0:
+        import pwd
+
+        try:
+            user = pwd.getpwnam("postgres")
+        except KeyError:
+            pytest.skip("no postgres user to run the PostgreSQL server as (initdb refuses root)")
+        os.chown(root, user.pw_uid, user.pw_gid)
+        as_user = ["runuser", "-u", "postgres", "--"]
+    data, port = root / "data", 5439
+    ctl = [*as_user, str(bindir / "pg_ctl"), "-D", str(data)]
+    subprocess.run([*as_user, str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres", "--no-sync"],
+                   check=True, capture_output=True)
+    subprocess.run([*ctl, "-w", "-l", str(root / "server.log"), "-o",
+                    f"-k {root} -p {port} -c listen_addresses='' -c fsync=off", "start"], check=True, capture_output=True)
+    made = []
+
+    def database(name: str) -> str:
+        import psycopg
+
+        with psycopg.connect(host=str(root), port=port, user="postgres", dbname="postgres", autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        made.append(name)
+        return f"postgresql+psycopg://postgres@/{name}?host={root}&port={port}"
+
+    try:
+        yield database
+    finally:
+        subprocess.run([*ctl, "-m", "immediate", "stop"], capture_output=True)
+        shutil.rmtree(root, ignore_errors=True)

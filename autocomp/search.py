@@ -54,7 +54,7 @@ from autocomp.proposals import (
 from autocomp.results import RunDir, read_json, sha256_of, write_json
 from autocomp.space import ConcreteSpace, SearchSpace, default_space_path, load_space
 from autocomp.target import STATISTICS
-from autocomp.trial import FILES_IN, Event, Objective, evaluate, metric_drop, model_stats
+from autocomp.trial import CLOSED, FILES_IN, WORKER, Event, Objective, evaluate, metric_drop, model_stats
 from autocomp.workload import Workload, fingerprint, resolve_workload
 
 __all__ = ["SearchConfig", "SearchResult", "run_search", "prepare", "evaluate"]
@@ -394,6 +394,17 @@ def _storage(prep: Prepared):
             raise InfrastructureError(f"cannot open the study storage {_safe_url(prep.config.storage)}: {exc}") from exc
 
 
+def _masked_argv(argv: list[str]) -> list[str]:
+    """``argv`` with the password of a ``--storage`` URL masked (``_safe_url``)."""
+    masked = list(argv)
+    for i, arg in enumerate(masked):
+        if arg.startswith("--storage="):
+            masked[i] = "--storage=" + _safe_url(arg.split("=", 1)[1])
+        elif arg == "--storage" and i + 1 < len(masked):
+            masked[i + 1] = _safe_url(masked[i + 1])
+    return masked
+
+
 def _safe_url(url: str) -> str:
     """``url`` without its password, for messages and the manifest."""
     try:
@@ -438,8 +449,6 @@ def _open_study(prep: Prepared, *, load_only: bool = False, sampler_seed: int | 
 #: The study's user attribute naming the run it belongs to (its ``run.json``'s start time): a
 #: worker given another database, or one holding another run's study, refuses it.
 RUN_STARTED = "run_started"
-#: The study's user attribute that tells workers to start no more trials: the search is finishing.
-CLOSED = "closed"
 def _process_name() -> str:
     import os
     import socket
@@ -454,6 +463,30 @@ def _budget_used(study, trials: int) -> bool:
 
     counted = [t for t in study.get_trials(deepcopy=False) if not is_sibling(t) and not is_interrupted(t)]
     return sum(t.state.is_finished() or t.state == TrialState.RUNNING for t in counted) >= trials
+
+
+def optimize_shared(study, objective, trials: int, timeout: float | None = None, callbacks=()) -> None:
+    """``study.optimize`` for a study other processes share, until all of them together have used
+    the budget ``trials`` or the search has closed the study. A trial another process failed as
+    stale while this one still ran it (its heartbeats were late: a paused machine) makes Optuna's
+    tell raise; that trial is lost, not the process."""
+    import time
+
+    started = time.monotonic()
+    while not _budget_used(study, trials) and not study.user_attrs.get(CLOSED):
+        left = None if timeout is None else timeout - (time.monotonic() - started)
+        if left is not None and left <= 0:
+            return
+        try:
+            study.optimize(objective, n_trials=None, timeout=left, catch=(Exception,), gc_after_trial=True,
+                           callbacks=[*callbacks, _SharedBudget(trials)])
+            return
+        except (ValueError, AssertionError) as exc:
+            # Optuna's tell refuses the finished trial ("Cannot tell a FAIL trial"), and its logging,
+            # in a finally, then replaces that with an AssertionError ("Should not reach.")
+            if not (str(exc).startswith("Cannot tell a FAIL trial") or str(exc) == "Should not reach."):
+                raise
+            logger.warning("a trial of this process was failed by another as silent (late heartbeats); going on")
 
 
 class _SharedBudget:
@@ -486,9 +519,11 @@ def _check_study_is_this_runs(study, prep: Prepared) -> None:
                           f"{prep.run.root}: give the --storage that run was started with")
 
 
-def _await_others(study, stop: "_StopOnSignal", on_event: Event, poll_s: float = 1.0) -> None:
+def _await_others(study, stop: "_StopOnSignal", on_event: Event, heartbeat_s: float, poll_s: float = 1.0) -> None:
     """Wait until no trial of the study is running: those of workers, which the summary must see
-    finished. A trial whose process died is failed by its missing heartbeats."""
+    finished. A trial whose process died is failed by its missing heartbeats; one that never sent
+    any (its process died before its first, or ran a version of autocomp without them: no
+    :data:`WORKER` attribute) is failed once it has run four heartbeats' grace."""
     import time
     import warnings
 
@@ -496,11 +531,20 @@ def _await_others(study, stop: "_StopOnSignal", on_event: Event, poll_s: float =
     from optuna.storages import fail_stale_trials
     from optuna.trial import TrialState
 
+    from datetime import datetime, timedelta
+
     reported = None
     while True:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             fail_stale_trials(study)
+        silent_since = datetime.now() - timedelta(seconds=8 * heartbeat_s)  # generous: clocks of other hosts
+        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if WORKER not in t.user_attrs and t.datetime_start is not None and t.datetime_start < silent_since:
+                try:
+                    study.tell(t.number, state=TrialState.FAIL)
+                except (ValueError, RuntimeError):  # finished meanwhile
+                    pass
         running = sorted(t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
         if not running:
             return
@@ -699,7 +743,7 @@ def _run_search(config: SearchConfig, registry: Registry, on_event: Event, stop:
     on_event("baseline_done", {**baseline, "parameters": concrete.size()})
 
     manifest = {
-        "command": sys.argv,
+        "command": _masked_argv(sys.argv),
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()}
                   | ({"storage": _safe_url(config.storage)} if config.storage else {}),  # no password on disk
         "space_file": prep.space.source,
@@ -718,13 +762,13 @@ def _run_search(config: SearchConfig, registry: Registry, on_event: Event, stop:
         previous = run.read_manifest()
         manifest["started"] = previous.get("started", manifest["started"])
         manifest["resumed"] = previous.get("resumed", 0) + 1
-    if study is None:
-        study = _open_study(prep)
     shared = config.storage is not None  # `autocomp worker` processes may run trials of it too
     if shared:  # before the manifest: a worker reads it, then checks the study is its run's
         study.set_user_attr(RUN_STARTED, manifest["started"])
         study.set_user_attr(CLOSED, False)
     run.write_manifest(manifest)
+    if study is None:
+        study = _open_study(prep)
     if not study.get_trials(deepcopy=False):
         for anchor in anchors(concrete):
             study.enqueue_trial(anchor, skip_if_exists=True)
@@ -747,12 +791,11 @@ def _run_search(config: SearchConfig, registry: Registry, on_event: Event, stop:
     try:
         if shared:  # the budget is shared with the workers: counted from the study after each trial
             if not stop.requested and not _budget_used(study, config.trials):
-                study.optimize(objective, n_trials=None, timeout=config.timeout_s, catch=(Exception,),
-                               gc_after_trial=True, callbacks=[*proposals, _SharedBudget(config.trials),
-                                                               stop.after_trial])
+                optimize_shared(study, objective, config.trials, timeout=config.timeout_s,
+                                callbacks=[*proposals, stop.after_trial])
+            study.set_user_attr(CLOSED, True)  # workers start no more trials (on a stop too: resume reopens it)
             if not stop.requested:
-                study.set_user_attr(CLOSED, True)  # workers start no more trials
-                _await_others(study, stop, on_event)
+                _await_others(study, stop, on_event, config.heartbeat_s)
         elif remaining and not stop.requested:
             study.optimize(objective, n_trials=remaining, timeout=config.timeout_s, catch=(Exception,),
                            gc_after_trial=True, callbacks=[*proposals, stop.after_trial])

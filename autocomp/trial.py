@@ -36,6 +36,9 @@ FILES_IN = "files_in"
 #: A trial's user attribute, in a study processes share (``autocomp worker``): the process that
 #: ran it, host:pid.
 WORKER = "worker"
+#: The study's user attribute that tells every process to start no more trials: the search is
+#: finishing (or was stopped) and writes the summary.
+CLOSED = "closed"
 #: The parts of a trial's record (``metrics.json``) kept in the study too, as user attributes.
 RECORD_ATTRS = ("drop", "latency_p90_ms", "size_bytes", "feasible", "speedup")
 #: A measured candidate whose first reading puts it on the front, or misses the front or
@@ -173,6 +176,10 @@ class Objective:
             raise KeyboardInterrupt
         if self.worker is not None:
             trial.set_user_attr(WORKER, self.worker)
+            if trial.study.user_attrs.get(CLOSED):  # closed between this process's check and this trial's start
+                trial.set_user_attr("failure_reason", "KeyboardInterrupt: the search had closed the study; not run")
+                trial.study.stop()
+                raise CandidateError("the search had closed the study; not run")
         prep, cfg, wl = self.prep, self.prep.config, self.prep.workload
         trial_dir = prep.run.trial_dir(trial.number)
         work = trial_dir / "work"

@@ -59,6 +59,19 @@ def _manifest(run: RunDir, wait_s: float, stop) -> dict[str, Any]:
     return manifest
 
 
+def _space_file(manifest: dict[str, Any], run: RunDir) -> Path:
+    """The search's space, from the text its manifest recorded, in a file of the worker's own."""
+    import tempfile
+
+    text = manifest.get("space")
+    if not isinstance(text, str):
+        raise ConfigError(f"{run.manifest} records no search space text: start the search again with this version")
+    handle, path = tempfile.mkstemp(prefix="autocomp-space-", suffix=".toml")
+    with os.fdopen(handle, "w", encoding="utf-8") as fh:
+        fh.write(text)
+    return Path(path)
+
+
 def _config(manifest: dict[str, Any], run: RunDir, storage: str):
     """The search's configuration, as its manifest recorded it, to join it."""
     from autocomp.search import SearchConfig
@@ -76,25 +89,27 @@ def _run_worker(run: RunDir, storage: str, registry: Registry, on_event, stop, w
     from autocomp.proposals import MethodToggles, StrengthSteps
     from autocomp.trial import WORKER
     from autocomp.search import (
-        CLOSED,
         RUN_STARTED,
         Objective,
         _baseline,
         _budget_used,
         _open_study,
         _process_name,
-        _SharedBudget,
+        optimize_shared,
         prepare,
     )
+    from autocomp.trial import CLOSED
 
     try:
         manifest = _manifest(run, wait_s, stop)
         config = _config(manifest, run, storage)
         with stop.interruptible():  # loading the workload may train the built-in model on first use
-            prep = prepare(config, registry)
-            if prep.space.text != manifest.get("space"):
-                raise ConfigError(f"the space file {prep.space.source} here is not the one the search in {run.root} "
-                                  "read: give workers the same file")
+            # the space as the search read it (run.json), wherever its file is or is not here
+            space = _space_file(manifest, run)
+            try:
+                prep = prepare(dataclasses.replace(config, space=space), registry)
+            finally:
+                space.unlink(missing_ok=True)
             baseline, concrete = _baseline(prep, on_event)  # and checks the model and data are the same
     except KeyboardInterrupt:
         raise Interrupted("worker stopped before its first trial; nothing was done") from None
@@ -111,8 +126,7 @@ def _run_worker(run: RunDir, storage: str, registry: Registry, on_event, stop, w
     on_event("worker_start", {"worker": name, "trials": config.trials})
     try:
         if not stop.requested and not study.user_attrs.get(CLOSED) and not _budget_used(study, config.trials):
-            study.optimize(objective, n_trials=None, catch=(Exception,), gc_after_trial=True,
-                           callbacks=[*proposals, _SharedBudget(config.trials), stop.after_trial])
+            optimize_shared(study, objective, config.trials, callbacks=[*proposals, stop.after_trial])
     except KeyboardInterrupt:
         stop.requested = True
     mine = sorted(t.number for t in study.get_trials(deepcopy=False) if t.user_attrs.get(WORKER) == name)

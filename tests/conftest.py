@@ -99,11 +99,13 @@ def postgres():
     import subprocess
     import tempfile
 
+    pytest.importorskip("psycopg")  # the test extras install it
     found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
     if not found:
         pytest.skip("no PostgreSQL server installed (Debian: apt install postgresql)")
     bindir = Path(found[-1]).parent
-    root = Path(tempfile.mkdtemp(prefix="autocomp-pg-"))
+    # short and reachable by the postgres user: a Unix socket path has about 100 bytes
+    root = Path(tempfile.mkdtemp(prefix="autocomp-pg-", dir="/tmp"))
     as_user: list[str] = []
     if os.geteuid() == 0:
         import pwd
@@ -114,12 +116,20 @@ def postgres():
             pytest.skip("no postgres user to run the PostgreSQL server as (initdb refuses root)")
         os.chown(root, user.pw_uid, user.pw_gid)
         as_user = ["runuser", "-u", "postgres", "--"]
-    data, port = root / "data", 5439
+    data, port = root / "data", 5439  # no TCP: the socket lies in root, so the port clashes with nothing
     ctl = [*as_user, str(bindir / "pg_ctl"), "-D", str(data)]
-    subprocess.run([*as_user, str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres", "--no-sync"],
-                   check=True, capture_output=True)
-    subprocess.run([*ctl, "-w", "-l", str(root / "server.log"), "-o",
-                    f"-k {root} -p {port} -c listen_addresses='' -c fsync=off", "start"], check=True, capture_output=True)
+    try:
+        subprocess.run([*as_user, str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres",
+                        "--no-sync"], check=True, capture_output=True, text=True)
+        subprocess.run([*ctl, "-w", "-l", str(root / "server.log"), "-o",
+                        f"-k {root} -p {port} -c listen_addresses='' -c fsync=off", "start"], check=True,
+                       capture_output=True, text=True)
+    except subprocess.CalledProcessError as exc:
+        log = root / "server.log"
+        detail = exc.stderr + (log.read_text() if log.exists() else "")
+        subprocess.run([*ctl, "-m", "immediate", "stop"], capture_output=True)
+        shutil.rmtree(root, ignore_errors=True)
+        raise RuntimeError(f"the throwaway PostgreSQL server did not start: {detail}") from exc
     made = []
 
     def database(name: str) -> str:

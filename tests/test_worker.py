@@ -55,11 +55,15 @@ def test_a_worker_shares_the_search_and_the_search_writes_the_summary(postgres, 
                                                                      capsys):
     from autocomp.proposals import is_sibling
 
-    url, out = postgres("shared"), tmp_path / "run"
+    # a password in the URL (trust authentication ignores it) must not reach run.json
+    url, out = postgres("shared").replace("postgres@", "postgres:s3cret@"), tmp_path / "run"
     worker = _autocomp("worker", str(out), "--storage", url, "--wait", "300", "--json")
     search = _search(url, out, space, 10)
-    s_out, s_err = search.communicate(timeout=600)
-    w_out, w_err = worker.communicate(timeout=120)
+    try:
+        s_out, s_err = search.communicate(timeout=600)
+        w_out, w_err = worker.communicate(timeout=120)
+    finally:
+        search.kill(), worker.kill()
     assert search.returncode == 0, s_err
     assert worker.returncode == 0, w_err
     summary, done = json.loads(s_out), json.loads(w_out)
@@ -75,8 +79,8 @@ def test_a_worker_shares_the_search_and_the_search_writes_the_summary(postgres, 
             "complete", "failed", "rejected")
     assert summary["status"] == "complete" and summary["pareto"]
     assert all(os.path.exists(m["artifact"]) for m in summary["pareto"])
-    manifest = json.loads((out / "run.json").read_text())
-    assert manifest["config"]["storage"].startswith("postgresql+psycopg://postgres@/shared")
+    manifest = (out / "run.json").read_text()
+    assert "s3cret" not in manifest and "postgresql+psycopg://postgres:***@/shared" in manifest
 
     # a finished search takes no worker, and its study no new search
     assert main(["worker", str(out), "--storage", url]) == 2
@@ -107,9 +111,12 @@ def test_the_trial_of_a_worker_killed_mid_trial_is_failed_by_its_heartbeats(post
                 name, killed = t.user_attrs["worker"], t.number
                 os.kill(worker.pid, signal.SIGKILL)
                 break
-    assert killed is not None, "the worker never ran a trial"
-    worker.communicate(timeout=60)
-    s_out, s_err = search.communicate(timeout=600)
+    try:
+        assert killed is not None, "the worker never ran a trial"
+        worker.communicate(timeout=60)
+        s_out, s_err = search.communicate(timeout=600)
+    finally:
+        search.kill(), worker.kill()
     assert search.returncode == 0, s_err
     trial = _study(storage).trials[killed]
     assert trial.state == TrialState.FAIL and trial.user_attrs["worker"] == name
@@ -146,3 +153,24 @@ def test_a_storage_password_is_kept_out_of_messages_and_the_manifest():
 
     assert _safe_url("postgresql+psycopg://me:s3cret@db.lan:5432/big") == "postgresql+psycopg://me:***@db.lan:5432/big"
     assert "s3cret" not in _safe_url("not a url s3cret")
+
+
+def test_a_trial_failed_as_silent_by_another_process_while_it_ran_costs_the_trial_not_the_process(tmp_path):
+    """Another process fails this one's running trial (its heartbeats were late: a paused machine);
+    Optuna then refuses the trial's result. The process goes on with the budget."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from autocomp.search import optimize_shared
+
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'study.db'}")
+    study = optuna.create_study(storage=storage, directions=["maximize", "minimize"])
+
+    def objective(trial):
+        if trial.number == 1:  # what fail_stale_trials in another process does
+            storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
+        return trial.suggest_float("x", 0, 1), 1.0
+
+    optimize_shared(study, objective, trials=4)
+    states = [t.state for t in study.trials]
+    assert states[1] == TrialState.FAIL and states.count(TrialState.COMPLETE) == 3 and len(states) == 4

@@ -182,3 +182,23 @@ def test_a_report_needs_a_run_summary(tmp_path):
     assert write_report(tmp_path).read_text().startswith("<!doctype html>")
     (tmp_path / "pages").mkdir()
     assert write_report(tmp_path, tmp_path / "pages") == tmp_path / "pages" / "report.html"  # a directory: into it
+
+
+def test_the_search_table_gives_the_drop_in_points_for_a_relative_budget_too(tmp_path):
+    import io
+
+    from rich.console import Console
+
+    from autocomp.cli import _print_summary
+
+    run = _run([(9, 0.975, 0.25, 0.98)], run_dir=str(tmp_path),
+               trials={"complete": 1, "failed": 0, "feasible": 1, "rejected_before_training": 0})
+    run["constraints"]["relative_drop"] = True
+    run["pareto"][0]["drop"] = (0.99 - 0.975) / 0.99  # what a --relative-drop search records
+    out = io.StringIO()
+    _print_summary(Console(file=out, width=200), run)
+    rows = [[cell.strip() for cell in line.replace("┃", "│").split("│")[1:-1]]
+            for line in out.getvalue().splitlines() if "│" in line or "┃" in line]
+    header = next(r for r in rows if r[0] == "trial")
+    [member] = [r for r in rows if r[0] == "9"]
+    assert member[header.index("drop (pts)")] == "1.50"  # not 1.52, the fraction of the base in percent

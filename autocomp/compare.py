@@ -28,21 +28,24 @@ BY = ("latency", "speedup")
 SPLITS = {"validation": "metric", "test": "test_metric"}
 
 
-def load_run_summary(run_dir: Path | str) -> dict[str, Any]:
-    """The ``pareto.json`` of a finished run directory; a :class:`ConfigError` that says what is
-    wrong (no such directory, not a run, a run that has not finished) otherwise."""
+def load_run_summary(run_dir: Path | str, *, complete: bool = True) -> dict[str, Any]:
+    """The ``pareto.json`` of a finished run directory (with ``complete=False``, of a stopped one
+    too), its paths pointing where the run lies now; a :class:`ConfigError` that says what is wrong
+    (no such directory, not a run, a run that has not finished) otherwise."""
     run = RunDir(Path(run_dir))
     if not run.root.is_dir():
         raise ConfigError(f"{run.root}: no such run directory")
     if not run.pareto.exists():
-        hint = ("it has not finished: resume it with `autocomp search --resume --out DIR`" if run.exists()
-                else "it is not an autocomp run directory (no run.json)")
+        unfinished = ("it has not finished: resume it with `autocomp search --resume --out DIR`" if complete else
+                      "its search has not written a summary yet: a search writes one when it finishes or is "
+                      "stopped after measuring its base model")
+        hint = unfinished if run.exists() else "it is not an autocomp run directory (no run.json)"
         raise ConfigError(f"{run.root}: no pareto.json; {hint}")
     try:
         summary = read_json(run.pareto)
     except ValueError as exc:
         raise ConfigError(f"{run.pareto}: not readable JSON ({exc})") from exc
-    if not isinstance(summary, dict) or summary.get("status") != "complete":
+    if not isinstance(summary, dict) or (complete and summary.get("status") != "complete"):
         status = summary.get("status") if isinstance(summary, dict) else None
         raise ConfigError(f"{run.root}: the run is {status!r}, not complete; its Pareto set was neither "
                           "re-measured nor scored on the test split. Resume it with "

@@ -18,7 +18,7 @@ from typing import Any
 
 from autocomp.compare import SPLITS
 from autocomp.errors import AutocompError, ConfigError, InfrastructureError
-from autocomp.results import RunDir, read_json, reported_latency_ms, sha256_of, write_json
+from autocomp.results import RunDir, reported_latency_ms, sha256_of, write_json
 
 __all__ = ["PREFER", "NoMemberError", "select_member", "export_member"]
 
@@ -130,7 +130,7 @@ def export_member(summary: dict[str, Any], member: dict[str, Any], to: Path,
                                   f"{member['sha256'][:12]}...): its recorded figures are not its own; nothing "
                                   "exported")
     card_path = to.with_suffix(".json")
-    manifest = _manifest(Path(summary["run_dir"]))
+    manifest = RunDir(Path(summary["run_dir"])).read_manifest_if_any()
     base = summary["baseline"]
     card = {
         "model": str(to.resolve()),
@@ -173,11 +173,3 @@ def export_member(summary: dict[str, Any], member: dict[str, Any], to: Path,
         model_tmp.unlink(missing_ok=True)
         card_tmp.unlink(missing_ok=True)
     return card
-
-
-def _manifest(root: Path) -> dict[str, Any]:
-    try:
-        manifest = read_json(RunDir(root).manifest)
-    except (OSError, ValueError):
-        return {}
-    return manifest if isinstance(manifest, dict) else {}

@@ -18,8 +18,8 @@ from pathlib import Path
 from urllib.parse import quote
 from typing import Any
 
-from autocomp.errors import ConfigError
-from autocomp.results import RunDir, read_json, relocate, reported_latency_ms, write_text
+from autocomp.compare import load_run_summary
+from autocomp.results import RunDir, read_json, reported_latency_ms, write_text
 
 __all__ = ["write_report", "render_report", "trial_points"]
 
@@ -34,28 +34,12 @@ def write_report(run_dir: Path | str, out: Path | None = None) -> Path:
     """Write the report of the run in ``run_dir`` to ``out`` (a file, or a directory to write
     ``report.html`` into; default: the run directory's ``report.html``) and return its path. Raises
     :class:`ConfigError` when the directory holds no run summary (``pareto.json``)."""
+    summary = load_run_summary(run_dir, complete=False)  # its links go where the run's files are now
     run = RunDir(Path(run_dir))
-    if not run.root.is_dir():
-        raise ConfigError(f"{run.root}: no such run directory")
-    if not run.pareto.is_file():
-        hint = ("its search has not written a summary yet: a search writes one when it finishes or is stopped after "
-                "measuring its base model" if run.exists() else "it is not an autocomp run directory (no run.json)")
-        raise ConfigError(f"{run.root}: no pareto.json; {hint}")
-    try:
-        summary = read_json(run.pareto)
-    except ValueError as exc:
-        raise ConfigError(f"{run.pareto}: not readable JSON ({exc})") from exc
-    if not isinstance(summary, dict) or not isinstance(summary.get("baseline"), dict):
-        raise ConfigError(f"{run.pareto}: not a pareto.json this version can read")
-    relocate(summary, run.root)  # the run may have moved since: links go to where its files are now
-    try:
-        manifest = read_json(run.manifest)
-    except (OSError, ValueError):
-        manifest = {}
     path = Path(out) if out is not None else run.root / "report.html"
     if path.is_dir():
         path = path / "report.html"
-    write_text(path, render_report(summary, manifest, trial_points(run), path.parent))
+    write_text(path, render_report(summary, run.read_manifest_if_any(), trial_points(run), path.parent))
     return path
 
 
@@ -101,8 +85,7 @@ def _plot(summary: dict[str, Any], points: list[dict[str, Any]]) -> str:
     """The trade-off plot as inline SVG: latency (x) against metric (y)."""
     base = summary["baseline"]
     members = summary.get("pareto") or []
-    pareto_ms = {m["trial"]: m["latency_ms"] for m in members}
-    xs = [p["latency_ms"] for p in points] + [base["latency_ms"]] + list(pareto_ms.values())
+    xs = [p["latency_ms"] for p in points] + [base["latency_ms"]] + [m["latency_ms"] for m in members]
     ys = [p["metric"] for p in points] + [base["metric"]] + [m["metric"] for m in members]
     constraints = summary.get("constraints") or {}
     floor = None
@@ -150,10 +133,8 @@ def _plot(summary: dict[str, Any], points: list[dict[str, Any]]) -> str:
                      f'{"" if p["feasible"] else " (outside the constraints)"}</title></circle>')
     front = sorted(members, key=lambda m: m["latency_ms"])
     if front:
-        steps = []
-        for m in front:
-            steps.append(f'{sx(m["latency_ms"]):.1f},{sy(m["metric"]):.1f}')
-        parts.append(f'<polyline points="{" ".join(steps)}" fill="none" stroke="#1a4f8b" stroke-width="1.5"/>')
+        steps = " ".join(f'{sx(m["latency_ms"]):.1f},{sy(m["metric"]):.1f}' for m in front)
+        parts.append(f'<polyline points="{steps}" fill="none" stroke="#1a4f8b" stroke-width="1.5"/>')
     for m in front:
         parts.append(f'<circle cx="{sx(m["latency_ms"]):.1f}" cy="{sy(m["metric"]):.1f}" r="5.5" fill="#1a4f8b">'
                      f'<title>trial {_e(m["trial"])}: {_pct(m["metric"])} %, {m["latency_ms"]:.3f} ms</title></circle>'

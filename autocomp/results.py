@@ -117,6 +117,15 @@ class RunDir:
     def read_manifest(self) -> dict[str, Any]:
         return read_json(self.manifest)
 
+    def read_manifest_if_any(self) -> dict[str, Any]:
+        """The manifest, or an empty one where it is missing or unreadable (a report or a model
+        card only shows what it holds)."""
+        try:
+            manifest = self.read_manifest()
+        except (OSError, ValueError):
+            return {}
+        return manifest if isinstance(manifest, dict) else {}
+
     def update_manifest(self, **changes: Any) -> None:
         data = self.read_manifest()
         data.update(changes)

@@ -524,6 +524,7 @@ def _await_others(study, stop: "_StopOnSignal", on_event: Event, heartbeat_s: fl
     finished. A trial whose process died is failed by its missing heartbeats; one that never sent
     any (its process died before its first, or ran a version of autocomp without them: no
     :data:`WORKER` attribute) is failed once it has run four heartbeats' grace."""
+    import contextlib
     import time
     import warnings
 
@@ -539,13 +540,13 @@ def _await_others(study, stop: "_StopOnSignal", on_event: Event, heartbeat_s: fl
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             fail_stale_trials(study)
         silent_since = datetime.now() - timedelta(seconds=8 * heartbeat_s)  # generous: clocks of other hosts
+        running = []
         for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             if WORKER not in t.user_attrs and t.datetime_start is not None and t.datetime_start < silent_since:
-                try:
+                with contextlib.suppress(ValueError, RuntimeError):  # it may have finished meanwhile
                     study.tell(t.number, state=TrialState.FAIL)
-                except (ValueError, RuntimeError):  # finished meanwhile
-                    pass
-        running = sorted(t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+                continue
+            running.append(t.number)
         if not running:
             return
         if running != reported:
